@@ -1,0 +1,51 @@
+"""`gptoss-mac`: the Typer app. Each command lives in its own module and registers itself here.
+
+Errors the user can fix (mlx_gptoss.GptOssError) print as one red sentence and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from mlx_gptoss.errors import GptOssError
+
+app = typer.Typer(
+    name="gptoss-mac",
+    help="Run OpenAI's gpt-oss-20b and gpt-oss-120b on Apple silicon with MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+@app.callback()
+def root() -> None:
+    """Run OpenAI's gpt-oss-20b and gpt-oss-120b on Apple silicon with MLX."""
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of gptoss-mac and MLX."""
+    import mlx.core as mx
+
+    import mlx_gptoss
+
+    print(f"gptoss-mac {mlx_gptoss.__version__} (mlx {mx.__version__})")
+
+
+def main() -> None:
+    try:
+        app()
+    except GptOssError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

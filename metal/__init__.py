@@ -1,0 +1,1 @@
+"""Metal Shading Language sources for the MXFP4 MoE kernels (package data, see kernels.py)."""

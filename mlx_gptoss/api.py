@@ -1,0 +1,46 @@
+"""`load()` and the GptOss handle that scripts use: config + weights -> a ready model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .checkpoint import load_weights
+from .config import GptOssConfig
+from .hub import resolve
+from .model import Transformer
+
+
+def default_dtype() -> mx.Dtype:
+    """bf16 on Metal; float32 on MLX's CPU backend, where bf16 inputs to mxfp4 matmuls are ~10x slower."""
+    return mx.bfloat16 if mx.default_device() == mx.gpu and mx.metal.is_available() else mx.float32
+
+
+@dataclass
+class GptOss:
+    """A loaded model. `model(tokens [B, T] int32, cache=None)` -> logits [B, T, vocab]."""
+
+    model: Transformer
+    config: GptOssConfig
+    path: Path
+    dtype: mx.Dtype
+
+
+def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bool = True) -> GptOss:
+    """Load a gpt-oss checkpoint from a local folder or a Hugging Face repo id (downloaded if needed)."""
+    path = resolve(str(model), allow_download=allow_download)
+    cfg = GptOssConfig.from_file(path / "config.json")
+    dtype = dtype or default_dtype()
+    net = Transformer(cfg)
+    net.set_dtype(dtype)
+    weights = load_weights(path, cfg, dtype)
+    # Evaluate layer by layer so peak memory stays near the checkpoint's size.
+    net.load_weights(weights, strict=True)
+    for layer in net.model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(net.parameters())
+    net.eval()
+    return GptOss(model=net, config=cfg, path=path, dtype=dtype)
