@@ -29,7 +29,7 @@ def _gather_mxfp4(x: mx.array, w: mx.array, scales: mx.array, ids: mx.array) -> 
     """x [T, k or 1, K] times expert ids[t, j]'s matrix (transposed) -> [T, k, N]."""
     T, k = ids.shape
     if ids.size < SORT_THRESHOLD:
-        y = mx.gather_qmm(x[:, :, None, :], w, scales, None, rhs_indices=ids[:, :, None],
+        y = mx.gather_qmm(x[:, :, None, :], w, scales, None, rhs_indices=ids,
                           transpose=True, group_size=32, bits=4, mode="mxfp4")
         return y.squeeze(-2)
     flat = ids.reshape(-1)
