@@ -1,0 +1,23 @@
+"""The installed distribution: one package, with cli/ and metal/ inside it, and the console script."""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import shutil
+import subprocess
+
+
+def test_cli_and_metal_install_inside_the_package():
+    assert importlib.util.find_spec("mlx_gptoss.cli.app") is not None
+    assert importlib.util.find_spec("cli") is None, "a generic top-level `cli` module was installed"
+    assert importlib.util.find_spec("metal") is None, "a generic top-level `metal` module was installed"
+    metal = importlib.resources.files("mlx_gptoss.metal")
+    assert metal.is_dir()
+
+
+def test_console_script_runs():
+    exe = shutil.which("gptoss-mac")
+    assert exe, "the gptoss-mac console script is not on PATH"
+    out = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("gptoss-mac "), out.stderr
