@@ -72,8 +72,7 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask,
-                                                 sinks=self.sinks.astype(q.dtype))
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=self.sinks)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
