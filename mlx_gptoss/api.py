@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,8 +30,11 @@ class GptOss:
     dtype: mx.Dtype
 
 
-def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bool = True) -> GptOss:
-    """Load a gpt-oss checkpoint from a local folder or a Hugging Face repo id (downloaded if needed)."""
+def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bool = True,
+         progress: Callable[[int, int], None] | None = None) -> GptOss:
+    """Load a gpt-oss checkpoint from a local folder or a Hugging Face repo id (downloaded if needed).
+
+    progress(done, total) is called as the layers are read, for a progress bar."""
     path = resolve(str(model), allow_download=allow_download)
     cfg = GptOssConfig.from_file(path / "config.json")
     dtype = dtype or default_dtype()
@@ -39,8 +43,13 @@ def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bo
     weights = load_weights(path, cfg, dtype)
     # Evaluate layer by layer so peak memory stays near the checkpoint's size.
     net.load_weights(weights, strict=True)
-    for layer in net.model.layers:
+    layers = net.model.layers
+    for i, layer in enumerate(layers):
         mx.eval(layer.parameters())
+        if progress:
+            progress(i + 1, len(layers) + 1)
     mx.eval(net.parameters())
+    if progress:
+        progress(len(layers) + 1, len(layers) + 1)
     net.eval()
     return GptOss(model=net, config=cfg, path=path, dtype=dtype)
