@@ -12,12 +12,14 @@ reference every other backend is tested against.
 
 from __future__ import annotations
 
+
 import mlx.core as mx
 
 # Above this many (token, expert) pairs, sort them by expert so gather_qmm reads each expert's weights once.
 SORT_THRESHOLD = 64
 
 
+@mx.compile  # one fused elementwise kernel instead of eight (recompiled per shape)
 def swiglu(gate_up: mx.array, limit: float, alpha: float) -> mx.array:
     """gpt-oss's clamped SwiGLU on interleaved rows: even = gate, odd = up (reference: MLPBlock.swiglu)."""
     gate = mx.minimum(gate_up[..., ::2], limit)
