@@ -37,6 +37,13 @@ def version() -> None:
     print(f"gptoss-mac {mlx_gptoss.__version__} (mlx {mx.__version__})")
 
 
+from .download import download  # noqa: E402
+from .doctor import doctor  # noqa: E402
+
+app.command()(download)
+app.command()(doctor)
+
+
 def main() -> None:
     try:
         app()
