@@ -1,0 +1,210 @@
+"""The `gptoss-mac` commands through Typer's CliRunner, and (download) as a real process against a local
+fake of the Hugging Face hub's HTTP API. Nothing here reaches the internet."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from fake_hub import FakeHub
+from mlx_gptoss import hub, smoke
+from mlx_gptoss.cli.app import app
+from mlx_gptoss.errors import GptOssError
+from mlx_gptoss.model import Transformer
+from tiny_checkpoint import hub_config
+
+runner = CliRunner()
+REPO = "openai/gpt-oss-20b"
+
+
+def invoke(*args, **kwargs):
+    """Run a command in-process; a GptOssError is what main() prints as one line with exit status 1."""
+    kwargs.setdefault("env", {"COLUMNS": "200"})  # no wrapped lines
+    result = runner.invoke(app, list(args), **kwargs)
+    if result.exception is not None and not isinstance(result.exception, (SystemExit, GptOssError)):
+        raise result.exception
+    return result
+
+
+def error_text(result) -> str:
+    assert isinstance(result.exception, GptOssError), result.output
+    return str(result.exception)
+
+
+# --- doctor -------------------------------------------------------------------------------------------
+
+def test_doctor_reports_the_machine_and_passes_the_smoke_test():
+    result = invoke("doctor")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for word in ("OS", "chip", "MLX", "backend", "memory", "GPU working set", "Metal kernels", "cached models",
+                 "smoke test", "KV caches match an uncached forward", "everything works"):
+        assert word in out, word
+    if sys.platform == "linux":
+        assert "BLAS" in out and "GFLOP/s" in out
+
+
+def test_doctor_without_smoke_test():
+    result = invoke("doctor", "--no-smoke")
+    assert result.exit_code == 0
+    assert "smoke test" not in result.output
+
+
+def test_doctor_exits_nonzero_when_cached_decoding_is_broken(monkeypatch):
+    from mlx_lm.models.cache import RotatingKVCache
+
+    # A cache bug: every layer keeps only the last 4 tokens (the window is 8) -> cached logits diverge.
+    monkeypatch.setattr(Transformer, "make_cache", lambda self: [RotatingKVCache(4) for _ in self.model.layers])
+    result = invoke("doctor")
+    assert result.exit_code == 1
+    assert "FAIL" in result.output and "broken: smoke test" in result.output
+
+
+def test_doctor_lists_cached_models(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    snap = tmp_path / "models--openai--gpt-oss-20b" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    blob = tmp_path / "models--openai--gpt-oss-20b" / "blobs" / "b1"
+    blob.parent.mkdir()
+    blob.write_text(json.dumps(hub_config()))
+    (snap / "config.json").symlink_to(blob)
+    (tmp_path / "models--openai--gpt-oss-20b" / "refs").mkdir()
+    (tmp_path / "models--openai--gpt-oss-20b" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    result = invoke("doctor", "--no-smoke")
+    assert result.exit_code == 0
+    assert "openai/gpt-oss-20b" in result.output
+
+
+def test_smoke_test_passes_and_is_deterministic():
+    a, b = smoke.run(seed=1), smoke.run(seed=1)
+    assert a.ok and b.ok
+    assert [c[:2] for c in a.checks] == [c[:2] for c in b.checks]
+    assert len(a.checks) == 3
+
+
+# --- download: in-process ------------------------------------------------------------------------------
+
+def test_download_refuses_when_the_disk_is_too_small(monkeypatch, tmp_path):
+    plan = hub.DownloadPlan(REPO, [hub.RemoteFile("config.json", 100, True),
+                                   hub.RemoteFile("model-00000-of-00002.safetensors", 13 * 10**9, False)],
+                            tmp_path, free=2 * 10**9)
+    monkeypatch.setattr(hub, "cached", lambda repo: None)
+    monkeypatch.setattr(hub, "plan_download", lambda repo: plan)
+    monkeypatch.setattr(hub, "snapshot", lambda *a, **k: pytest.fail("downloaded although the disk is too small"))
+    result = invoke("download", REPO)
+    assert result.exit_code != 0
+    msg = error_text(result)
+    assert "needs 13.0 GB more on disk but only 2.0 GB is free" in msg and "HF_HOME" in msg
+
+
+def test_download_of_a_local_folder_does_nothing(tiny_ckpt):
+    result = invoke("download", str(tiny_ckpt))
+    assert result.exit_code == 0
+    assert "is a local folder; nothing to download" in result.output
+    assert "warning" not in result.output
+
+
+def test_download_of_a_missing_path_is_one_clear_error():
+    result = invoke("download", "./no/such/folder")
+    assert result.exit_code != 0
+    assert "no such folder, and not a Hugging Face repo id" in error_text(result)
+
+
+def test_download_offline_and_not_cached(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("download", REPO)
+    assert result.exit_code != 0
+    assert "HF_HUB_OFFLINE is set" in error_text(result)
+
+
+# --- download: real processes against a fake hub -------------------------------------------------------
+
+def hub_files() -> dict[str, bytes]:
+    return {
+        "config.json": json.dumps(hub_config()).encode(), "tokenizer.json": b"{}",
+        "model-00000-of-00001.safetensors": os.urandom(2_000_000), "model.safetensors.index.json": b"{\"weight_map\": {}}",
+        "original/model.safetensors": b"x" * 1000, "metal/model.bin": b"y" * 100, "README.md": b"# hi",
+    }
+
+
+def gptoss(env: dict, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlx_gptoss.cli.app", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture
+def hub_env(tmp_path):
+    files = hub_files()
+    with FakeHub(REPO, files) as fake:
+        env = dict(os.environ, HF_ENDPOINT=fake.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0",
+                   HF_HUB_DISABLE_TELEMETRY="1", COLUMNS="200", HF_HUB_CACHE=str(tmp_path / "hf" / "hub"))
+        yield fake, env, files
+
+
+def test_download_fetches_only_the_root_model_files_then_needs_no_network(hub_env):
+    fake, env, files = hub_env
+    r = gptoss(env, "download")
+    assert r.returncode == 0, r.stderr
+    folder = r.stdout.strip()
+    assert sorted(fake.fetched()) == ["config.json", "model-00000-of-00001.safetensors",
+                                      "model.safetensors.index.json", "tokenizer.json"]
+    assert open(os.path.join(folder, "model-00000-of-00001.safetensors"), "rb").read() == \
+        files["model-00000-of-00001.safetensors"]
+    assert "4 files, 2.0 MB to download" in r.stderr and "Traceback" not in r.stderr
+
+    fake.log.clear()
+    again = gptoss(env, "download", REPO)
+    assert again.returncode == 0 and again.stdout.strip() == folder
+    assert "already downloaded" in again.stderr
+    assert fake.log == []  # cached: not a single request
+
+    offline = gptoss(dict(env, HF_HUB_OFFLINE="1"), "download")
+    assert offline.returncode == 0 and offline.stdout.strip() == folder
+
+
+def test_interrupted_download_fails_clearly_then_resumes(hub_env):
+    fake, env, files = hub_env
+    fake.cut_after["model-00000-of-00001.safetensors"] = 500_000  # the connection drops, every retry too
+    r = gptoss(env, "download")
+    assert r.returncode == 1
+    err = " ".join(r.stderr.split())
+    assert "download failed" in err and "run the same command again to resume" in err
+    assert "Traceback" not in r.stderr
+
+    fake.cut_after.clear()
+    fake.log.clear()
+    r = gptoss(env, "download")
+    assert r.returncode == 0, r.stderr
+    assert fake.fetched() == ["model-00000-of-00001.safetensors"]  # the finished files were kept
+    assert open(os.path.join(r.stdout.strip(), "model-00000-of-00001.safetensors"), "rb").read() == \
+        files["model-00000-of-00001.safetensors"]
+
+
+def test_download_of_an_unknown_repo(hub_env):
+    fake, env, _ = hub_env
+    r = gptoss(env, "download", "openai/no-such-model")
+    assert r.returncode == 1
+    assert "no such model on the Hugging Face hub" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_download_without_network_is_one_sentence(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path), HF_HUB_OFFLINE="0",
+               HF_HUB_CACHE=str(tmp_path / "hub"), COLUMNS="300")
+    r = gptoss(env, "download")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "error: openai/gpt-oss-20b: cannot reach the Hugging Face hub; check the internet connection and try again"]
