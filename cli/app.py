@@ -37,9 +37,11 @@ def version() -> None:
     print(f"gptoss-mac {mlx_gptoss.__version__} (mlx {mx.__version__})")
 
 
+from .chat import chat  # noqa: E402
 from .download import download  # noqa: E402
 from .doctor import doctor  # noqa: E402
 
+app.command()(chat)
 app.command()(download)
 app.command()(doctor)
 
