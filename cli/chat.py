@@ -222,7 +222,7 @@ class Chat:
     def __init__(self, conv: Conversation, interactive: bool):
         self.conv, self.interactive = conv, interactive
         self.out = Console(highlight=False) if interactive else Console(no_color=True, highlight=False,
-                                                                         markup=False, emoji=False)
+                                                                         emoji=False, soft_wrap=True)
         self.totals = Totals()
         self.autosave_path = state_dir() / "autosave.json"
 
