@@ -208,3 +208,61 @@ def test_download_without_network_is_one_sentence(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         "error: openai/gpt-oss-20b: cannot reach the Hugging Face hub; check the internet connection and try again"]
+
+
+# --- chat: options and bad input ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, words", [
+    (["--ctx", "0"], ["--ctx", "must be a positive number of tokens", "got 0"]),
+    (["--max-tokens", "-5"], ["--max-tokens", "must be a positive number of tokens"]),
+    (["--effort", "extreme"], ["--effort", "must be low, medium or high", "extreme"]),
+    (["--temperature", "-1"], ["--temperature", "must be 0 (greedy) or more", "-1"]),
+    (["--top-p", "0"], ["--top-p", "must be in (0, 1]"]),
+    (["--top-p", "1.5"], ["--top-p", "must be in (0, 1]"]),
+    (["--seed", "abc"], ["--seed", "valid integer"]),
+])
+def test_chat_rejects_bad_options_in_one_sentence(args, words):
+    result = invoke("chat", "--model", "./never-loaded", *args)
+    assert result.exit_code == 2, result.output
+    out = " ".join(result.output.split())
+    for w in words:
+        assert w in out, (w, out)
+    assert "Traceback" not in result.output
+
+
+def test_chat_unknown_model_path():
+    result = invoke("chat", "--model", "./no/such/model", input="hi\n")
+    assert result.exit_code != 0
+    assert "./no/such/model: no such folder" in error_text(result)
+
+
+def test_chat_folder_that_is_not_a_gpt_oss_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    result = invoke("chat", "--model", str(tmp_path), input="hi\n")
+    assert result.exit_code != 0
+    assert "not 'gpt_oss'" in error_text(result)
+
+
+def test_chat_empty_folder(tmp_path):
+    result = invoke("chat", "--model", str(tmp_path), input="hi\n")
+    assert result.exit_code != 0
+    assert "no config.json here" in error_text(result)
+
+
+def test_chat_repo_not_downloaded_offline(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("chat", "--model", "openai/gpt-oss-120b", input="hi\n")
+    assert result.exit_code != 0
+    assert "HF_HUB_OFFLINE is set" in error_text(result)
+
+
+def test_main_prints_one_line_and_no_traceback(tmp_path):
+    env = dict(os.environ, COLUMNS="300")
+    r = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli.app", "chat", "--model", str(tmp_path)],
+                       input="hi\n", env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path}/config.json: no config.json here; "
+                                             "is this a gpt-oss model folder?"]
