@@ -116,6 +116,7 @@ def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: 
         plan = hub.plan_download(model)
         if interactive and not typer.confirm(f"{model} is not downloaded yet: fetch {hub.gb(plan.needed)} now?",
                                              default=True, err=True):
+            err.print(f"nothing downloaded; `gptoss-mac download {model}` fetches it when you are ready")
             raise typer.Exit(1)
         dl.fetch(plan)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
