@@ -26,11 +26,13 @@ class ReplyView:
         self.notes: list[str] = []
         self.interrupted = False
         self.live: Live | None = None
+        self.final = False
 
     def __enter__(self) -> "ReplyView":
         if not self.plain:
-            self.live = Live(self._view(), console=self.console, refresh_per_second=12, transient=False,
-                             vertical_overflow="visible")
+            # get_renderable: the Markdown is parsed at the refresh rate in Live's thread, not once per token.
+            self.live = Live(console=self.console, get_renderable=self._view, refresh_per_second=12,
+                             transient=False, vertical_overflow="visible")
             self.live.__enter__()
         return self
 
@@ -38,7 +40,8 @@ class ReplyView:
         if exc_type is KeyboardInterrupt:
             self.interrupted = True
         if self.live is not None:
-            self.live.update(self._view(final=True), refresh=True)
+            self.final = True
+            self.live.refresh()
             self.live.__exit__(None, None, None)
         elif self.content_text and not self.interrupted:
             print(self.content_text.strip(), flush=True)
@@ -54,17 +57,16 @@ class ReplyView:
         elif kind == "tool_call":
             self.notes.append(f"tool call {getattr(ev, 'recipient', '?')}({getattr(ev, 'arguments', '')}) "
                               "— this chat has no tools")
-        else:
-            return
-        if self.live is not None:
-            self.live.update(self._view())
 
-    def _view(self, final: bool = False):
+
+    def _view(self):
+        final = self.final
         parts = []
         if self.show_reasoning and self.reasoning_text:
             parts.append(Padding(Text(self.reasoning_text.strip(), style="dim italic"), (0, 0, 1, 2)))
         elif not self.content_text and not final:
-            label = f"thinking… {self.reasoning_tokens} tokens" if self.reasoning_tokens else "thinking…"
+            n = self.reasoning_tokens
+            label = f"thinking… {n} token{'s' if n != 1 else ''}" if n else "thinking…"
             parts.append(Spinner("dots", text=Text(label, style="dim")))
         if self.content_text:
             parts.append(Markdown(self.content_text))
