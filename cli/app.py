@@ -40,10 +40,12 @@ def version() -> None:
 from .chat import chat  # noqa: E402
 from .download import download  # noqa: E402
 from .doctor import doctor  # noqa: E402
+from .plan import plan  # noqa: E402
 
 app.command()(chat)
 app.command()(download)
 app.command()(doctor)
+app.command()(plan)
 
 
 def main() -> None:

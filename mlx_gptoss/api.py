@@ -12,6 +12,7 @@ import mlx.nn as nn
 from .checkpoint import load_weights
 from .config import GptOssConfig
 from .hub import resolve
+from .memory import Plan, apply as apply_plan, bounded_cache, check_context, make_plan, read_checkpoint
 from .model import Transformer
 
 
@@ -28,16 +29,31 @@ class GptOss:
     config: GptOssConfig
     path: Path
     dtype: mx.Dtype
+    plan: "Plan | None" = None  # the memory plan load() applied (mlx_gptoss.memory)
+    max_context: int = 0  # the most tokens a cache may hold under that plan (0: unbounded)
+
+    def make_cache(self) -> list:
+        """model.make_cache(), refusing (ContextLengthError) to grow past max_context tokens."""
+        return bounded_cache(self.model, self.max_context)
+
+    def check_context(self, n_tokens: int) -> None:
+        """Raise ContextLengthError if a prompt of n_tokens does not fit the planned context."""
+        check_context(n_tokens, self.max_context)
 
 
 def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bool = True,
-         progress: Callable[[int, int], None] | None = None) -> GptOss:
+         progress: Callable[[int, int], None] | None = None, memory: str | int | None = None,
+         ctx: int | None = None) -> GptOss:
     """Load a gpt-oss checkpoint from a local folder or a Hugging Face repo id (downloaded if needed).
 
-    progress(done, total) is called as the layers are read, for a progress bar."""
+    progress(done, total) is called as the layers are read, for a progress bar. Before any weight is read
+    the memory plan (mlx_gptoss.memory) must fit: memory= overrides the budget ("16GB"), ctx= the context
+    (default: the model's full context, reduced to what fits). A plan that does not fit raises GptOssError."""
     path = resolve(str(model), allow_download=allow_download)
     cfg = GptOssConfig.from_file(path / "config.json")
     dtype = dtype or default_dtype()
+    plan = make_plan(read_checkpoint(path), context=ctx, memory=memory, dtype=dtype)
+    apply_plan(plan)
     net = Transformer(cfg)
     net.set_dtype(dtype)
     weights = load_weights(path, cfg, dtype)
@@ -52,4 +68,4 @@ def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bo
     if progress:
         progress(len(layers) + 1, len(layers) + 1)
     net.eval()
-    return GptOss(model=net, config=cfg, path=path, dtype=dtype)
+    return GptOss(model=net, config=cfg, path=path, dtype=dtype, plan=plan, max_context=plan.context)

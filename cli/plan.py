@@ -1,0 +1,63 @@
+"""`gptoss-mac plan`: will the model fit in this machine's memory, and at which context? Loads nothing."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mlx_gptoss import memory
+from mlx_gptoss.hub import DEFAULT_MODEL
+from mlx_gptoss.memory import gb
+
+console = Console()
+STYLE = {"fits": "bold green", "smaller context": "bold yellow", "does not fit": "bold red"}
+
+
+def plan(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder or Hugging Face repo id."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length in tokens [default: the model's, 131072]."),
+    memory_: Optional[str] = typer.Option(None, "--memory", help="Memory budget instead of this machine's, "
+                                          "e.g. 16GB (10^9 bytes) or 16GiB."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Activation dtype [default: bfloat16 on Metal, "
+                                        "float32 on MLX's CPU backend]."),
+) -> None:
+    """Show the memory a model needs (from its safetensors headers) and whether it fits. Loads nothing."""
+    p = memory.plan(model, context=ctx, memory=memory_, dtype=dtype)
+    console.print(plan_table(p))
+    console.print(p.message, style=STYLE[p.status], highlight=False)
+    if not p.fits:
+        raise typer.Exit(1)
+
+
+def plan_table(p: memory.Plan) -> Table:
+    backend = "Metal (fused attention)" if p.fused_attention else "CPU (unfused attention)"
+    t = Table(title=f"memory plan: {p.checkpoint}", caption=f"sized from {p.source}; {backend}, {p.dtype}",
+              title_justify="left", caption_justify="left")
+    t.add_column("part")
+    t.add_column("on disk", justify="right")
+    t.add_column("in memory", justify="right")
+    t.add_column("note")
+    notes = {"experts": "MXFP4, kept as stored", "attention": f"q/k/v/o + sinks, {p.dtype}",
+             "embedding": p.dtype, "unembedding": f"lm_head, {p.dtype}", "other": "norms, router"}
+    for part in memory.PARTS:
+        t.add_row(f"weights: {part}", gb(p.file_bytes[part]), gb(p.weights[part]), notes[part])
+    t.add_row("weights", gb(sum(p.file_bytes.values())), gb(p.weight_bytes), "", style="bold")
+    ctx = p.context or min(memory.MIN_CONTEXT, p.requested_context)
+    n_full = sum(lt == "full_attention" for lt in p.config.layer_types)
+    per8k = p.kv_per_token * 8192
+    t.add_row("KV cache: full-attention layers", "", gb(p.kv_per_token * ctx),
+              f"{n_full} layers, {p.kv_per_token:,} B/token = {gb(per8k)} per 8k, at {ctx:,} tokens")
+    t.add_row("KV cache: sliding-window layers", "", gb(p.kv_sliding),
+              f"{len(p.config.layer_types) - n_full} layers, window {p.config.sliding_window} + one chunk")
+    t.add_row("activations", "", gb(p.activations), f"peak of one {p.prefill_chunk}-token prefill chunk")
+    t.add_row("MLX, Python, tokenizer", "", gb(p.overhead), "reserve")
+    if p.fits:
+        t.add_row("needed", "", gb(p.needed), f"at a context of {p.context:,} tokens", style="bold")
+    else:
+        t.add_row("needed", "", gb(p.min_needed), f"even at {memory.MIN_CONTEXT:,} tokens", style="bold")
+    total = f", machine {gb(p.budget.total)}" if p.budget.total else ""
+    t.add_row("budget", "", gb(p.budget.usable), f"{p.budget.source}{total}", style="bold")
+    return t

@@ -1,0 +1,505 @@
+"""The unified-memory plan: will this checkpoint fit, at which context, and if not, what to do about it.
+
+Everything is sized from the safetensors headers and config.json (no tensor data is read), so a plan can be
+made for a checkpoint whose weights are not downloaded yet. Memory needed at a context of C tokens:
+
+    weights (as loaded: MXFP4 expert bytes as stored, every float tensor in the activation dtype)
+  + KV cache: C x (bytes per token of the full-attention layers)
+              + the sliding-window layers' fixed part (window + one prefill chunk, mlx-lm's RotatingKVCache)
+  + the activation peak of one prefill chunk at the end of that context
+  + a fixed reserve for MLX, Python and the tokenizer
+
+The budget is MLX's recommended GPU working set on a Mac, available RAM elsewhere, or `--memory SIZE`.
+`apply()` turns a plan into MLX memory limits and a context cap; load() and chat use it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from .config import GptOssConfig
+from .errors import CheckpointError, GptOssError
+from .safetensors_header import DTYPE_BYTES, TensorInfo, read_header
+
+PARTS = ("experts", "attention", "embedding", "unembedding", "other")
+PREFILL_CHUNK = 512  # tokens per prefill step (mlx-lm uses 512-2048); the engine should use plan.prefill_chunk
+MIN_PREFILL_CHUNK = 8
+# Without a fused attention kernel (MLX's CPU backend) a chunk's attention scores are materialized:
+# [heads, chunk, context] several times over; shrink the chunk so they stay under this.
+UNFUSED_SCORES_BUDGET = 1 << 30
+# MLX's runtime, Python, the tokenizer and harmony: ~0.5 GiB of CPU-side memory. A Metal budget (the GPU
+# working set) counts GPU buffers only, so there it is left to the memory macOS keeps (macos_reserve).
+OVERHEAD = 1 << 29
+CONTEXT_STEP = 1024  # a reduced context is rounded down to a multiple of this
+MIN_CONTEXT = 2048  # below this a chat does not fit its own system prompt and a few turns: "does not fit"
+GIB, MIB = 1 << 30, 1 << 20
+
+
+class ContextLengthError(GptOssError):
+    """A prompt longer than the context the memory plan allows."""
+
+
+# --------------------------------------------------------------------------------------------- sizes
+
+
+def parse_size(text: str | int | float) -> int:
+    """'16GB' -> 16e9 bytes, '16GiB' -> 16 * 2^30, '512MB', '1.5T'; a bare number is GB."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise GptOssError(f"--memory {text!r}: not a size; write it like 16GB, 24GiB or 64G")
+    unit = (m.group(2) or "g").lower()
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** "bkmgt".index(unit))
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if abs(n) >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+# ------------------------------------------------------------------------------------ checkpoint sizes
+
+
+def part_of(name: str) -> str:
+    if ".mlp.experts." in name:
+        return "experts"
+    if ".self_attn." in name:
+        return "attention"
+    if name == "model.embed_tokens.weight":
+        return "embedding"
+    if name == "lm_head.weight":
+        return "unembedding"
+    return "other"  # norms, router
+
+
+def loaded_bytes(info: TensorInfo, act_bytes: int) -> int:
+    """Bytes of one tensor once loaded (mlx_gptoss.checkpoint.load_weights): MXFP4 blocks and scales are
+    kept as stored (a byte view), bf16 experts are quantized to MXFP4 (17 bytes per 32 values), every
+    other tensor is cast to the activation dtype."""
+    n = math.prod(info.shape)
+    if part_of(info.name) == "experts" and info.name.endswith(("_blocks", "_scales")):
+        return info.nbytes
+    if part_of(info.name) == "experts" and info.name.endswith(("gate_up_proj", "down_proj")):
+        return n // 2 + n // 32
+    return n * act_bytes
+
+
+@dataclass
+class Checkpoint:
+    """What the planner knows of a checkpoint: its config and its tensors' headers."""
+
+    name: str
+    config: GptOssConfig
+    tensors: dict[str, TensorInfo]
+    source: str  # "headers" (local files) or "hub metadata"
+
+    def file_bytes(self) -> dict[str, int]:
+        out = dict.fromkeys(PARTS, 0)
+        for t in self.tensors.values():
+            out[part_of(t.name)] += t.nbytes
+        return out
+
+    def loaded_bytes(self, act_bytes: int) -> dict[str, int]:
+        out = dict.fromkeys(PARTS, 0)
+        for t in self.tensors.values():
+            out[part_of(t.name)] += loaded_bytes(t, act_bytes)
+        return out
+
+
+def read_checkpoint(model: str | Path) -> Checkpoint:
+    """A local folder (weights downloaded or not, as long as the headers are), a hub repo id that is in
+    the local cache, or else a hub repo id sized from the hub's safetensors metadata (network)."""
+    from . import hub
+
+    p = Path(str(model)).expanduser()
+    if p.exists() or hub.looks_like_path(str(model)):
+        return _local_checkpoint(hub.resolve(str(model), allow_download=False))
+    folder = _cached_snapshot(str(model))
+    if folder is not None:
+        return _local_checkpoint(folder, name=str(model))
+    return _hub_checkpoint(str(model))
+
+
+def _local_checkpoint(folder: Path, name: str | None = None) -> Checkpoint:
+    from .checkpoint import check_tensors, safetensors_files
+
+    cfg = GptOssConfig.from_file(folder / "config.json")
+    tensors: dict[str, TensorInfo] = {}
+    for f in safetensors_files(folder):
+        tensors.update(read_header(f, check_size=False))  # the data may be absent: only sizes matter
+    check_tensors(cfg, tensors)
+    return Checkpoint(name or str(folder), cfg, tensors, "headers")
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The snapshot folder of repo_id in the HF cache if it holds config.json (weights may be partial)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # a malformed repo id, an unreadable cache: not cached
+        return None
+    if not isinstance(cfg, str):
+        return None
+    folder = Path(cfg).parent
+    index = folder / "model.safetensors.index.json"
+    try:
+        names = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if names and not all((folder / n).is_file() for n in names):
+        return None  # shards missing from the cache: the hub's metadata knows their headers
+    return folder if names or any(folder.glob("*.safetensors")) else None
+
+
+def _hub_checkpoint(repo_id: str) -> Checkpoint:
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+    from .checkpoint import check_tensors
+
+    try:
+        cfg = GptOssConfig.from_file(hf_hub_download(repo_id, "config.json"))
+        meta = get_safetensors_metadata(repo_id)
+    except GptOssError:
+        raise
+    except Exception as e:  # offline, no such repo, HTTP errors: all one message
+        raise GptOssError(
+            f"{repo_id}: cannot read its safetensors headers from the Hugging Face hub ({type(e).__name__}); "
+            "check the connection, or pass a local folder"
+        ) from None
+    tensors = {}
+    for fname, fm in meta.files_metadata.items():
+        for tname, t in fm.tensors.items():
+            if t.dtype not in DTYPE_BYTES:
+                raise CheckpointError(f"{repo_id}/{fname}: tensor {tname}: unknown dtype {t.dtype!r}")
+            lo, hi = t.data_offsets
+            tensors[tname] = TensorInfo(tname, t.dtype, tuple(t.shape), Path(fname), lo, hi)
+    check_tensors(cfg, tensors)
+    return Checkpoint(repo_id, cfg, tensors, "hub metadata")
+
+
+# ------------------------------------------------------------------------------------------- budget
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many bytes the model may use, where that number comes from, and the machine's memory."""
+
+    usable: int
+    source: str
+    total: int | None = None  # physical memory, when known
+    metal: bool = False  # a Mac GPU: the macOS wired limit applies and can be raised with sysctl
+
+
+def machine_budget(memory: str | int | None = None) -> Budget:
+    metal = mx.metal.is_available()
+    info = mx.device_info() if metal else {}
+    total = info.get("memory_size")
+    if memory is not None:
+        n = parse_size(memory)
+        return Budget(n, f"--memory {memory}" if isinstance(memory, str) else "memory=", total, metal)
+    if metal and info.get("max_recommended_working_set_size"):
+        return Budget(int(info["max_recommended_working_set_size"]), "Metal recommended working set", total, True)
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return Budget(int(vm.available), "available RAM", int(vm.total), False)
+
+
+def macos_reserve(total: int) -> int:
+    """Memory left to macOS, Python and other apps when raising the GPU wired limit: wired memory cannot be
+    paged out, so keep at least 2 GiB, and 1/8 of larger machines."""
+    return max(2 * GIB, total // 8)
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Plan:
+    checkpoint: str
+    source: str
+    config: GptOssConfig
+    dtype: str
+    fused_attention: bool
+    file_bytes: dict[str, int]
+    weights: dict[str, int]  # as loaded, by part
+    kv_per_token: int  # full-attention layers, per token of context
+    kv_sliding: int  # sliding-window layers, fixed
+    prefill_chunk: int
+    activations: int  # peak of one prefill chunk at the planned context
+    overhead: int
+    budget: Budget
+    requested_context: int
+    context: int  # the planned context (0: nothing fits)
+    status: str  # "fits" | "smaller context" | "does not fit"
+    remedies: list[str] = field(default_factory=list)
+    min_needed: int = 0  # what the smallest useful context (MIN_CONTEXT) needs
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv_per_token * self.context + self.kv_sliding
+
+    @property
+    def needed(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.activations + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.status != "does not fit"
+
+    @property
+    def message(self) -> str:
+        """The decision in one or two plain sentences, with the remedies."""
+        name = self.checkpoint
+        if self.status == "fits":
+            return (f"{name} fits: {gb(self.needed)} needed at a context of {self.context:,} tokens, "
+                    f"{gb(self.budget.usable)} available ({self.budget.source}).")
+        if self.status == "smaller context":
+            return (f"{name} fits with a context of at most {self.context:,} tokens (not the {self.requested_context:,} "
+                    f"asked for): {gb(self.needed)} needed, {gb(self.budget.usable)} available "
+                    f"({self.budget.source}). Run with --ctx {self.context}"
+                    + (", or: " + " ".join(self.remedies) if self.remedies else "."))
+        return (f"{name} does not fit: it needs {gb(self.min_needed)} even at a context of {MIN_CONTEXT:,} tokens, "
+                f"and {gb(self.budget.usable)} is available ({self.budget.source}). " + " ".join(self.remedies))
+
+
+def make_plan(ckpt: Checkpoint, *, context: int | None = None, budget: Budget | None = None,
+              memory: str | int | None = None, dtype: mx.Dtype | str | None = None,
+              metal: bool | None = None) -> Plan:
+    """The plan for ckpt at `context` tokens (default: the model's full context) within the budget.
+    metal: plan for the Metal backend (fused attention; default bf16) rather than MLX's CPU backend."""
+    cfg = ckpt.config
+    budget = budget or machine_budget(memory)
+    metal = budget.metal if metal is None else metal
+    dtype = _dtype(dtype, metal)
+    act = dtype.size
+    requested = cfg.context_length if context is None else int(context)
+    if requested < 1:
+        raise GptOssError(f"--ctx {requested}: the context must be at least 1 token")
+    if requested > cfg.context_length:
+        raise GptOssError(f"--ctx {requested}: more than {ckpt.name}'s context length of {cfg.context_length:,} "
+                          "tokens (config.json max_position_embeddings)")
+    weights = ckpt.loaded_bytes(act)
+    n_full = sum(t == "full_attention" for t in cfg.layer_types)
+    n_sliding = len(cfg.layer_types) - n_full
+    per_layer_token = 2 * cfg.num_key_value_heads * cfg.head_dim * act  # K and V
+    overhead = 0 if metal else OVERHEAD
+    fixed = sum(weights.values()) + overhead
+
+    def at(ctx):  # (needed bytes, prefill chunk, activations, sliding KV) at a context of ctx tokens
+        chunk = prefill_chunk(cfg, ctx, act, fused=metal)
+        acts = activation_peak(cfg, chunk, ctx, act, fused=metal)
+        sliding = n_sliding * per_layer_token * min(cfg.sliding_window + chunk, ctx + chunk)
+        return fixed + n_full * per_layer_token * ctx + sliding + acts, chunk, acts, sliding
+
+    ctx = requested
+    need, chunk, acts, sliding = at(ctx)
+    status = "fits"
+    if need > budget.usable:
+        status = "does not fit"
+        ctx = requested // CONTEXT_STEP * CONTEXT_STEP
+        while ctx >= MIN_CONTEXT:
+            need, chunk, acts, sliding = at(ctx)
+            if need <= budget.usable:
+                status = "smaller context"
+                break
+            ctx -= CONTEXT_STEP
+    plan = Plan(ckpt.name, ckpt.source, cfg, _dtype_name(dtype), metal, ckpt.file_bytes(), weights,
+                n_full * per_layer_token, sliding, chunk, acts, overhead, budget, requested,
+                ctx if status != "does not fit" else 0, status)
+    plan.min_needed, chunk, acts, sliding = at(min(MIN_CONTEXT, requested))
+    if status == "does not fit":  # show what the smallest useful context would take
+        plan.kv_sliding, plan.activations, plan.prefill_chunk = sliding, acts, chunk
+    if status != "fits":
+        plan.remedies = remedies(plan, at)
+    return plan
+
+
+def plan(model: str | Path, *, context: int | None = None, memory: str | int | None = None,
+         dtype: mx.Dtype | str | None = None) -> Plan:
+    """The plan for a model folder or hub repo id on this machine (nothing is loaded)."""
+    return make_plan(read_checkpoint(model), context=context, memory=memory, dtype=dtype)
+
+
+def prefill_chunk(cfg: GptOssConfig, context: int, act: int, *, fused: bool) -> int:
+    if fused:
+        return PREFILL_CHUNK
+    chunk = PREFILL_CHUNK
+    while chunk > MIN_PREFILL_CHUNK and _scores(cfg, chunk, context, act) > UNFUSED_SCORES_BUDGET:
+        chunk //= 2
+    return chunk
+
+
+def _scores(cfg, chunk, context, act):
+    # MLX's unfused attention: scores, scores with the sink column, softmax output: [heads, chunk, keys]
+    return 3 * cfg.num_attention_heads * chunk * (context + 1) * act
+
+
+def activation_peak(cfg: GptOssConfig, chunk: int, context: int, act: int, *, fused: bool) -> int:
+    """Peak bytes of temporaries while one prefill chunk runs at the end of `context`: the residual stream
+    plus the largest of attention (q, k, v, output, and the score matrices when not fused), the MoE block
+    ([chunk x k] gathered rows through gate_up, SwiGLU and down) and the chunk's logits [chunk, vocab]."""
+    T, H, D = chunk, cfg.hidden_size, cfg.head_dim
+    resid = 3 * T * H * act
+    attn = T * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * D * act
+    if not fused:
+        attn += _scores(cfg, T, context, act)
+    k, I = cfg.num_experts_per_tok, cfg.intermediate_size
+    moe = T * k * (H + 2 * I + I + H) * act + T * cfg.num_local_experts * act
+    logits = T * cfg.vocab_size * act
+    # a full layer's KVCache grows by concatenation: for a moment one layer's cache exists twice
+    growth = 2 * cfg.num_key_value_heads * D * act * context
+    return resid + max(attn, moe, logits) + growth
+
+
+def remedies(p: Plan, at) -> list[str]:
+    out = []
+    if p.status == "does not fit":
+        if p.requested_context > MIN_CONTEXT:
+            out.append(f"A smaller --ctx does not help enough (at --ctx {MIN_CONTEXT} it still needs "
+                       f"{gb(p.min_needed)}).")
+    b = p.budget
+    if b.metal and b.total:
+        cap = b.total - macos_reserve(b.total)
+        want = p.min_needed if p.status == "does not fit" else at(p.requested_context)[0]
+        n_mb = math.ceil(want / (512 * MIB)) * 512  # MB, as sysctl wants; rounded up to 512
+        if n_mb * MIB <= cap:
+            out.append(f"Let the GPU use more of this Mac's {b.total / GIB:.0f} GB: "
+                       f"`sudo sysctl iogpu.wired_limit_mb={n_mb}` (until reboot), then run again.")
+        elif p.status == "does not fit" and p.min_needed <= cap:
+            out.append(f"Let the GPU use more memory: `sudo sysctl iogpu.wired_limit_mb={cap // MIB}` (until reboot).")
+        else:
+            out.append(f"Even raising the GPU wired limit (at most ~{gb(cap)} on this "
+                       f"{b.total / GIB:.0f} GB Mac, leaving macOS {gb(b.total - cap)}) is not enough.")
+    if p.config.num_local_experts > 32 or p.weight_bytes > 30e9:
+        small = _twenty_b_needed(p)
+        out.append(f"Use the 20b model (openai/gpt-oss-20b, {gb(small)} at --ctx {min(p.requested_context, 8192)}).")
+    if b.source == "available RAM":
+        out.append("Close other programs to free RAM.")
+    return out
+
+
+def _twenty_b_needed(p: Plan) -> int:
+    """What gpt-oss-20b needs at an 8k context with this plan's dtype and backend: its tensors are known."""
+    from .checkpoint import expected_tensors
+
+    cfg = GptOssConfig.from_dict(GPT_OSS_20B, source="gpt-oss-20b")
+    tensors = {}
+    for name, (shape, dtypes) in expected_tensors(cfg, mxfp4=True).items():
+        n = math.prod(shape) * DTYPE_BYTES[dtypes[0]]
+        tensors[name] = TensorInfo(name, dtypes[0], shape, Path("-"), 0, n)
+    ckpt = Checkpoint("openai/gpt-oss-20b", cfg, tensors, "config")
+    small = make_plan(ckpt, context=min(p.requested_context, 8192), dtype=p.dtype,
+                      budget=Budget(1 << 62, "-"), metal=p.fused_attention)
+    return small.needed
+
+
+# The hub config of openai/gpt-oss-20b (fields the plan needs), for the "use the 20b model" remedy.
+GPT_OSS_20B = {
+    "model_type": "gpt_oss", "num_hidden_layers": 24, "num_local_experts": 32, "num_experts_per_tok": 4,
+    "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880, "head_dim": 64,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "sliding_window": 128,
+    "max_position_embeddings": 131072, "rope_theta": 150000,
+    "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                     "original_max_position_embeddings": 4096, "truncate": False},
+    "quantization_config": {"quant_method": "mxfp4"},
+}
+
+
+def _dtype(dtype, metal: bool) -> mx.Dtype:
+    if dtype is None:
+        return mx.bfloat16 if metal else mx.float32
+    if isinstance(dtype, mx.Dtype):
+        return dtype
+    names = {"bfloat16": mx.bfloat16, "bf16": mx.bfloat16, "float16": mx.float16, "fp16": mx.float16,
+             "float32": mx.float32, "fp32": mx.float32}
+    if str(dtype).removeprefix("mlx.core.") not in names:
+        raise GptOssError(f"dtype {dtype!r}: use bfloat16, float16 or float32")
+    return names[str(dtype).removeprefix("mlx.core.")]
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
+# ------------------------------------------------------------------------------------ applying a plan
+
+
+def apply(p: Plan) -> dict[str, int]:
+    """Refuse a plan that does not fit; otherwise set MLX's memory limits from it. Returns what was set."""
+    if not p.fits:
+        raise GptOssError(p.message)
+    applied = {}
+    usable = p.budget.usable
+    if p.fused_attention and mx.metal.is_available():
+        # Wire what the model keeps resident (weights + KV) so macOS does not page it out between tokens;
+        # MLX refuses a wired limit above the recommended working set.
+        info = mx.device_info()
+        wired = min(p.weight_bytes + p.kv_bytes, int(info.get("max_recommended_working_set_size", 0)) or usable)
+        mx.set_wired_limit(wired)
+        applied["wired_limit"] = wired
+    # Beyond the budget MLX waits for pending work to free memory, then fails, rather than swapping.
+    mx.set_memory_limit(usable)
+    applied["memory_limit"] = usable
+    # Freed buffers are kept for reuse; cap that cache at the headroom the plan leaves (at most 2 GiB).
+    cache = max(0, min(2 * GIB, usable - p.needed))
+    mx.set_cache_limit(cache)
+    applied["cache_limit"] = cache
+    return applied
+
+
+def check_context(n_tokens: int, max_context: int) -> None:
+    """Refuse a prompt that does not fit the planned context, before anything is computed."""
+    if max_context and n_tokens > max_context:
+        raise ContextLengthError(
+            f"the prompt is {n_tokens:,} tokens but the memory plan allows a context of {max_context:,}; "
+            "shorten it or start a new chat, or load with a larger ctx= if `gptoss-mac plan` says it fits"
+        )
+
+
+def bounded_cache(model, max_context: int) -> list:
+    """model.make_cache() with every layer refusing to grow past max_context tokens. Layer 0 checks
+    first, so a refused prompt leaves every layer's cache as it was."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    caches = model.make_cache()
+    if not max_context:
+        return caches
+    for c in caches:
+        c.__class__ = {KVCache: _BoundedKV, RotatingKVCache: _BoundedRotating}.get(type(c), type(c))
+        c.max_context = max_context
+    return caches
+
+
+def _bounded(base):
+    class Bounded(base):
+        max_context = 0
+
+        def update_and_fetch(self, keys, values):
+            check_context(self.offset + keys.shape[2], self.max_context)
+            return super().update_and_fetch(keys, values)
+
+    Bounded.__name__ = f"Bounded{base.__name__}"
+    return Bounded
+
+
+def _lazy_bounded():
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    return _bounded(KVCache), _bounded(RotatingKVCache)
+
+
+_BoundedKV, _BoundedRotating = _lazy_bounded()
+
