@@ -45,6 +45,17 @@ def _positive(name: str, example: str):
     return check
 
 
+def _memory(value: str | None) -> str | None:
+    from mlx_gptoss.memory import parse_size
+
+    if value is not None:
+        try:
+            parse_size(value)
+        except GptOssError:
+            raise typer.BadParameter(f"not a size: write it like 16GB, 24GiB or 64G; got {value!r}") from None
+    return value
+
+
 def _effort(value: str) -> str:
     if value not in EFFORTS:
         raise typer.BadParameter(f"must be low, medium or high; got {value!r}")
@@ -97,7 +108,8 @@ def chat(
                                    help="Context length in tokens (default: what fits in memory)."),
     developer: str | None = typer.Option(None, "--developer", help="Developer instructions (system prompt)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
-    memory: str | None = typer.Option(None, "--memory", help="Memory budget for the plan, like 16GB."),
+    memory: str | None = typer.Option(None, "--memory", callback=_memory,
+                                      help="Memory budget for the plan, like 16GB (default: this machine's)."),
 ) -> None:
     """Chat with gpt-oss in the terminal (reads one prompt per line when stdin is not a terminal)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
@@ -133,12 +145,20 @@ def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: 
 
 
 def plan_line(gpt) -> str:
-    """One line: the memory plan (weights, KV budget, context) when the planner made one."""
+    """One line: the memory plan load() applied (weights, KV budget, context)."""
     plan = getattr(gpt, "plan", None)
+    if plan is None:
+        return f"{gpt.path.name}: {gpt.config.num_hidden_layers} layers, {gpt.config.num_local_experts} experts"
     summary = getattr(plan, "summary", None)
     if summary is not None:
         return summary() if callable(summary) else str(summary)
-    return f"{gpt.path.name}: {gpt.config.num_hidden_layers} layers, {gpt.config.num_local_experts} experts"
+    from mlx_gptoss.memory import gb
+
+    line = (f"memory plan: weights {gb(plan.weight_bytes)} + KV cache {gb(plan.kv_bytes)} for a context of "
+            f"{plan.context:,} tokens = {gb(plan.needed)} of {gb(plan.budget.usable)} ({plan.budget.source})")
+    if plan.status == "smaller context":
+        line += f"; the context is reduced from {plan.requested_context:,} to fit"
+    return line
 
 
 # --- the engine: the only place that talks to the chat Session ------------------------------------------
