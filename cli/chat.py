@@ -140,7 +140,7 @@ def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: 
         gpt = mlx_gptoss.load(model, allow_download=False, progress=lambda done, total: bar.update(
             task, completed=done, total=total), **kwargs)
     line = plan_line(gpt)
-    err.print(f"[dim]{line}[/]" if interactive else line, markup=interactive)
+    err.print(f"[dim]{line}[/]" if interactive else line, markup=interactive, soft_wrap=not interactive)
     return gpt
 
 

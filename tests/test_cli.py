@@ -220,6 +220,7 @@ def test_download_without_network_is_one_sentence(tmp_path):
     (["--top-p", "0"], ["--top-p", "must be in (0, 1]"]),
     (["--top-p", "1.5"], ["--top-p", "must be in (0, 1]"]),
     (["--seed", "abc"], ["--seed", "valid integer"]),
+    (["--memory", "lots"], ["--memory", "not a size", "16GB", "lots"]),
 ])
 def test_chat_rejects_bad_options_in_one_sentence(args, words):
     result = invoke("chat", "--model", "./never-loaded", *args)
