@@ -41,11 +41,13 @@ from .chat import chat  # noqa: E402
 from .download import download  # noqa: E402
 from .doctor import doctor  # noqa: E402
 from .plan import plan  # noqa: E402
+from .bench import bench  # noqa: E402
 
 app.command()(chat)
 app.command()(download)
 app.command()(doctor)
 app.command()(plan)
+app.command()(bench)
 
 
 def main() -> None:
