@@ -8,10 +8,27 @@
 w is MLX's mxfp4 packing (uint32 [E, rows, cols/8], low nibble first) and scales uint8 [E, rows, cols/32],
 exactly as the loader produces them. backend "builtin" composes MLX's own ops (mx.gather_qmm); it is the
 reference every other backend is tested against.
+
+backend "metal" runs our own kernels (metal/moe_gate_up_swiglu.metal, metal/moe_down.metal, sharing
+metal/mxfp4.h) through mx.fast.metal_kernel, which is looked up on every build so a test can put an emulator
+in its place. Each is a fused decode matvec: one launch for gate_up + bias + clamped SwiGLU over each token's
+k experts, one for down + bias + the router-weighted sum over k (fixed order, no atomics: deterministic).
+backend "auto" (the default) uses them only on a Metal GPU, for at most DECODE_MAX_TOKENS tokens, and only
+after the kernel passed its self-test on this device (metal_selftest.py: first use compiles and runs one
+small launch against mx.gather_qmm; a compile error or mismatch warns once and falls back to "builtin").
+
+Prefill keeps mx.gather_qmm, by decision: with many tokens, gather_qmm sorts the (token, expert) pairs and
+reads each expert's weights once for all its tokens in a tiled quantized matmul, while a matvec kernel
+reads them once per pair; beating it needs an expert-grouped simdgroup_matrix kernel whose speed only a Mac
+can show, and nobody here can measure one. The unfused bias/SwiGLU/sum ops are small next to the matmuls
+at prefill sizes. Forcing backend="metal" runs the decode kernels for any number of tokens (correct, slower).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+from importlib import resources
 
 import mlx.core as mx
 
@@ -55,15 +72,148 @@ def _builtin_down(h, w, scales, bias, expert_ids, expert_weights):
 
 
 def moe_gate_up_swiglu(x, w, scales, bias, expert_ids, *, limit=7.0, alpha=1.702, backend="auto"):
-    _check_backend(backend)
+    if _use_metal(backend, GATE_UP, x.dtype, x.shape[0]):
+        return _metal_gate_up_swiglu(x, w, scales, bias, expert_ids, limit, alpha)
     return _builtin_gate_up_swiglu(x, w, scales, bias, expert_ids, limit, alpha)
 
 
 def moe_down(h, w, scales, bias, expert_ids, expert_weights, *, backend="auto"):
-    _check_backend(backend)
+    if _use_metal(backend, DOWN, h.dtype, h.shape[0]):
+        return _metal_down(h, w, scales, bias, expert_ids, expert_weights)
     return _builtin_down(h, w, scales, bias, expert_ids, expert_weights)
 
 
 def _check_backend(backend: str) -> None:
     if backend not in ("auto", "builtin", "metal"):
         raise ValueError(f"backend must be 'auto', 'builtin' or 'metal', got {backend!r}")
+
+
+# ---- the Metal backend ------------------------------------------------------------------------------------
+
+# "auto" uses the fused matvec kernels up to this many tokens (decode, speculative drafts); above, gather_qmm.
+DECODE_MAX_TOKENS = 4
+SIMD_WIDTH = 32
+MXFP4_BLOCK = 32
+ACTIVATION_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+class KernelSpec:
+    """One kernel: its body file, MLX argument names and tile constants (template ints)."""
+
+    def __init__(self, name: str, file: str, inputs: list[str], tiles: dict[str, int]):
+        self.name, self.file, self.inputs, self.tiles = name, file, inputs, tiles
+
+    @property
+    def key(self) -> str:  # the name users see (doctor, self-test cache)
+        return self.file.removesuffix(".metal")
+
+
+GATE_UP = KernelSpec("gptoss_moe_gate_up_swiglu", "moe_gate_up_swiglu.metal",
+                     ["x", "w", "scales", "bias", "ids", "params"], {"SIMDS": 2, "OUTS": 2})
+DOWN = KernelSpec("gptoss_moe_down", "moe_down.metal",
+                  ["h", "w", "scales", "bias", "ids", "weights"], {"SIMDS": 2, "ROWS": 4})
+SPECS = (GATE_UP, DOWN)
+HEADER_FILE = "mxfp4.h"
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_source(file: str) -> str:
+    return resources.files("mlx_gptoss.metal").joinpath(file).read_text()
+
+
+def source_hash() -> str:
+    """Hash of every kernel source and tile constant: a changed kernel is self-tested again."""
+    h = hashlib.sha256(kernel_source(HEADER_FILE).encode())
+    for spec in SPECS:
+        h.update(spec.name.encode() + kernel_source(spec.file).encode() + repr(sorted(spec.tiles.items())).encode())
+    return h.hexdigest()[:16]
+
+
+_built: dict = {}
+
+
+def build(spec: KernelSpec):
+    """mx.fast.metal_kernel(...) for spec, looked up now (not at import) and cached per factory."""
+    factory = mx.fast.metal_kernel
+    key = (spec.name, factory)
+    if key not in _built:
+        _built[key] = factory(name=spec.name, input_names=spec.inputs, output_names=["out"],
+                              source=kernel_source(spec.file), header=kernel_source(HEADER_FILE))
+    return _built[key]
+
+
+def _use_metal(backend: str, spec: KernelSpec, dtype, tokens: int) -> bool:
+    _check_backend(backend)
+    if backend != "auto":
+        return backend == "metal"
+    if tokens > DECODE_MAX_TOKENS or dtype not in ACTIVATION_DTYPES or not on_metal_gpu():
+        return False
+    from . import metal_selftest
+
+    return metal_selftest.passed(spec, dtype)
+
+
+def on_metal_gpu() -> bool:
+    return mx.metal.is_available() and mx.default_device() == mx.gpu
+
+
+def _check_metal_inputs(what: str, a: mx.array, w: mx.array, scales: mx.array, bias: mx.array, ids: mx.array):
+    if a.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"{what}: the metal backend takes float32, float16 or bfloat16 activations, got {a.dtype}; "
+                         "use backend='builtin'")
+    K = a.shape[-1]
+    E, R = w.shape[0], w.shape[1]
+    if (K % MXFP4_BLOCK or w.dtype != mx.uint32 or w.shape[2] * 8 != K or scales.dtype != mx.uint8
+            or tuple(scales.shape) != (E, R, K // MXFP4_BLOCK) or tuple(bias.shape) != (E, R)
+            or ids.ndim != 2 or ids.shape[0] != a.shape[0]):
+        raise ValueError(f"{what}: expected mxfp4 weights uint32 [E, rows, {K}/8], uint8 scales [E, rows, {K}/32] "
+                         f"and bias [E, rows] for inputs [..., {K}] (a multiple of 32); got w {w.dtype}{w.shape}, "
+                         f"scales {scales.dtype}{scales.shape}, bias {bias.shape}, expert_ids {ids.shape}")
+
+
+def _as(a: mx.array, dtype) -> mx.array:
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
+def _metal_gate_up_swiglu(x, w, scales, bias, expert_ids, limit, alpha):
+    _check_metal_inputs("moe_gate_up_swiglu", x, w, scales, bias, expert_ids)
+    T, k = expert_ids.shape
+    I = w.shape[1] // 2
+    if T * k == 0 or I == 0:
+        return mx.zeros((T, k, I), dtype=x.dtype)
+    simds, outs = GATE_UP.tiles["SIMDS"], GATE_UP.tiles["OUTS"]
+    params = mx.array([limit, alpha], dtype=mx.float32)
+    (out,) = build(GATE_UP)(
+        inputs=[x, w, scales, _as(bias, x.dtype), _as(expert_ids, mx.uint32), params],
+        template=[("T", x.dtype), ("SIMDS", simds), ("OUTS", outs)],
+        grid=(SIMD_WIDTH * simds, -(-I // (simds * outs)), T * k), threadgroup=(SIMD_WIDTH * simds, 1, 1),
+        output_shapes=[(T, k, I)], output_dtypes=[x.dtype])
+    return out
+
+
+def _metal_down(h, w, scales, bias, expert_ids, expert_weights):
+    _check_metal_inputs("moe_down", h, w, scales, bias, expert_ids)
+    T, k = expert_ids.shape
+    H = w.shape[1]
+    if T == 0 or H == 0:
+        return mx.zeros((T, H), dtype=h.dtype)
+    simds, rows = DOWN.tiles["SIMDS"], DOWN.tiles["ROWS"]
+    (out,) = build(DOWN)(
+        inputs=[h, w, scales, _as(bias, h.dtype), _as(expert_ids, mx.uint32), _as(expert_weights, mx.float32)],
+        template=[("T", h.dtype), ("SIMDS", simds), ("ROWS", rows)],
+        grid=(SIMD_WIDTH * simds, -(-H // (simds * rows)), T), threadgroup=(SIMD_WIDTH * simds, 1, 1),
+        output_shapes=[(T, H)], output_dtypes=[h.dtype])
+    return out
+
+
+def backend_for(tokens: int, dtype=mx.bfloat16, backend: str = "auto") -> str:
+    """Which backend a call with this many tokens would use: 'metal' or 'builtin' (runs the self-test if due)."""
+    return "metal" if _use_metal(backend, GATE_UP, dtype, tokens) and _use_metal(backend, DOWN, dtype, tokens) \
+        else "builtin"
+
+
+def self_test() -> dict[str, tuple[bool, str]]:
+    """{'moe_gate_up_swiglu (bfloat16)': (passed, detail), ...} for `gptoss-mac doctor` (runs tests if due)."""
+    from . import metal_selftest
+
+    return {f"{r['kernel']} ({r['dtype']})": (r["passed"], r["detail"]) for r in metal_selftest.kernel_status()}

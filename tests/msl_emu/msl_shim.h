@@ -31,8 +31,8 @@ namespace emu {
 // Sync points implemented in runtime.h. `site` is the caller's return address: all lanes must agree on it.
 const unsigned char* simd_exchange(const void* value, int size, const void* site, unsigned* mask, int* lane);
 void barrier(const void* site);
-constexpr int SIMD_WIDTH = 32;
-constexpr int SLOT_BYTES = 64;  // largest value a simd collective can carry (a float4x4 would not fit)
+constexpr int kSimdWidth = 32;
+constexpr int kSlotBytes = 64;  // largest value a simd collective can carry (a float4x4 would not fit)
 
 // binary16 / bfloat16 stored as 16 bits, converted through float with round-to-nearest-even.
 inline uint16_t float_to_bf16(float f) {
@@ -206,20 +206,20 @@ __attribute__((noinline)) inline void simdgroup_barrier(mem_flags) {
 // Every collective posts its value, waits for all 32 lanes at the same call site, then reads every
 // lane's value from the snapshot; lanes combine in lane order, so all lanes get bit-identical results.
 #define EMU_COLLECTIVE_BEGIN(T, v)                                                                              \
-    static_assert(sizeof(T) <= emu::SLOT_BYTES, "value too large for a simd collective");                    \
+    static_assert(sizeof(T) <= emu::kSlotBytes, "value too large for a simd collective");                    \
     unsigned mask; int lane;                                                                                   \
     const unsigned char* all = emu::simd_exchange(&v, sizeof(T), __builtin_return_address(0), &mask, &lane);  \
-    auto at = [&](int l) { T t; std::memcpy(&t, all + l * emu::SLOT_BYTES, sizeof(T)); return t; };          \
+    auto at = [&](int l) { T t; std::memcpy(&t, all + l * emu::kSlotBytes, sizeof(T)); return t; };          \
     (void)lane; (void)mask;
 template <class T> __attribute__((noinline)) T simd_sum(T v) {
     EMU_COLLECTIVE_BEGIN(T, v)
-    T s = at(0); for (int l = 1; l < emu::SIMD_WIDTH; ++l) if (mask >> l & 1u) s = s + at(l); return s; }
+    T s = at(0); for (int l = 1; l < emu::kSimdWidth; ++l) if (mask >> l & 1u) s = s + at(l); return s; }
 template <class T> __attribute__((noinline)) T simd_max(T v) {
     EMU_COLLECTIVE_BEGIN(T, v)
-    T s = at(0); for (int l = 1; l < emu::SIMD_WIDTH; ++l) if (mask >> l & 1u) s = max(s, at(l)); return s; }
+    T s = at(0); for (int l = 1; l < emu::kSimdWidth; ++l) if (mask >> l & 1u) s = max(s, at(l)); return s; }
 template <class T> __attribute__((noinline)) T simd_min(T v) {
     EMU_COLLECTIVE_BEGIN(T, v)
-    T s = at(0); for (int l = 1; l < emu::SIMD_WIDTH; ++l) if (mask >> l & 1u) s = min(s, at(l)); return s; }
+    T s = at(0); for (int l = 1; l < emu::kSimdWidth; ++l) if (mask >> l & 1u) s = min(s, at(l)); return s; }
 template <class T> __attribute__((noinline)) T simd_prefix_exclusive_sum(T v) {
     EMU_COLLECTIVE_BEGIN(T, v)
     T s = T(0); for (int l = 0; l < lane; ++l) s = s + at(l); return s; }
@@ -227,15 +227,15 @@ template <class T> __attribute__((noinline)) T simd_prefix_inclusive_sum(T v) {
     EMU_COLLECTIVE_BEGIN(T, v)
     T s = at(0); for (int l = 1; l <= lane; ++l) s = s + at(l); return s; }
 template <class T> __attribute__((noinline)) T simd_shuffle(T v, ushort src) {
-    EMU_COLLECTIVE_BEGIN(T, v) return at(src % emu::SIMD_WIDTH); }
+    EMU_COLLECTIVE_BEGIN(T, v) return at(src % emu::kSimdWidth); }
 template <class T> __attribute__((noinline)) T simd_broadcast(T v, ushort src) {
-    EMU_COLLECTIVE_BEGIN(T, v) return at(src % emu::SIMD_WIDTH); }
+    EMU_COLLECTIVE_BEGIN(T, v) return at(src % emu::kSimdWidth); }
 template <class T> __attribute__((noinline)) T simd_shuffle_down(T v, ushort d) {
-    EMU_COLLECTIVE_BEGIN(T, v) return lane + d < emu::SIMD_WIDTH ? at(lane + d) : v; }
+    EMU_COLLECTIVE_BEGIN(T, v) return lane + d < emu::kSimdWidth ? at(lane + d) : v; }
 template <class T> __attribute__((noinline)) T simd_shuffle_up(T v, ushort d) {
     EMU_COLLECTIVE_BEGIN(T, v) return lane >= int(d) ? at(lane - d) : v; }
 template <class T> __attribute__((noinline)) T simd_shuffle_xor(T v, ushort m) {
-    EMU_COLLECTIVE_BEGIN(T, v) return at((lane ^ m) % emu::SIMD_WIDTH); }
+    EMU_COLLECTIVE_BEGIN(T, v) return at((lane ^ m) % emu::kSimdWidth); }
 struct simd_vote {
     typedef uint64_t vote_t;
     vote_t bits;
@@ -244,13 +244,13 @@ struct simd_vote {
 };
 __attribute__((noinline)) inline simd_vote simd_ballot(bool b) {
     EMU_COLLECTIVE_BEGIN(bool, b)
-    simd_vote r{0}; for (int l = 0; l < emu::SIMD_WIDTH; ++l) if ((mask >> l & 1u) && at(l)) r.bits |= uint64_t(1) << l;
+    simd_vote r{0}; for (int l = 0; l < emu::kSimdWidth; ++l) if ((mask >> l & 1u) && at(l)) r.bits |= uint64_t(1) << l;
     return r; }
 __attribute__((noinline)) inline bool simd_any(bool b) {
-    EMU_COLLECTIVE_BEGIN(bool, b) for (int l = 0; l < emu::SIMD_WIDTH; ++l) if ((mask >> l & 1u) && at(l)) return true;
+    EMU_COLLECTIVE_BEGIN(bool, b) for (int l = 0; l < emu::kSimdWidth; ++l) if ((mask >> l & 1u) && at(l)) return true;
     return false; }
 __attribute__((noinline)) inline bool simd_all(bool b) {
-    EMU_COLLECTIVE_BEGIN(bool, b) for (int l = 0; l < emu::SIMD_WIDTH; ++l) if ((mask >> l & 1u) && !at(l)) return false;
+    EMU_COLLECTIVE_BEGIN(bool, b) for (int l = 0; l < emu::kSimdWidth; ++l) if ((mask >> l & 1u) && !at(l)) return false;
     return true; }
 #undef EMU_COLLECTIVE_BEGIN
 }  // namespace metal

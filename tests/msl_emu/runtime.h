@@ -13,12 +13,12 @@
 
 namespace emu {
 
-constexpr int MAX_THREADS_PER_THREADGROUP = 1024;
-constexpr long MAX_THREADGROUP_MEMORY = 32768;  // bytes, the Apple GPU limit
-constexpr size_t FIBER_STACK = 256 * 1024;
-constexpr size_t ALT_STACK = 64 * 1024;
-enum Order { FORWARD = 0, REVERSE = 1, RANDOM = 2 };
-enum State { READY, AT_SIMD, AT_BARRIER, DONE };
+constexpr int kMaxThreadsPerThreadgroup = 1024;
+constexpr long kMaxThreadgroupMemory = 32768;  // bytes, the Apple GPU limit
+constexpr size_t kFiberStack = 256 * 1024;
+constexpr size_t kAltStack = 64 * 1024;
+enum Order { kForward = 0, kReverse = 1, kRandom = 2 };
+enum State { kReady, kAtSimd, kAtBarrier, kDone };
 
 struct Attrs {
     uint3 thread_position_in_grid, thread_position_in_threadgroup, threadgroup_position_in_grid,
@@ -42,7 +42,7 @@ struct Buffer { unsigned char* region; size_t region_bytes; unsigned char* data;
 
 struct Run {
     std::vector<Fiber> fibers;
-    std::vector<unsigned char> slots, snap;  // [thread][SLOT_BYTES], [simdgroup][lane][SLOT_BYTES]
+    std::vector<unsigned char> slots, snap;  // [thread][kSlotBytes], [simdgroup][lane][kSlotBytes]
     std::vector<unsigned> launched;          // per simdgroup: mask of lanes that exist
     std::vector<Buffer> buffers;
     unsigned char* stacks = nullptr;
@@ -69,17 +69,17 @@ static std::string where(const Attrs& a) {
 
 const unsigned char* simd_exchange(const void* value, int size, const void* site, unsigned* mask, int* lane) {
     Fiber& f = run_->fibers[run_->current];
-    std::memcpy(&run_->slots[size_t(run_->current) * SLOT_BYTES], value, size);
-    f.state = AT_SIMD; f.site = site; f.size = size;
+    std::memcpy(&run_->slots[size_t(run_->current) * kSlotBytes], value, size);
+    f.state = kAtSimd; f.site = site; f.size = size;
     swapcontext(&f.ctx, &run_->sched);
     *mask = run_->launched[f.a.simdgroup_index_in_threadgroup];
     *lane = int(f.a.thread_index_in_simdgroup);
-    return &run_->snap[size_t(f.a.simdgroup_index_in_threadgroup) * SIMD_WIDTH * SLOT_BYTES];
+    return &run_->snap[size_t(f.a.simdgroup_index_in_threadgroup) * kSimdWidth * kSlotBytes];
 }
 
 void barrier(const void* site) {
     Fiber& f = run_->fibers[run_->current];
-    f.state = AT_BARRIER; f.site = site;
+    f.state = kAtBarrier; f.site = site;
     swapcontext(&f.ctx, &run_->sched);
 }
 
@@ -92,56 +92,56 @@ namespace emu {
 static void fiber_main() {
     Fiber& f = run_->fibers[run_->current];
     emu_invoke(run_->args, f.a);
-    run_->fibers[run_->current].state = DONE;  // uc_link returns to the scheduler
+    run_->fibers[run_->current].state = kDone;  // uc_link returns to the scheduler
 }
 
 static const char* state_name(State s) {
-    return s == DONE ? "has returned" : s == AT_BARRIER ? "waits at threadgroup_barrier"
-                                      : s == AT_SIMD ? "waits at another simd collective" : "is running";
+    return s == kDone ? "has returned" : s == kAtBarrier ? "waits at threadgroup_barrier"
+                                      : s == kAtSimd ? "waits at another simd collective" : "is running";
 }
 
-// Resolve the sync points once no fiber is READY. Returns false when the threadgroup is finished or broken.
+// Resolve the sync points once no fiber is kReady. Returns false when the threadgroup is finished or broken.
 static bool resolve() {
     std::vector<Fiber>& fs = run_->fibers;
     bool progress = false;
     for (size_t s = 0; s < run_->launched.size(); ++s) {
         const Fiber* lead = nullptr;
-        for (int l = 0; l < SIMD_WIDTH; ++l) {
-            size_t i = s * SIMD_WIDTH + l;
-            if ((run_->launched[s] >> l & 1u) && fs[i].state == AT_SIMD) { lead = &fs[i]; break; }
+        for (int l = 0; l < kSimdWidth; ++l) {
+            size_t i = s * kSimdWidth + l;
+            if ((run_->launched[s] >> l & 1u) && fs[i].state == kAtSimd) { lead = &fs[i]; break; }
         }
         if (!lead) continue;
-        for (int l = 0; l < SIMD_WIDTH; ++l) {
+        for (int l = 0; l < kSimdWidth; ++l) {
             if (!(run_->launched[s] >> l & 1u)) continue;
-            const Fiber& f = fs[s * SIMD_WIDTH + l];
-            if (f.state != AT_SIMD || f.site != lead->site || f.size != lead->size) {
+            const Fiber& f = fs[s * kSimdWidth + l];
+            if (f.state != kAtSimd || f.site != lead->site || f.size != lead->size) {
                 fail("simd collective in divergent control flow: " + where(lead->a) + " waits at a simd collective "
-                     "while " + where(f.a) + " " + state_name(f.state == AT_SIMD ? AT_SIMD : f.state));
+                     "while " + where(f.a) + " " + state_name(f.state == kAtSimd ? kAtSimd : f.state));
                 return false;
             }
         }
-        std::memcpy(&run_->snap[s * SIMD_WIDTH * SLOT_BYTES], &run_->slots[s * SIMD_WIDTH * SLOT_BYTES],
-                    size_t(SIMD_WIDTH) * SLOT_BYTES);
-        for (int l = 0; l < SIMD_WIDTH; ++l)
-            if (run_->launched[s] >> l & 1u) fs[s * SIMD_WIDTH + l].state = READY;
+        std::memcpy(&run_->snap[s * kSimdWidth * kSlotBytes], &run_->slots[s * kSimdWidth * kSlotBytes],
+                    size_t(kSimdWidth) * kSlotBytes);
+        for (int l = 0; l < kSimdWidth; ++l)
+            if (run_->launched[s] >> l & 1u) fs[s * kSimdWidth + l].state = kReady;
         progress = true;
     }
     if (progress) return true;
     const Fiber* lead = nullptr;
-    for (const Fiber& f : fs) if (f.state == AT_BARRIER) { lead = &f; break; }
+    for (const Fiber& f : fs) if (f.state == kAtBarrier) { lead = &f; break; }
     if (!lead) return false;  // every thread returned
     for (size_t s = 0; s < run_->launched.size(); ++s)
-        for (int l = 0; l < SIMD_WIDTH; ++l) {
+        for (int l = 0; l < kSimdWidth; ++l) {
             if (!(run_->launched[s] >> l & 1u)) continue;
-            const Fiber& f = fs[s * SIMD_WIDTH + l];
-            if (f.state != AT_BARRIER || f.site != lead->site) {
-                fail(std::string(f.state == DONE ? "early return before a barrier: " : "divergent barriers: ") +
+            const Fiber& f = fs[s * kSimdWidth + l];
+            if (f.state != kAtBarrier || f.site != lead->site) {
+                fail(std::string(f.state == kDone ? "early return before a barrier: " : "divergent barriers: ") +
                      where(lead->a) + " waits at threadgroup_barrier while " + where(f.a) + " " +
-                     (f.state == AT_BARRIER ? "waits at a different barrier" : state_name(f.state)));
+                     (f.state == kAtBarrier ? "waits at a different barrier" : state_name(f.state)));
                 return false;
             }
         }
-    for (Fiber& f : fs) if (f.state == AT_BARRIER) f.state = READY;
+    for (Fiber& f : fs) if (f.state == kAtBarrier) f.state = kReady;
     return true;
 }
 
@@ -183,12 +183,12 @@ extern "C" __attribute__((visibility("default"))) int emu_run(
     for (int i = 0; i < ntg; ++i) tg_total += tg_sizes[i];
     int64_t tx = std::min(group[0], grid[0]), ty = std::min(group[1], grid[1]), tz = std::min(group[2], grid[2]);
     int64_t nthreads = tx * ty * tz;
-    if (tg_total > MAX_THREADGROUP_MEMORY)
+    if (tg_total > kMaxThreadgroupMemory)
         fail("too much threadgroup memory: " + std::to_string(tg_total) + " bytes > " +
-             std::to_string(MAX_THREADGROUP_MEMORY));
-    if (group[0] * group[1] * group[2] > MAX_THREADS_PER_THREADGROUP)
+             std::to_string(kMaxThreadgroupMemory));
+    if (group[0] * group[1] * group[2] > kMaxThreadsPerThreadgroup)
         fail("threadgroup of " + std::to_string(group[0] * group[1] * group[2]) + " threads > " +
-             std::to_string(MAX_THREADS_PER_THREADGROUP));
+             std::to_string(kMaxThreadsPerThreadgroup));
     if (!R.error.empty()) { std::snprintf(err, errlen, "%s", R.error.c_str()); run_ = nullptr; return 1; }
 
     // Guarded device buffers: the data ends exactly at a PROT_NONE page; another guards the start.
@@ -210,16 +210,16 @@ extern "C" __attribute__((visibility("default"))) int emu_run(
     std::vector<unsigned char*> tg_mem(ntg);
     for (int i = 0; i < ntg; ++i) tg_mem[i] = reinterpret_cast<unsigned char*>(&emu_run) + tg_offsets[i];
 
-    R.stacks_bytes = size_t(nthreads) * (FIBER_STACK + page);
+    R.stacks_bytes = size_t(nthreads) * (kFiberStack + page);
     R.stacks = static_cast<unsigned char*>(mmap(nullptr, R.stacks_bytes, PROT_READ | PROT_WRITE,
                                                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-    for (int64_t i = 0; i < nthreads; ++i) mprotect(R.stacks + i * (FIBER_STACK + page), page, PROT_NONE);
+    for (int64_t i = 0; i < nthreads; ++i) mprotect(R.stacks + i * (kFiberStack + page), page, PROT_NONE);
     R.fibers.resize(nthreads);
-    int nsimd = int((nthreads + SIMD_WIDTH - 1) / SIMD_WIDTH);
-    R.slots.assign(size_t(nsimd) * SIMD_WIDTH * SLOT_BYTES, 0);
+    int nsimd = int((nthreads + kSimdWidth - 1) / kSimdWidth);
+    R.slots.assign(size_t(nsimd) * kSimdWidth * kSlotBytes, 0);
     R.snap.assign(R.slots.size(), 0);
 
-    static unsigned char alt[ALT_STACK];
+    static unsigned char alt[kAltStack];
     stack_t ss{}, old_ss{};
     ss.ss_sp = alt; ss.ss_size = sizeof alt;
     sigaltstack(&ss, &old_ss);
@@ -233,7 +233,7 @@ extern "C" __attribute__((visibility("default"))) int emu_run(
     std::vector<int> sequence;
     if (sigsetjmp(R.jump, 1) == 0) {
         for (int64_t gi = 0; gi < ngroups && R.error.empty(); ++gi) {
-            int64_t g = order == REVERSE ? ngroups - 1 - gi : gi;
+            int64_t g = order == kReverse ? ngroups - 1 - gi : gi;
             uint3 tgp(uint(g % ngx), uint(g / ngx % ngy), uint(g / (ngx * ngy)));
             for (int i = 0; i < ntg; ++i) std::memset(tg_mem[i], 0xFF, size_t(tg_sizes[i]));
             R.launched.assign(nsimd, 0u);
@@ -242,9 +242,9 @@ extern "C" __attribute__((visibility("default"))) int emu_run(
             for (int64_t i = 0; i < nthreads; ++i) {
                 Fiber& f = R.fibers[i];
                 uint3 lp(uint(i % tx), uint(i / tx % ty), uint(i / (tx * ty)));
-                f.state = (lp.x < actual.x && lp.y < actual.y && lp.z < actual.z) ? READY : DONE;
-                if (f.state == DONE) continue;
-                R.launched[i / SIMD_WIDTH] |= 1u << (i % SIMD_WIDTH);
+                f.state = (lp.x < actual.x && lp.y < actual.y && lp.z < actual.z) ? kReady : kDone;
+                if (f.state == kDone) continue;
+                R.launched[i / kSimdWidth] |= 1u << (i % kSimdWidth);
                 Attrs& a = f.a;
                 a.thread_position_in_threadgroup = lp;
                 a.threadgroup_position_in_grid = tgp;
@@ -255,24 +255,24 @@ extern "C" __attribute__((visibility("default"))) int emu_run(
                 a.threadgroups_per_grid = uint3(uint(ngx), uint(ngy), uint(ngz));
                 a.grid_origin = uint3(0u);
                 a.thread_index_in_threadgroup = uint(i);
-                a.simdgroup_index_in_threadgroup = uint(i / SIMD_WIDTH);
-                a.thread_index_in_simdgroup = uint(i % SIMD_WIDTH);
+                a.simdgroup_index_in_threadgroup = uint(i / kSimdWidth);
+                a.thread_index_in_simdgroup = uint(i % kSimdWidth);
                 a.simdgroups_per_threadgroup = a.dispatch_simdgroups_per_threadgroup = uint(nsimd);
-                a.threads_per_simdgroup = a.thread_execution_width = uint(SIMD_WIDTH);
+                a.threads_per_simdgroup = a.thread_execution_width = uint(kSimdWidth);
                 a.quadgroup_index_in_threadgroup = uint(i / 4);
                 a.thread_index_in_quadgroup = uint(i % 4);
                 a.quadgroups_per_threadgroup = a.dispatch_quadgroups_per_threadgroup = uint((nthreads + 3) / 4);
                 getcontext(&f.ctx);
-                f.ctx.uc_stack.ss_sp = R.stacks + i * (FIBER_STACK + page) + page;
-                f.ctx.uc_stack.ss_size = FIBER_STACK;
+                f.ctx.uc_stack.ss_sp = R.stacks + i * (kFiberStack + page) + page;
+                f.ctx.uc_stack.ss_size = kFiberStack;
                 f.ctx.uc_link = &R.sched;
                 makecontext(&f.ctx, fiber_main, 0);
             }
             do {
                 sequence.clear();
-                for (int64_t i = 0; i < nthreads; ++i) if (R.fibers[i].state == READY) sequence.push_back(int(i));
-                if (order == REVERSE) std::reverse(sequence.begin(), sequence.end());
-                if (order == RANDOM) std::shuffle(sequence.begin(), sequence.end(), rng);
+                for (int64_t i = 0; i < nthreads; ++i) if (R.fibers[i].state == kReady) sequence.push_back(int(i));
+                if (order == kReverse) std::reverse(sequence.begin(), sequence.end());
+                if (order == kRandom) std::shuffle(sequence.begin(), sequence.end(), rng);
                 for (int i : sequence) {
                     R.current = i;
                     swapcontext(&R.sched, &R.fibers[i].ctx);

@@ -1,0 +1,62 @@
+// gpt-oss MoE decode, launch 1 of 2: MXFP4 gate_up matvec + bias + clamped SwiGLU for every (token, expert).
+//   out[t, j, i] = swiglu(W_e[2i] . x[t] + b_e[2i], W_e[2i+1] . x[t] + b_e[2i+1]),  e = ids[t, j]
+//   swiglu(g, u) = min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, -limit, limit) + 1)
+// Data: x [T, H] of T; w uint32 [E, 2I, H/8], scales uint8 [E, 2I, H/32] (mxfp4.h; rows interleaved gate, up,
+//   gate, up, ... as in the checkpoint); bias [E, 2I] of T; ids uint32 [T, k]; params float [2] = (limit, alpha);
+//   out [T, k, I] of T. H must be a multiple of 32 (one MXFP4 block), anything else is free.
+// Threads: grid (32 * SIMDS, ceil(I / (SIMDS * OUTS)), T * k), threadgroup (32 * SIMDS, 1, 1).
+//   threadgroup z = one (token, expert) pair; simdgroup s of threadgroup y owns OUTS consecutive outputs,
+//   i.e. 2 * OUTS consecutive weight rows (contiguous bytes). Per step of K_PER_STEP inputs, lane l loads
+//   its 16 inputs once into registers and one uint2 of 16 codes per row; a simd_sum per row reduces the
+//   lanes, and lane r finishes output r (bias, SwiGLU, store). Every weight byte is read once per pair.
+constexpr int ROWS = 2 * OUTS;
+const int H = x_shape[1];
+const int rows = bias_shape[1];
+const int k = ids_shape[1];
+const uint pair = threadgroup_position_in_grid.z;
+const uint t = pair / uint(k);
+const uint e = ids[pair];
+const uint lane = thread_index_in_simdgroup;
+const int i0 = (int(threadgroup_position_in_grid.y) * SIMDS + int(simdgroup_index_in_threadgroup)) * OUTS;
+const int n_out = min(OUTS, rows / 2 - i0);  // the same for every lane of the simdgroup
+if (n_out <= 0) {
+    return;  // the whole simdgroup is past the last output: no collective is skipped by part of it
+}
+const int words_per_row = H / CODES_PER_WORD;
+const int blocks_per_row = H / MXFP4_BLOCK;
+const size_t row0 = size_t(e) * size_t(rows) + size_t(2 * i0);
+const device uint32_t* w_rows = w + row0 * size_t(words_per_row);
+const device uint8_t* s_rows = scales + row0 * size_t(blocks_per_row);
+const device T* x_t = x + size_t(t) * size_t(H);
+
+float acc[ROWS];
+for (int r = 0; r < ROWS; ++r) {
+    acc[r] = 0.0f;
+}
+for (int k0 = 0; k0 < H; k0 += K_PER_STEP) {
+    const int kk = k0 + int(lane) * VALUES_PER_LANE;
+    if (kk < H) {
+        float xs[VALUES_PER_LANE];
+        for (int v = 0; v < VALUES_PER_LANE; ++v) {
+            xs[v] = float(x_t[kk + v]);
+        }
+        for (int r = 0; r < 2 * n_out; ++r) {
+            const uint2 q = *((const device uint2*)(w_rows + r * words_per_row + kk / CODES_PER_WORD));
+            acc[r] += e8m0_to_float(s_rows[r * blocks_per_row + kk / MXFP4_BLOCK]) * dot_codes(xs, q);
+        }
+    }
+}
+for (int r = 0; r < ROWS; ++r) {
+    acc[r] = simd_sum(acc[r]);
+}
+if (int(lane) < n_out) {
+    const float limit = params[0];
+    const float alpha = params[1];
+    const int i = i0 + int(lane);
+    float gate = acc[2 * lane] + float(bias[row0 + 2 * lane]);
+    float up = acc[2 * lane + 1] + float(bias[row0 + 2 * lane + 1]);
+    gate = min(gate, limit);
+    up = clamp(up, -limit, limit);
+    const float glu = gate / (1.0f + metal::exp(-alpha * gate));
+    out[size_t(pair) * size_t(rows / 2) + size_t(i)] = T(glu * (up + 1.0f));
+}
