@@ -6,6 +6,8 @@ import importlib.resources
 import importlib.util
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 
 def test_cli_and_metal_install_inside_the_package():
@@ -17,7 +19,8 @@ def test_cli_and_metal_install_inside_the_package():
 
 
 def test_console_script_runs():
-    exe = shutil.which("gptoss-mac")
+    # the script installed beside this interpreter (the venv may not be activated)
+    exe = shutil.which("gptoss-mac", path=str(Path(sys.executable).parent))
     assert exe, "the gptoss-mac console script is not on PATH"
     out = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("gptoss-mac "), out.stderr
