@@ -74,7 +74,7 @@ def thread_order(order: str, seed: int = 0):
 @contextlib.contextmanager
 def compiler(cxx: str):
     """Compile every emulated kernel inside the block with `cxx` (g++ or clang++)."""
-    old = getattr(_settings, "cxx", "g++")
+    old = getattr(_settings, "cxx", None)
     _settings.cxx = cxx
     try:
         yield
@@ -84,6 +84,16 @@ def compiler(cxx: str):
 
 def available_compilers() -> list[str]:
     return [c for c in ("g++", "clang++") if shutil.which(c)]
+
+
+def _default_cxx() -> str:
+    chosen = getattr(_settings, "cxx", None)
+    if chosen:
+        return chosen
+    found = available_compilers()
+    if not found:
+        raise EmulatorError("the MSL emulator needs g++ or clang++ (apt-get install g++ clang)")
+    return found[0]
 
 
 # ---- the text MLX generates ---------------------------------------------------------------------------------
@@ -251,7 +261,7 @@ def launch(kname, text, invoke, arrays, output_shapes, output_dtypes, grid, thre
            order=None, seed=0, cxx=None):
     """Run a generated kernel; returns the outputs as mx arrays. Raises EmulatorError on any caught bug."""
     order, seed = order or getattr(_settings, "order", ("forward", 0))[0], seed or getattr(_settings, "order", ("forward", 0))[1]
-    fn, statics, _ = compile_kernel(kname, text, invoke, cxx or getattr(_settings, "cxx", "g++"))
+    fn, statics, _ = compile_kernel(kname, text, invoke, cxx or _default_cxx())
     host = []
     for a, (shape_needed, strides_needed, ndim_needed) in arrays:
         host.append(np.ascontiguousarray(_to_host(a)).reshape(-1).view(np.uint8))
