@@ -166,6 +166,15 @@ def test_model_on_metal_backend_matches_builtin(emulated, tiny_ckpt, monkeypatch
 
 # ---- backend choice and the Mac self-test (its logic, with the emulator standing in for the GPU) -------------
 
+def test_no_metal_gpu_means_builtin_and_no_self_test(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernels, "on_metal_gpu", lambda: False)
+    metal_selftest.clear()
+    assert kernels.backend_for(1, mx.bfloat16) == "builtin"
+    assert all(not r["passed"] and "no Metal GPU" in r["detail"] for r in metal_selftest.kernel_status())
+    assert not metal_selftest.cache_file().exists()
+
+
 @pytest.fixture
 def fake_mac(emulated, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

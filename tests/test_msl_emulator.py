@@ -120,6 +120,34 @@ def test_half_and_bfloat_round_like_metal(cxx):
         np.testing.assert_array_equal(got, want)
 
 
+def test_vector_swizzles_and_math():
+    src = """
+    float4 v = float4(1.0f, 2.0f, 3.0f, 4.0f);
+    float2 zw = v.zw;
+    v.xy = zw;
+    uint2 bits = uint2(0xF0u, 0x0Fu) >> 4u;
+    out[0] = v.x * 1000.0f + v.y * 100.0f + v.z * 10.0f + v.w;
+    out[1] = dot(float3(1.0f, 2.0f, 3.0f), float3(v.xyz));
+    out[2] = float(bits.x + bits.y) + metal::exp(0.0f) + clamp(9.0f, -1.0f, 2.0f) + as_type<float>(0x3f800000u);
+    """
+    got = run(src, [mx.ones((8,))], (3,), (1, 1, 1), (1, 1, 1))
+    np.testing.assert_array_equal(got, [3434.0, 3 + 8 + 9, 15 + 0 + 1 + 2 + 1])
+
+
+def test_threadgroup_memory_is_poisoned_for_every_threadgroup():
+    src = """
+    threadgroup float scratch[64];
+    const uint tid = thread_position_in_threadgroup.x;
+    const float before = scratch[tid];  // never written by this threadgroup: must read as NaN
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    scratch[tid] = 1.0f;
+    out[thread_position_in_grid.x] = before;
+    """
+    for order in ORDERS:
+        got = run(src, [mx.ones((8,))], (256,), (256, 1, 1), (64, 1, 1), order=order)
+        assert np.isnan(got).all(), order
+
+
 # ---- deliberately broken kernels must be caught --------------------------------------------------------------
 
 MISSING_BARRIER = GOOD.replace("threadgroup_barrier(mem_flags::mem_threadgroup);", "")
