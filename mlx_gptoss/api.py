@@ -40,6 +40,40 @@ class GptOss:
         """Raise ContextLengthError if a prompt of n_tokens does not fit the planned context."""
         check_context(n_tokens, self.max_context)
 
+    # --- harmony chat (mlx_gptoss.chat, mlx_gptoss.harmony); the tokenizer is read lazily from self.path
+
+    def encode_chat(self, messages: list[dict], *, reasoning_effort: str = "medium", tools=None,
+                    developer: str | None = None, date: str | None = None) -> list[int]:
+        """The exact prompt ids chat() feeds the model, ending with <|start|>assistant."""
+        from .harmony import render
+
+        return render(messages, model_path=self.path, reasoning_effort=reasoning_effort, tools=tools,
+                      developer=developer, date=date)
+
+    def chat(self, messages: list[dict], *, reasoning_effort: str = "medium", tools=None,
+             developer: str | None = None, max_tokens: int | None = None, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
+             max_context: int | None = None, date: str | None = None):
+        """Stream one assistant reply to `messages` as Events (mlx_gptoss.chat): reasoning, content,
+        tool_call, then done with the Stats. A prompt over the context cap raises GptOssError."""
+        from .chat import Runner, _context_cap, generate_events
+
+        prompt = self.encode_chat(messages, reasoning_effort=reasoning_effort, tools=tools, developer=developer,
+                                  date=date)
+        return generate_events(Runner(self), prompt, cap=_context_cap(self, max_context), max_tokens=max_tokens,
+                               temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+
+    def generate(self, prompt: str, **kw) -> str:
+        """One user message in, the final answer out (reasoning hidden); keyword arguments as chat()."""
+        return "".join(ev.text for ev in self.chat([{"role": "user", "content": prompt}], **kw)
+                       if ev.kind == "content")
+
+    def session(self, **kw):
+        """A multi-turn chat keeping its KV cache between turns: mlx_gptoss.chat.Session(self, **kw)."""
+        from .chat import Session
+
+        return Session(self, **kw)
+
 
 def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bool = True,
          progress: Callable[[int, int], None] | None = None, memory: str | int | None = None,

@@ -55,3 +55,350 @@ the oldest user turns instead and reports it in stats.dropped_messages (never si
 Tools: a Python callable (JSON schema from its signature, type hints and docstring) or a dict
 {"name", "description", "parameters": JSON schema}. See mlx_gptoss.harmony.tool_spec().
 """
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+from mlx_lm.sample_utils import make_sampler
+
+from . import harmony
+from .errors import GptOssError
+
+DEFAULT_PREFILL_CHUNK = 512
+MAX_SNAPSHOTS = 8
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token: float = 0.0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+    peak_memory: int = 0
+    stop_reason: str = ""
+    malformed: bool = False
+    warnings: list[str] = field(default_factory=list)
+    dropped_messages: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Event:
+    kind: str  # "reasoning" | "content" | "tool_call" | "done"
+    text: str = ""
+    recipient: str | None = None
+    arguments: str | None = None
+    stats: Stats | None = None
+
+    @property
+    def name(self) -> str | None:
+        """The tool's name without its namespace ("get_weather" for "functions.get_weather")."""
+        return self.recipient.removeprefix("functions.") if self.recipient else None
+
+
+# --------------------------------------------------------------------------------- the KV cache engine
+
+@dataclass
+class _Snapshot:
+    n: int  # tokens in the cache when taken (the end of a prompt)
+    sliding: dict  # layer index -> RotatingKVCache.state (cheap: a window of 128 tokens per layer)
+    logits: mx.array  # the logits the prompt ended with, so an identical prompt needs no forward pass
+
+
+class Runner:
+    """A model + one KV cache + the ids it holds. prefill(prompt) reuses the longest cached prefix:
+    either the cache as it is (when its ids start the prompt), or a snapshot taken at the end of an earlier
+    prompt (the growing KVCache layers are trimmed back to it, the sliding-window layers, which cannot be
+    trimmed once they have wrapped, are restored from the snapshot's copy)."""
+
+    def __init__(self, gpt):
+        self.gpt = gpt
+        self.cache = gpt.make_cache()
+        self.ids: list[int] = []
+        self.snapshots: list[_Snapshot] = []
+        self.dirty = False  # a forward pass was interrupted: the cache may be ahead of self.ids in some layers
+        plan = getattr(gpt, "plan", None)
+        self.chunk = max(1, getattr(plan, "prefill_chunk", 0) or DEFAULT_PREFILL_CHUNK)
+
+    def _forward(self, ids: list[int], want_logits: bool):
+        self.dirty = True
+        logits = self.gpt.model(mx.array([ids], dtype=mx.int32), cache=self.cache)
+        if want_logits:
+            logits = logits[0, -1].astype(mx.float32)
+            mx.eval(logits, [c.state for c in self.cache])
+        else:  # only the cache: the lm_head over the whole chunk is never computed
+            mx.eval([c.state for c in self.cache])
+        self.ids.extend(ids)
+        self.dirty = False
+        return logits if want_logits else None
+
+    def _snapshot(self, logits) -> None:
+        sliding = {i: tuple(mx.array(x) if isinstance(x, mx.array) else x for x in c.state)
+                   for i, c in enumerate(self.cache) if not isinstance(c, KVCache)}
+        self.snapshots = [s for s in self.snapshots if s.n != len(self.ids)][-(MAX_SNAPSHOTS - 1):]
+        self.snapshots.append(_Snapshot(len(self.ids), sliding, logits))
+
+    def _restore(self, s: _Snapshot) -> None:
+        for i, c in enumerate(self.cache):
+            if i in s.sliding:
+                c.state = tuple(mx.array(x) if isinstance(x, mx.array) else x for x in s.sliding[i])
+            else:
+                c.offset = s.n  # KVCache.trim: positions past offset are overwritten by the next update
+        self.ids = self.ids[:s.n]
+        self.snapshots = [t for t in self.snapshots if t.n <= s.n]
+        self.dirty = False
+
+    def reset(self) -> None:
+        self.cache = self.gpt.make_cache()
+        self.ids, self.snapshots, self.dirty = [], [], False
+
+    def prefill(self, prompt: list[int]) -> tuple[mx.array, int]:
+        """Bring the cache to exactly `prompt`; returns (the last position's logits, tokens prefilled)."""
+        n = len(self.ids)
+        if self.dirty or n >= len(prompt) or self.ids != prompt[:n]:
+            best = max((s for s in self.snapshots if s.n <= len(prompt) and self.ids[:s.n] == prompt[:s.n]),
+                       key=lambda s: s.n, default=None)
+            if best is None:
+                self.reset()
+            else:
+                self._restore(best)
+                if best.n == len(prompt):
+                    return best.logits, 0
+        start = len(self.ids)
+        rest = prompt[start:]
+        for i in range(0, len(rest) - 1, self.chunk):
+            self._forward(rest[i:min(i + self.chunk, len(rest) - 1)], want_logits=False)
+        logits = self._forward(rest[-1:], want_logits=True)
+        self._snapshot(logits)
+        return logits, len(rest)
+
+    def step(self, token: int) -> mx.array:
+        return self._forward([token], want_logits=True)
+
+
+def _context_cap(gpt, max_context: int | None) -> int:
+    cap = gpt.config.max_position_embeddings
+    planned = getattr(gpt, "max_context", 0) or 0
+    if planned:
+        cap = min(cap, planned)
+    if max_context is not None:
+        if max_context < 1:
+            raise GptOssError(f"max_context {max_context}: must be at least 1 token")
+        cap = min(cap, int(max_context))
+    return cap
+
+
+def _sampler(temperature, top_p, top_k, min_p):
+    for name, v, lo, hi in (("temperature", temperature, 0, None), ("top_p", top_p, 0, 1), ("min_p", min_p, 0, 1)):
+        if not isinstance(v, (int, float)) or v < lo or (hi is not None and v > hi):
+            raise GptOssError(f"{name} {v!r}: must be a number" + (f" in [{lo}, {hi}]" if hi else f" >= {lo}"))
+    if not isinstance(top_k, int) or top_k < 0:
+        raise GptOssError(f"top_k {top_k!r}: must be an integer >= 0 (0: off)")
+    return make_sampler(temp=float(temperature), top_p=float(top_p), min_p=float(min_p), top_k=top_k)
+
+
+def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: int | None = None,
+                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                    seed: int | None = None, cancel: threading.Event | None = None,
+                    parser: "harmony.StreamParser | None" = None, dropped: int = 0) -> Iterator[Event]:
+    """Prefill `prompt` on runner, sample until <|return|>/<|call|>/max_tokens/the context cap, yield Events.
+    The parser (exposed for the session) collects the reply; the last event is "done"."""
+    if len(prompt) >= cap:
+        raise GptOssError(f"the prompt has {len(prompt):,} tokens, more than the context cap of {cap:,} tokens "
+                          "leaves room for; shorten the conversation, start a new one, or raise the context (--ctx)")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise GptOssError(f"max_tokens {max_tokens!r}: must be a positive integer (or None: up to the context cap)")
+    sampler = _sampler(temperature, top_p, top_k, min_p)
+    parser = parser or harmony.StreamParser(runner.gpt.path)
+    budget = cap - len(prompt)
+    limit = min(budget, max_tokens) if max_tokens else budget
+    if seed is not None:
+        mx.random.seed(seed)
+    mx.reset_peak_memory()
+    stats = Stats(prompt_tokens=len(prompt), dropped_messages=dropped)
+    t0 = time.perf_counter()
+    logits, stats.prefilled_tokens = runner.prefill(prompt)
+    stats.cached_tokens = len(prompt) - stats.prefilled_tokens
+    t_prefill = time.perf_counter() - t0
+    stop, t_first = ("max_tokens" if max_tokens and max_tokens < budget else "context"), None
+    for i in range(limit):
+        if cancel is not None and cancel.is_set():
+            stop = "cancelled"
+            break
+        token = int(sampler(logits - mx.logsumexp(logits))[None][0].item())
+        stats.generated_tokens += 1
+        if t_first is None:
+            t_first = time.perf_counter()
+            stats.time_to_first_token = t_first - t0
+        if token in harmony.STOP_TOKENS:
+            for ev in _pieces_to_events(parser.feed(token)):  # closes the message: a tool call's event
+                yield ev
+            stop = harmony.STOP_TOKENS[token]
+            break
+        for ev in _pieces_to_events(parser.feed(token)):
+            yield ev
+        if i + 1 < limit:
+            logits = runner.step(token)
+    for ev in _pieces_to_events(parser.finish(stop)):
+        yield ev
+    t_end = time.perf_counter()
+    stats.stop_reason = stop
+    stats.prefill_tps = stats.prefilled_tokens / t_prefill if t_prefill > 0 and stats.prefilled_tokens else 0.0
+    if t_first is not None and stats.generated_tokens > 1 and t_end > t_first:
+        stats.decode_tps = (stats.generated_tokens - 1) / (t_end - t_first)
+    stats.peak_memory = int(mx.get_peak_memory())
+    stats.malformed, stats.warnings = parser.malformed, list(parser.warnings)
+    yield Event("done", stats=stats)
+
+
+def _pieces_to_events(pieces) -> list[Event]:
+    return [Event(p.kind, p.text, p.recipient, p.text) if p.kind == "tool_call" else Event(p.kind, p.text)
+            for p in pieces]
+
+
+# ------------------------------------------------------------------------------------------- Session
+
+def assistant_message(parser: "harmony.StreamParser") -> dict:
+    """The message dict of a finished reply (what the history keeps)."""
+    m: dict = {"role": "assistant"}
+    if parser.reasoning:
+        m["reasoning"] = "".join(parser.reasoning)
+    if parser.tool_calls:
+        m["tool_calls"] = [dict(c) for c in parser.tool_calls]
+    if parser.content or not parser.tool_calls:
+        m["content"] = "".join(parser.content)
+    return m
+
+
+class Session:
+    """A multi-turn chat that keeps its KV cache between turns (see the module docstring)."""
+
+    def __init__(self, gpt, *, reasoning_effort: str = "medium", developer: str | None = None, tools=None,
+                 messages: list[dict] | None = None, max_context: int | None = None, drop_oldest: bool = True,
+                 date: str | None = None):
+        self.gpt = gpt
+        self.effort = reasoning_effort
+        self.developer = developer or None
+        self.tools = harmony.tool_specs(tools)
+        self.date = date or time.strftime("%Y-%m-%d")  # fixed for the session: the prompt prefix stays cached
+        self.cap = _context_cap(gpt, max_context)
+        self.drop_oldest = drop_oldest
+        self.messages: list[dict] = [dict(m) for m in (messages or [])]
+        self.runner = Runner(gpt)
+        self.last_stats: Stats | None = None
+        self.dropped = 0
+        self._cancel = threading.Event()
+        self.render()  # validate settings and messages now, not at the first send
+
+    # -- settings
+    def set_effort(self, effort: str) -> None:
+        if effort not in harmony.EFFORTS:
+            raise GptOssError(f"reasoning_effort {effort!r}: use one of {', '.join(harmony.EFFORTS)}")
+        self.effort = effort
+
+    def set_developer(self, text: str | None) -> None:
+        self.developer = text or None
+
+    def set_tools(self, tools) -> None:
+        self.tools = harmony.tool_specs(tools)
+
+    def reset(self) -> None:
+        self.messages = []
+        self.runner.reset()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def add_tool_result(self, name: str, content) -> None:
+        text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, default=str)
+        self.messages.append({"role": "tool", "name": name, "content": text})
+
+    # -- persistence
+    def to_dict(self) -> dict:
+        return {"reasoning_effort": self.effort, "developer": self.developer, "date": self.date,
+                "messages": copy.deepcopy(self.messages)}
+
+    @classmethod
+    def from_dict(cls, gpt, d: dict, **kw) -> "Session":
+        if not isinstance(d, dict) or not isinstance(d.get("messages", []), list):
+            raise GptOssError("a saved session must be a dict with a \"messages\" list")
+        return cls(gpt, reasoning_effort=d.get("reasoning_effort", "medium"), developer=d.get("developer"),
+                   date=d.get("date"), messages=d.get("messages"), **kw)
+
+    # -- turns
+    def render(self, messages: list[dict] | None = None) -> list[int]:
+        return harmony.render(self.messages if messages is None else messages, model_path=self.gpt.path,
+                              reasoning_effort=self.effort, tools=self.tools, developer=self.developer,
+                              date=self.date)
+
+    def _fit(self, reserve: int) -> tuple[list[int], int]:
+        """The prompt ids, dropping the oldest turns (whole user turns) while it does not fit."""
+        dropped = 0
+        while True:
+            prompt = self.render()
+            if len(prompt) + reserve <= self.cap or not self.drop_oldest:
+                return prompt, dropped
+            users = [i for i, m in enumerate(self.messages) if m.get("role") == "user"]
+            if len(users) < 2:  # only the current turn is left: it does not fit at all
+                return prompt, dropped
+            cut = users[1]
+            dropped += cut
+            del self.messages[:cut]
+
+    def send(self, text: str | None, *, max_tokens: int | None = None, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None, tools=None,
+             auto_tools: bool = False, keep_partial: bool = False, max_tool_rounds: int = 8) -> Iterator[Event]:
+        if text is not None:
+            if not isinstance(text, str):
+                raise GptOssError(f"send(): the message must be a string, got {type(text).__name__}")
+            self.messages.append({"role": "user", "content": text})
+        if tools is not None:
+            self.set_tools(tools)
+        return self._turn(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                          seed=seed, auto_tools=auto_tools, keep_partial=keep_partial, rounds=max_tool_rounds)
+
+    def _turn(self, *, auto_tools, keep_partial, rounds, **sampling) -> Iterator[Event]:
+        self._cancel.clear()
+        by_name = {t.name: t for t in self.tools}
+        for _ in range(max(1, rounds)):
+            reserve = min(sampling["max_tokens"] or 1, max(1, self.cap // 4))
+            prompt, dropped = self._fit(reserve)
+            self.dropped += dropped
+            parser = harmony.StreamParser(self.gpt.path)
+            done = None
+            try:
+                for ev in generate_events(self.runner, prompt, cap=self.cap, cancel=self._cancel, parser=parser,
+                                          dropped=dropped, **sampling):
+                    if ev.kind == "done":
+                        done = ev
+                    else:
+                        yield ev
+            finally:
+                if done is None or done.stats.stop_reason == "cancelled":  # interrupted: keep the session whole
+                    if keep_partial and parser.content:
+                        self.messages.append({"role": "assistant", "content": "".join(parser.content)})
+            if done.stats.stop_reason == "cancelled":
+                self.last_stats = done.stats
+                yield done
+                return
+            self.messages.append(assistant_message(parser))
+            self.last_stats = done.stats
+            yield done
+            calls = parser.tool_calls if done.stats.stop_reason == "call" else []
+            if not (auto_tools and calls and all(c["name"] in by_name and by_name[c["name"]].fn for c in calls)):
+                return
+            for c in calls:
+                self.add_tool_result(c["name"], by_name[c["name"]].run(c["arguments"]))
