@@ -229,6 +229,8 @@ def static_problems(header: str, bodies: dict[str, str]) -> list[str]:
             problems.append(f"{name}: std::")
         if re.search(r"\bnew\b|\bdelete\b", code):
             problems.append(f"{name}: new/delete")
+        if re.search(r"(?<![\w.])\d+\.\d*(?:e[+-]?\d+)?(?![\w.])", code):
+            problems.append(f"{name}: double literal (Metal has no double; write 1.0f)")
         if re.search(r"\bthreadgroup\s+[\w:<>]+\s+\w+(\[[^\]]*\])*\s*=", code):
             problems.append(f"{name}: initialized threadgroup variable")
         for fn in re.finditer(r"\b\w+\s+(\w+)\s*\([^;{]*\)\s*\{", code):  # function definitions: recursion
@@ -267,9 +269,24 @@ def test_shipped_sources_pass_static_checks():
 
 def test_static_checks_catch_violations():
     header = "inline float f(float x) { return x > 0 ? f(x - 1) : 0; }\n"
-    bodies = {"bad.metal": "auto g = [&](int i) { return i; };\nstd::vector<int> v; int* p = new int;\n"
+    bodies = {"bad.metal": "auto g = [&](int i) { return i; };\nstd::vector<int> v; int* p = new int;\nfloat h = 0.5;\n"
                            "threadgroup float t[4] = {0};\nuint k = thread_index_in_simdgroup;\n"}
     problems = static_problems(header + "uint z = thread_position_in_grid.x;", bodies)
-    for expected in ("lambda", "std::", "new/delete", "initialized threadgroup variable", "recursion in f",
+    for expected in ("lambda", "std::", "new/delete", "double literal", "initialized threadgroup variable", "recursion in f",
                      "uses thread_position_in_grid"):
         assert any(expected in p for p in problems), (expected, problems)
+
+
+@pytest.mark.skipif(not mx.metal.is_available(), reason="needs MLX's Metal backend (a Mac) to print its own source")
+def test_generated_text_equals_mlx_verbose_output(capfd):
+    """On a Mac: MLX's own generated source (verbose=True) is exactly what the emulator compiles."""
+    body = "out[thread_position_in_grid.x] = T(a[thread_position_in_grid.x] * b[0] + float(a_shape[0]));"
+    inputs = [mx.ones((16,)), mx.array([2.0])]
+    template = [("T", mx.float32), ("N", 4)]
+    kernel = mx.fast.metal_kernel(name="emucheck", input_names=["a", "b"], output_names=["out"], source=body)
+    mx.eval(kernel(inputs=inputs, output_shapes=[(16,)], output_dtypes=[mx.float32], grid=(16, 1, 1),
+                   threadgroup=(16, 1, 1), template=template, verbose=True))
+    printed = capfd.readouterr().out
+    _, text = emu.generate("emucheck", ["a", "b"], ["out"], body, "", [(a.dtype, a.shape) for a in inputs],
+                           [mx.float32], template)
+    assert text in printed
