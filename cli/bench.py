@@ -80,7 +80,7 @@ def show(result: dict) -> None:
         t.add_column(col, justify="right" if col in ("size", "t/s") else "left")
     for r in result["results"]:
         t.add_row(Path(mod["name"]).name or mod["name"], gb(mod["weight_bytes"]), m["mlx_backend"],
-                  mod["kernels"].split(" ")[0], mod["dtype"], r["test"],
+                  mod["kernels"], mod["dtype"], r["test"],
                   f"{r['tokens_per_s']:.2f} ± {r['std']:.2f}")
     console.print(t)
     console.print(f"load {result['load_seconds']:.2f} s, peak memory {gb(result['peak_memory_bytes'])}; "

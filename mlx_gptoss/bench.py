@@ -136,11 +136,11 @@ def _best(fn, nbytes, reps) -> float:
 # ------------------------------------------------------------------------------------------ roofline
 
 
-def decode_bytes(model, context: int) -> dict:
+def decode_bytes(model, context: int, cfg=None) -> dict:
     """Bytes one decoded token reads at `context` tokens, by part, from the loaded model's parameters:
     every non-expert weight once (attention, router, norms, the unembedding; one embedding row), the k
     active experts of each layer, and the KV cache (full layers: context; sliding layers: the window)."""
-    cfg = model.config
+    cfg = cfg or model.config  # cfg: a GptOssConfig, for models that keep another config (mlx-lm's)
     out = dict.fromkeys(("experts", "attention", "unembedding", "other", "kv"), 0)
     for name, p in tree_flatten(model.parameters()):
         if ".mlp.experts." in name:  # [E, ...]: k of the E experts are read
@@ -256,19 +256,19 @@ def validate(*, n_prompt, n_gen, depth, repetitions, kernels) -> tuple[list, lis
     return [p for p in prompts if p], [g for g in gens if g], depths
 
 
-def kernels_ran(requested: str) -> str:
-    """Which MoE kernels the model actually used: the custom Metal ones only on a Mac whose self-test passed."""
+def kernels_ran(requested: str, dtype=mx.float32) -> str:
+    """Which MoE kernels the model runs: kernels.backend_for answers per call size (on a Mac it runs the
+    Metal kernels' self-test if due; a failed self-test means the builtin ops)."""
     from . import kernels
 
-    if not mx.metal.is_available() or requested == "builtin":
-        return "builtin (mx.gather_qmm)"
-    test = getattr(kernels, "self_test", None)
-    if test is None:
-        return "builtin (mx.gather_qmm; this build has no Metal kernels)"
-    results = test()
-    if all(ok for ok, _ in results.values()):
-        return "metal"
-    return "builtin (mx.gather_qmm; Metal kernel self-test failed)"
+    backend_for = getattr(kernels, "backend_for", None)
+    if backend_for is None:
+        return "builtin"
+    decode, prefill = backend_for(1, dtype, requested), backend_for(PREFILL_PROBE, dtype, requested)
+    return decode if decode == prefill else f"{decode} (decode), {prefill} (prefill)"
+
+
+PREFILL_PROBE = 512  # tokens in a prefill call, to ask which kernels prefill uses
 
 
 def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int = 5, kernels: str = "auto",
@@ -333,7 +333,7 @@ def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int =
             "vocab_size": cfg.vocab_size,
             "weight_bytes": sum(p.nbytes for _, p in tree_flatten(net.parameters())),
             "dtype": str(gpt.dtype).removeprefix("mlx.core."),
-            "kernels_requested": kernels, "kernels": kernels_ran(kernels),
+            "kernels_requested": kernels, "kernels": kernels_ran(kernels, gpt.dtype),
             "max_context": gpt.max_context, "prefill_chunk": mem.PREFILL_CHUNK,
         },
         "load_seconds": load_s,

@@ -385,7 +385,9 @@ def remedies(p: Plan, at) -> list[str]:
                        f"{b.total / GIB:.0f} GB Mac, leaving macOS {gb(b.total - cap)}) is not enough.")
     if p.config.num_local_experts > 32 or p.weight_bytes > 30e9:
         small = _twenty_b_needed(p)
-        out.append(f"Use the 20b model (openai/gpt-oss-20b, {gb(small)} at --ctx {min(p.requested_context, 8192)}).")
+        verdict = "within" if small <= b.usable else "also more than"
+        out.append(f"Use the 20b model: openai/gpt-oss-20b needs {gb(small)} at --ctx {min(p.requested_context, 8192)}, "
+                   f"{verdict} this budget.")
     if b.source == "available RAM":
         out.append("Close other programs to free RAM.")
     return out

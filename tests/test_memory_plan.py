@@ -203,7 +203,8 @@ def test_decisions(ckpt20, ckpt120, gb, want20, want120):
             assert bigger.status != "fits"
             assert f"at most {p.context:,} tokens" in p.message and f"--ctx {p.context}" in p.message
     if want120 == "does not fit":
-        assert "Use the 20b model (openai/gpt-oss-20b" in p120.message
+        assert "Use the 20b model: openai/gpt-oss-20b needs" in p120.message
+        assert "within this budget" in p120.message  # 20b at 8k: 14.2 GB
         assert "smaller --ctx does not help" in p120.message
 
 
