@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -91,7 +91,6 @@ class Totals:
     tokens: int = 0
     seconds: float = 0.0
     last: object = None
-    history: list = field(default_factory=list)
 
 
 def chat(
@@ -164,46 +163,44 @@ def plan_line(gpt) -> str:
 # --- the engine: the only place that talks to the chat Session ------------------------------------------
 
 class Conversation:
-    """The chat Session plus what the CLI adds: settings, JSON save/load."""
+    """The chat Session (mlx_gptoss.chat.Session) plus what the CLI adds: settings and JSON files."""
 
     def __init__(self, gpt, settings: Settings):
         self.gpt, self.settings = gpt, settings
-        self.session = self._new_session()
-
-    def _new_session(self, messages=None):
-        s = self.settings
-        return self.gpt.session(reasoning_effort=s.effort, developer=s.developer, messages=messages)
+        self.session = gpt.session(reasoning_effort=settings.effort, developer=settings.developer)
 
     def send(self, text: str):
         s = self.settings
+        # keep_partial: after Ctrl-C the conversation keeps the part of the answer the user already saw
         return self.session.send(text, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                 seed=s.seed)
+                                 seed=s.seed, keep_partial=True)
 
     def messages(self) -> list[dict]:
-        return [dict(m) for m in self.session.messages]
+        return self.session.messages
 
     def reset(self) -> None:
-        self.session = self._new_session()
+        self.session.reset()
 
-    def rebuild(self) -> None:
-        """After a settings change: same messages, new system/developer prefix."""
-        self.session = self._new_session(self.messages())
+    def set_effort(self, effort: str) -> None:
+        self.settings.effort = effort
+        self.session.set_effort(effort)
 
-    def to_json(self) -> dict:
-        s = self.settings
-        return {"format": SAVE_FORMAT, "version": 1, "model": str(self.gpt.path),
-                "settings": {"effort": s.effort, "developer": s.developer},
-                "messages": self.messages()}
+    def set_developer(self, text: str | None) -> None:
+        self.settings.developer = text
+        self.session.set_developer(text)
 
     def save(self, path: Path) -> Path:
         path = Path(path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"format": SAVE_FORMAT, "version": 1, "model": str(self.gpt.path),
+                "session": self.session.to_dict()}
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False))
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
         tmp.replace(path)  # atomic: a crash mid-write never leaves half a file
         return path
 
     def load(self, path: Path) -> int:
+        """Replace the conversation with a saved one; returns its number of messages."""
         path = Path(path).expanduser()
         try:
             data = json.loads(path.read_text())
@@ -211,15 +208,35 @@ class Conversation:
             raise GptOssError(f"{path}: no such file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise GptOssError(f"{path}: not a saved chat ({e})") from None
-        if not isinstance(data, dict) or data.get("format") != SAVE_FORMAT or not isinstance(
-                data.get("messages"), list):
+        saved = data.get("session") if isinstance(data, dict) and data.get("format") == SAVE_FORMAT else None
+        if not isinstance(saved, dict) or not isinstance(saved.get("messages"), list):
             raise GptOssError(f"{path}: not a chat saved by /save")
-        st = data.get("settings") or {}
-        if st.get("effort") in EFFORTS:
-            self.settings.effort = st["effort"]
-        self.settings.developer = st.get("developer")
-        self.session = self._new_session(data["messages"])
-        return len(data["messages"])
+        try:
+            session = self.gpt.session(**saved)
+        except (TypeError, ValueError) as e:
+            raise GptOssError(f"{path}: cannot restore this chat ({e})") from None
+        self.session = session
+        if saved.get("reasoning_effort") in EFFORTS:
+            self.settings.effort = saved["reasoning_effort"]
+        if "developer" in saved:
+            self.settings.developer = saved["developer"]
+        return len(session.messages)
+
+
+def notes(stats, settings: Settings) -> list[str]:
+    """What the user should know about a finished reply beyond its text."""
+    if stats is None:
+        return []
+    out = []
+    if stats.stop_reason == "max_tokens":
+        out.append(f"(the reply stopped at --max-tokens {settings.max_tokens})")
+    elif stats.stop_reason == "context":
+        out.append("(the context is full: /reset, or start with a larger --ctx)")
+    if stats.dropped_messages:
+        out.append(f"({stats.dropped_messages} of the oldest messages were dropped to fit the context)")
+    if stats.malformed:
+        out.append("(the model's output did not follow the chat format; it is shown as it came)")
+    return out
 
 
 # --- the loop ------------------------------------------------------------------------------------------
@@ -315,22 +332,29 @@ class Chat:
     def turn(self, text: str) -> None:
         view = ReplyView(self.out, show_reasoning=self.conv.settings.show_reasoning, plain=not self.interactive)
         stats, t0 = None, time.perf_counter()
+        events = self.conv.send(text)
         try:
             with view:
-                for ev in self.conv.send(text):
+                for ev in events:
                     if ev.kind == "done":
-                        stats = getattr(ev, "stats", None)
+                        stats = ev.stats
                     else:
                         view.event(ev)
         except KeyboardInterrupt:
-            self.out.print("[dim]stopped; the conversation is kept (the unfinished reply is not).[/]")
+            events.close()  # the session restores its cache and keeps the answer so far
+            self.out.print("[dim]stopped; the conversation is kept, with the answer so far.[/]")
+            self._save_quietly(self.autosave_path)
             return
         except GptOssError as e:
+            events.close()
             err.print(f"[bold red]error:[/] {e}")
             return
         self.totals.turns += 1
         self.totals.seconds += time.perf_counter() - t0
+        self.totals.tokens += getattr(stats, "generated_tokens", 0) or 0
         self.totals.last = stats
+        for note in notes(stats, self.conv.settings):
+            err.print(f"[yellow]{note}[/]")
         if self.interactive:
             line = stats_line(stats, view.reasoning_tokens)
             if line:
@@ -362,8 +386,7 @@ class Chat:
             if arg not in EFFORTS:
                 say(f"usage: /effort low|medium|high (now {s.effort})")
             else:
-                s.effort = arg
-                self.conv.rebuild()
+                self.conv.set_effort(arg)
                 say(f"reasoning effort: {arg}")
         elif name == "/reasoning":
             if arg not in ("on", "off"):
@@ -372,8 +395,7 @@ class Chat:
                 s.show_reasoning = arg == "on"
                 say(f"chain-of-thought {'shown' if s.show_reasoning else 'hidden'}.")
         elif name == "/developer":
-            s.developer = arg or None
-            self.conv.rebuild()
+            self.conv.set_developer(arg or None)
             say("developer instructions " + ("set." if arg else "removed."))
         elif name in ("/save", "/load"):
             if not arg:
@@ -395,7 +417,8 @@ class Chat:
     def stats(self) -> None:
         t = self.totals
         say = self.out.print
-        say(f"{t.turns} replies in {t.seconds:.1f} s; {len(self.conv.messages())} messages in the conversation")
+        say(f"{t.turns} replies, {t.tokens} tokens generated in {t.seconds:.1f} s; "
+            f"{len(self.conv.messages())} messages in the conversation")
         if t.last is not None:
             say(f"last reply: {stats_line(t.last)}")
         s = self.conv.settings
