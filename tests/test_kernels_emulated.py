@@ -103,6 +103,8 @@ def test_every_thread_order_gives_identical_bits(emulated):
         np.testing.assert_array_equal(y, results[0][1])
     want_h = kernels.moe_gate_up_swiglu(x, wg, sg, bg, ids, backend="builtin")
     assert rel_err(mx.array(results[0][0]), want_h) <= TOL[mx.float32]
+    want_y = kernels.moe_down(mx.array(results[0][0]), wd, sd, bd, ids, weights, backend="builtin")
+    assert rel_err(mx.array(results[0][1]), want_y) <= TOL[mx.float32]
 
 
 def test_single_token_and_empty_batch(emulated):

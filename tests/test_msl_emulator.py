@@ -202,6 +202,13 @@ def test_broken_kernel_is_caught(bug, cxx):
         run(source, [mx.arange(128, dtype=mx.float32)], (128,), (128, 1, 1), (64, 1, 1), cxx=cxx)
 
 
+def test_endless_loop_is_stopped(monkeypatch):
+    monkeypatch.setattr(emu, "TIME_LIMIT", 0.5)
+    with pytest.raises(emu.EmulatorError, match="did not finish in time"):
+        run("uint i = 0; while (in0[0] > 0.0f) { i++; } out[0] = float(i);", [mx.ones((8,))], (1,), (1, 1, 1),
+            (1, 1, 1))
+
+
 def test_unwritten_output_reads_as_nan():
     got = run("if (thread_position_in_grid.x != 7) { out[thread_position_in_grid.x] = in0[0]; }",
               [mx.ones((64,))], (64,), (64, 1, 1), (32, 1, 1))

@@ -257,8 +257,11 @@ _NP = {mx.float32: "float32", mx.float16: "float16", mx.float64: "float64", mx.b
        mx.uint32: "uint32", mx.uint64: "uint64"}
 
 
+TIME_LIMIT = 120.0  # seconds per launch before the emulator calls it an endless loop
+
+
 def launch(kname, text, invoke, arrays, output_shapes, output_dtypes, grid, threadgroup, init_value=None,
-           order=None, seed=0, cxx=None):
+           order=None, seed=0, cxx=None, time_limit=None):
     """Run a generated kernel; returns the outputs as mx arrays. Raises EmulatorError on any caught bug."""
     order, seed = order or getattr(_settings, "order", ("forward", 0))[0], seed or getattr(_settings, "order", ("forward", 0))[1]
     fn, statics, _ = compile_kernel(kname, text, invoke, cxx or _default_cxx())
@@ -293,7 +296,7 @@ def launch(kname, text, invoke, arrays, output_shapes, output_dtypes, grid, thre
     sizes = (ctypes.c_int64 * max(1, len(statics)))(*[s for _, s in statics])
     err = ctypes.create_string_buffer(4096)
     rc = fn(n, ptrs, nbytes, writable, g, t, ORDERS[order], ctypes.c_uint64(seed), len(statics), offs, sizes,
-            err, len(err))
+            ctypes.c_double(time_limit or TIME_LIMIT), err, len(err))
     if rc:
         raise EmulatorError(f"{kname}: {err.value.decode(errors='replace')}")
     return [_from_host(b, d, s) for b, d, s in zip(outs, output_dtypes, output_shapes)]

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include <sys/mman.h>
+#include <sys/time.h>
 #include <ucontext.h>
 #include <unistd.h>
 

@@ -145,8 +145,16 @@ static bool resolve() {
     return true;
 }
 
+static volatile sig_atomic_t timed_out = 0;
+
 static void on_signal(int sig, siginfo_t* info, void*) {
     if (!run_) { signal(sig, SIG_DFL); raise(sig); return; }
+    if (sig == SIGALRM) {  // only leave a fiber: the scheduler itself may be inside malloc
+        timed_out = 1;
+        if (run_->current < 0) return;
+        fail("the kernel did not finish in time (an endless loop?), stopped in " + where(run_->fibers[run_->current].a));
+        siglongjmp(run_->jump, 1);
+    }
     char msg[400];
     uintptr_t addr = uintptr_t(info->si_addr);
     std::snprintf(msg, sizeof msg, "%s at address %#lx", sig == SIGFPE ? "arithmetic fault (integer division by zero?)"
@@ -174,7 +182,8 @@ static void on_signal(int sig, siginfo_t* info, void*) {
 // tg_offsets are the threadgroup statics' addresses relative to emu_run. Returns 0, or 1 with err filled.
 extern "C" __attribute__((visibility("default"))) int emu_run(
     int nargs, void** host, const uint64_t* nbytes, const int* writable, const int64_t* grid, const int64_t* group,
-    int order, uint64_t seed, int ntg, const int64_t* tg_offsets, const int64_t* tg_sizes, char* err, int errlen) {
+    int order, uint64_t seed, int ntg, const int64_t* tg_offsets, const int64_t* tg_sizes, double time_limit,
+    char* err, int errlen) {
     using namespace emu;
     Run R;
     run_ = &R;
@@ -226,6 +235,13 @@ extern "C" __attribute__((visibility("default"))) int emu_run(
     struct sigaction sa{}, old_segv{}, old_bus{}, old_fpe{};
     sa.sa_sigaction = on_signal; sa.sa_flags = SA_SIGINFO | SA_ONSTACK; sigemptyset(&sa.sa_mask);
     sigaction(SIGSEGV, &sa, &old_segv); sigaction(SIGBUS, &sa, &old_bus); sigaction(SIGFPE, &sa, &old_fpe);
+    struct sigaction old_alrm{};
+    sigaction(SIGALRM, &sa, &old_alrm);
+    timed_out = 0;
+    itimerval limit{}, old_timer{};
+    limit.it_value.tv_sec = long(time_limit);
+    limit.it_value.tv_usec = long((time_limit - double(long(time_limit))) * 1e6) + 1;
+    setitimer(ITIMER_REAL, &limit, &old_timer);
 
     std::mt19937_64 rng(seed);
     int64_t ngx = (grid[0] + tx - 1) / tx, ngy = (grid[1] + ty - 1) / ty, ngz = (grid[2] + tz - 1) / tz;
@@ -279,9 +295,13 @@ extern "C" __attribute__((visibility("default"))) int emu_run(
                     if (!R.error.empty()) break;
                 }
                 R.current = -1;
+                if (timed_out) fail("the kernel did not finish in time");
             } while (R.error.empty() && resolve());
         }
     }
+    itimerval off{};
+    setitimer(ITIMER_REAL, &off, nullptr);
+    sigaction(SIGALRM, &old_alrm, nullptr);
     sigaction(SIGSEGV, &old_segv, nullptr); sigaction(SIGBUS, &old_bus, nullptr); sigaction(SIGFPE, &old_fpe, nullptr);
     sigaltstack(&old_ss, nullptr);
     for (int b = 0; b < nargs; ++b) {
