@@ -38,9 +38,12 @@ for (int j = 0; j < k; ++j) {
             for (int v = 0; v < VALUES_PER_LANE; ++v) {
                 xs[v] = float(h_tj[kk + v]);
             }
-            for (int r = 0; r < n_rows; ++r) {
-                const uint2 q = *((const device uint2*)(w_rows + r * words_per_row + kk / CODES_PER_WORD));
-                acc[r] += weight * e8m0_to_float(s_rows[r * blocks_per_row + kk / MXFP4_BLOCK]) * dot_codes(xs, q);
+            for (int r = 0; r < ROWS; ++r) {  // constant trip count: acc stays in registers
+                if (r < n_rows) {
+                    const uint2 q = *((const device uint2*)(w_rows + r * words_per_row + kk / CODES_PER_WORD));
+                    acc[r] += weight * e8m0_to_float(s_rows[r * blocks_per_row + kk / MXFP4_BLOCK])
+                        * dot_codes(xs, q);
+                }
             }
         }
     }
@@ -48,11 +51,18 @@ for (int j = 0; j < k; ++j) {
 for (int r = 0; r < ROWS; ++r) {
     acc[r] = simd_sum(acc[r]);
 }
+// Lane r takes row r by a constant-index select (a dynamic index would push acc out of registers).
+float sum = 0.0f;
+for (int r = 0; r < ROWS; ++r) {
+    if (int(lane) == r) {
+        sum = acc[r];
+    }
+}
 if (int(lane) < n_rows) {
     float b = 0.0f;
     for (int j = 0; j < k; ++j) {
         const uint e = ids[t * uint(k) + uint(j)];
         b += weights[t * uint(k) + uint(j)] * float(bias[size_t(e) * size_t(H) + size_t(n0) + lane]);
     }
-    out[size_t(t) * size_t(H) + size_t(n0) + lane] = T(acc[lane] + b);
+    out[size_t(t) * size_t(H) + size_t(n0) + lane] = T(sum + b);
 }

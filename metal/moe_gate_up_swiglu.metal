@@ -40,21 +40,32 @@ for (int k0 = 0; k0 < H; k0 += K_PER_STEP) {
         for (int v = 0; v < VALUES_PER_LANE; ++v) {
             xs[v] = float(x_t[kk + v]);
         }
-        for (int r = 0; r < 2 * n_out; ++r) {
-            const uint2 q = *((const device uint2*)(w_rows + r * words_per_row + kk / CODES_PER_WORD));
-            acc[r] += e8m0_to_float(s_rows[r * blocks_per_row + kk / MXFP4_BLOCK]) * dot_codes(xs, q);
+        for (int r = 0; r < ROWS; ++r) {  // constant trip count: acc stays in registers
+            if (r < 2 * n_out) {
+                const uint2 q = *((const device uint2*)(w_rows + r * words_per_row + kk / CODES_PER_WORD));
+                acc[r] += e8m0_to_float(s_rows[r * blocks_per_row + kk / MXFP4_BLOCK]) * dot_codes(xs, q);
+            }
         }
     }
 }
 for (int r = 0; r < ROWS; ++r) {
     acc[r] = simd_sum(acc[r]);
 }
+// Lane r takes row pair r by a constant-index select (a dynamic index would push acc out of registers).
+float gate = 0.0f;
+float up = 0.0f;
+for (int r = 0; r < OUTS; ++r) {
+    if (int(lane) == r) {
+        gate = acc[2 * r];
+        up = acc[2 * r + 1];
+    }
+}
 if (int(lane) < n_out) {
     const float limit = params[0];
     const float alpha = params[1];
     const int i = i0 + int(lane);
-    float gate = acc[2 * lane] + float(bias[row0 + 2 * lane]);
-    float up = acc[2 * lane + 1] + float(bias[row0 + 2 * lane + 1]);
+    gate += float(bias[row0 + 2 * lane]);
+    up += float(bias[row0 + 2 * lane + 1]);
     gate = min(gate, limit);
     up = clamp(up, -limit, limit);
     const float glu = gate / (1.0f + metal::exp(-alpha * gate));
