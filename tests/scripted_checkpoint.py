@@ -1,0 +1,219 @@
+"""Deterministic "scripted" gpt-oss checkpoints on the real 201088-token vocabulary.
+
+A random tiny model cannot follow harmony, so these weights make greedy decoding emit a fixed token script
+through the real model path (hub layout, MXFP4 experts, mlx_gptoss.load, sliding-window caches):
+
+- hidden 128 = two halves. embed_tokens puts each scripted token's code in the first half (one-hot);
+  every other token embeds to zero (RMSNorm keeps it zero).
+- layer 0 (sliding window W): q = k = 0, so attention is uniform over the last W tokens; v copies the
+  code half, o_proj writes it to the second half: a "bag" of the codes in the window. Sinks at -30: no sink.
+- layer 1 (full attention) and every expert output are exactly zero (zero weights, zero MXFP4 codes).
+- lm_head reads (current token, bag): successor of the current token with weight P; when a token has
+  several successors, the non-default ones get P - delta plus Q for a discriminating token that is in the
+  window only where that successor is meant (found automatically, checked by simulation below).
+
+The tokenizer.json written next to it is built from quicktok-v1's o200k vocabulary (the same ranks as
+o200k_base) plus harmony's special tokens, so mlx_gptoss.harmony derives its vocabulary from it for real.
+(Its merges are one split per token and it has no regex pre-tokenizer: the vocabulary and the special tokens,
+which is all mlx_gptoss reads, are exact; tokenizing text with it through `tokenizers` is not.)
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from tiny_checkpoint import hub_config, to_bf16, write_hub_checkpoint
+
+VOCAB = 201088
+HIDDEN = 128
+CODES = HIDDEN // 2
+WINDOW = 8
+P, DELTA, Q = 100.0, 1.0, 16.0  # Q / WINDOW > DELTA (one discriminator in the window wins); Q < P - DELTA
+
+
+# ------------------------------------------------------------------------------------- tokenizer.json
+
+def _quicktok(name: str) -> bytes:
+    return (resources.files("quicktok") / "data" / name).read_bytes()
+
+
+def o200k_ranks() -> list[bytes]:
+    """quicktok's o200k.vocab: u32 count, then per token u16 length, bytes, u32 rank."""
+    d = _quicktok("o200k.vocab")
+    (n,), o, out = struct.unpack_from("<I", d, 0), 4, {}
+    for _ in range(n):
+        (length,) = struct.unpack_from("<H", d, o)
+        tok = d[o + 2:o + 2 + length]
+        (rank,) = struct.unpack_from("<I", d, o + 2 + length)
+        o += 6 + length
+        out[rank] = tok
+    return [out[r] for r in range(len(out))]
+
+
+def harmony_specials() -> dict[int, str]:
+    """quicktok's o200k_harmony.special: u32 count, then per token u32 id, u16 length, bytes."""
+    d = _quicktok("o200k_harmony.special")
+    (n,), o, out = struct.unpack_from("<I", d, 0), 4, {}
+    for _ in range(n):
+        tid, length = struct.unpack_from("<IH", d, o)
+        out[tid] = d[o + 6:o + 6 + length].decode()
+        o += 6 + length
+    return out
+
+
+def _byte_encoder() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def write_tokenizer_json(path: Path) -> Path:
+    """A gpt-oss-style tokenizer.json: byte-level BPE vocab + merges from the o200k ranks, special tokens."""
+    ranks = o200k_ranks()
+    enc = _byte_encoder()
+    rank_of = {tok: r for r, tok in enumerate(ranks)}
+    vocab = {"".join(enc[b] for b in tok): r for r, tok in enumerate(ranks)}
+    merges = []
+    for r, tok in enumerate(ranks):  # each token of 2+ bytes: the split whose halves merged last
+        best = None
+        for i in range(1, len(tok)):
+            a, b = rank_of.get(tok[:i]), rank_of.get(tok[i:])
+            if a is not None and b is not None and a < r and b < r and (best is None or max(a, b) < best[0]):
+                best = (max(a, b), i)
+        if best:
+            i = best[1]
+            merges.append(("".join(enc[x] for x in tok[:i]), "".join(enc[x] for x in tok[i:])))
+    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, s in sorted(harmony_specials().items())]
+    data = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                              "use_regex": False},
+            "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True,
+                                                "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": vocab, "merges": [list(m) for m in merges]}}
+    path = Path(path)
+    path.write_text(json.dumps(data, ensure_ascii=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------- the rules
+
+def _windows(seq: list[int], j: int) -> set[int]:
+    return set(seq[max(0, j - WINDOW + 1):j + 1])
+
+
+def build_rules(episodes: list[tuple[list[int], list[int]]]):
+    """episodes: (prompt ids, generated ids). Returns (codes {token: code}, lm_head rules)."""
+    occ: dict[int, list[tuple[set[int], int]]] = {}  # current token -> [(window tokens, successor)]
+    for prompt, gen in episodes:
+        seq = list(prompt) + list(gen)
+        for j in range(len(prompt) - 1, len(seq) - 1):
+            occ.setdefault(seq[j], []).append((_windows(seq, j), seq[j + 1]))
+    rules = []  # (successor, current, weight on current, discriminator or None)
+    for cur, items in occ.items():
+        succs = [s for _, s in items]
+        default = max(set(succs), key=succs.count)
+        rules.append((default, cur, P, None))
+        for s in sorted(set(succs) - {default}):
+            mine = [w for w, t in items if t == s]
+            others = set().union(*[w for w, t in items if t != s])
+            cands = set.intersection(*mine) - others
+            if not cands:
+                raise ValueError(f"token {cur} has successors {set(succs)} that no token in a window of "
+                                 f"{WINDOW} tells apart; change the script")
+            d = min(cands)
+            rules.append((s, cur, P - DELTA, d))
+    tokens = set(occ) | {d for *_, d in rules if d is not None}
+    if len(tokens) > CODES:
+        raise ValueError(f"the script uses {len(tokens)} distinct tokens; at most {CODES} fit")
+    codes = {t: i for i, t in enumerate(sorted(tokens))}
+    return codes, rules
+
+
+def simulate(codes, rules, seq: list[int], j: int) -> int:
+    """The greedy next token at position j, computed the way the weights do it (up to RMSNorm scale)."""
+    window = seq[max(0, j - WINDOW + 1):j + 1]
+    logits: dict[int, float] = {}
+    bag = {t: window.count(t) / len(window) for t in set(window) if t in codes}
+    for s, cur, w, d in rules:
+        if cur == seq[j]:
+            logits[s] = logits.get(s, 0.0) + w
+        if d is not None and d in bag:
+            logits[s] = logits.get(s, 0.0) + Q * bag[d]
+    return max(logits, key=logits.get) if logits and max(logits.values()) > 0 else -1
+
+
+def scripted_weights(cfg: dict, episodes) -> dict[str, np.ndarray]:
+    codes, rules = build_rules(episodes)
+    for prompt, gen in episodes:  # the weights must reproduce every episode, or the script is unusable
+        seq = list(prompt) + list(gen)
+        for j in range(len(prompt) - 1, len(seq) - 1):
+            got = simulate(codes, rules, seq, j)
+            if got != seq[j + 1]:
+                raise ValueError(f"scripted rules predict {got} instead of {seq[j + 1]} at position {j}")
+    H, I, E = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"]
+    D = cfg["head_dim"]
+    f32 = np.float32
+    embed = np.zeros((VOCAB, H), f32)
+    for t, c in codes.items():
+        embed[t, c] = 1.0
+    head = np.zeros((VOCAB, H), f32)
+    for s, cur, w, d in rules:
+        head[s, codes[cur]] += w
+        if d is not None:
+            head[s, CODES + codes[d]] = Q
+    v = np.zeros((D, H), f32)
+    v[np.arange(CODES), np.arange(CODES)] = 1.0 / np.sqrt(H)  # RMSNorm scaled the one-hot up by sqrt(H)
+    o = np.zeros((H, D), f32)
+    o[CODES + np.arange(CODES), np.arange(CODES)] = 1.0
+    w = {"model.embed_tokens.weight": embed, "model.norm.weight": np.ones(H, f32), "lm_head.weight": head}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        first = i == 0
+        w[p + "input_layernorm.weight"] = np.ones(H, f32)
+        w[p + "post_attention_layernorm.weight"] = np.ones(H, f32)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            rows = D * (cfg["num_attention_heads"] if name == "q_proj" else cfg["num_key_value_heads"])
+            w[p + f"self_attn.{name}.weight"] = v if (name == "v_proj" and first) else np.zeros((rows, H), f32)
+            w[p + f"self_attn.{name}.bias"] = np.zeros(rows, f32)
+        w[p + "self_attn.o_proj.weight"] = o if first else np.zeros((H, D), f32)
+        w[p + "self_attn.o_proj.bias"] = np.zeros(H, f32)
+        w[p + "self_attn.sinks"] = np.full(cfg["num_attention_heads"], -30.0, f32)
+        w[p + "mlp.router.weight"] = np.zeros((E, H), f32)
+        w[p + "mlp.router.bias"] = np.zeros(E, f32)
+        for part, rows, cols in (("gate_up_proj", 2 * I, H), ("down_proj", H, I)):
+            q = p + f"mlp.experts.{part}"
+            w[q + "_blocks"] = np.zeros((E, rows, cols // 32, 16), np.uint8)  # E2M1 code 0 = +0.0
+            w[q + "_scales"] = np.full((E, rows, cols // 32), 127, np.uint8)
+            w[q + "_bias"] = np.zeros((E, rows), f32)
+    return {k: (a if a.dtype == np.uint8 else to_bf16(a)) for k, a in w.items()}
+
+
+def scripted_config() -> dict:
+    return hub_config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, head_dim=64,
+                      num_attention_heads=1, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+                      experts_per_token=2, num_hidden_layers=2, sliding_window=WINDOW)
+
+
+def write_scripted_checkpoint(folder: Path, episodes, tokenizer_json: Path | None = None) -> Path:
+    """A hub-layout checkpoint whose greedy decoding replays `episodes`; tokenizer_json is copied in
+    (or built from quicktok when None)."""
+    cfg = scripted_config()
+    folder = write_hub_checkpoint(Path(folder), cfg, scripted_weights(cfg, episodes), shards=1)
+    if tokenizer_json is None:
+        write_tokenizer_json(folder / "tokenizer.json")
+    else:
+        (folder / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
+    return folder
