@@ -31,7 +31,8 @@ def run(source, inputs, out_shape, grid, group, *, header="", template=None, ord
 # ---- the generated text -----------------------------------------------------------------------------------
 
 def test_generated_signature_follows_mlx_rules():
-    body = "out[thread_position_in_grid.x] = a[0] + b[0] * alpha + float(big_shape[0]) + simdgroup_index_in_threadgroup;"
+    body = ("out[thread_position_in_grid.x] = a[0] + b[0] * alpha + float(big_shape[0])"
+            " + simdgroup_index_in_threadgroup;")
     header = "// thread_index_in_simdgroup named only in the header: no parameter for it\n"
     specs = [(mx.float32, (10,)), (mx.float32, (3,)), (mx.float32, ()), (mx.int32, (4, 4))]
     name, text = emu.generate("demo", ["a", "b", "alpha", "big"], ["out"], body, header, specs, [mx.bfloat16],
@@ -294,6 +295,6 @@ def test_generated_text_equals_mlx_verbose_output(capfd):
     mx.eval(kernel(inputs=inputs, output_shapes=[(16,)], output_dtypes=[mx.float32], grid=(16, 1, 1),
                    threadgroup=(16, 1, 1), template=template, verbose=True))
     printed = capfd.readouterr().out
-    _, text = emu.generate("emucheck", ["a", "b"], ["out"], body, "", [(a.dtype, a.shape) for a in inputs],
-                           [mx.float32], template)
+    specs = [(a.dtype, a.shape) for a in inputs]
+    _, text = emu.generate("emucheck", ["a", "b"], ["out"], body, "", specs, [mx.float32], template)
     assert text in printed

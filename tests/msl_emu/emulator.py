@@ -20,7 +20,6 @@ import contextlib
 import ctypes
 import hashlib
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -263,7 +262,8 @@ TIME_LIMIT = 120.0  # seconds per launch before the emulator calls it an endless
 def launch(kname, text, invoke, arrays, output_shapes, output_dtypes, grid, threadgroup, init_value=None,
            order=None, seed=0, cxx=None, time_limit=None):
     """Run a generated kernel; returns the outputs as mx arrays. Raises EmulatorError on any caught bug."""
-    order, seed = order or getattr(_settings, "order", ("forward", 0))[0], seed or getattr(_settings, "order", ("forward", 0))[1]
+    if order is None:
+        order, seed = getattr(_settings, "order", ("forward", 0))
     fn, statics, _ = compile_kernel(kname, text, invoke, cxx or _default_cxx())
     host = []
     for a, (shape_needed, strides_needed, ndim_needed) in arrays:
@@ -325,5 +325,3 @@ def metal_kernel(name, input_names, output_names, source, header="", ensure_row_
 
     return call
 
-
-KERNEL_NAME_RE = re.compile(r"\[\[kernel\]\] void (\w+)\(")
