@@ -8,6 +8,7 @@ model.safetensors.index.json total_size and llama.cpp's published sizes (see the
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import subprocess
@@ -290,3 +291,39 @@ def test_plan_command(ckpt20, ckpt120):
     r = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli.app", "plan", "--model", str(ckpt20), "--memory",
                         "many"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "--memory 'many': not a size" in r.stderr and "Traceback" not in r.stderr
+
+
+def plan_cli(env: dict, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlx_gptoss.cli.app", "plan", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_plan_of_a_repo_id_in_the_hf_cache_works_offline(tmp_path):
+    """A cached snapshot whose shards hold only headers (the data never downloaded) is enough."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--openai--gpt-oss-120b"
+    write_sparse_checkpoint(repo / "snapshots" / commit, 36, 128, 15)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", COLUMNS="150")
+    r = plan_cli(env, "--model", "openai/gpt-oss-120b", "--memory", "96GB", "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert "sized from headers" in r.stdout and "65.2 GB" in r.stdout and "fits" in r.stdout
+
+
+def test_plan_of_a_repo_id_from_hub_metadata(tiny_ckpt, tmp_path):
+    """Not cached: the hub's safetensors metadata (a local fake hub here, never the network) sizes it,
+    reading only each shard's header (HTTP Range requests), the same numbers as the local files give."""
+    from fake_hub import FakeHub
+
+    files = {p.name: p.read_bytes() for p in tiny_ckpt.iterdir()}
+    local = make_plan(read_checkpoint(tiny_ckpt), budget=budget(8))
+    with FakeHub("openai/gpt-oss-20b", files) as fake:
+        env = dict(os.environ, HF_ENDPOINT=fake.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0",
+                   COLUMNS="150")
+        r = plan_cli(env, "--model", "openai/gpt-oss-20b", "--memory", "8GB")
+        log = list(fake.log)
+    assert r.returncode == 0, r.stderr
+    assert "sized from hub metadata" in r.stdout and local.message.split(": ", 1)[1] in r.stdout.replace("\n", " ")
+    shard_gets = [(p, rng) for m, p, rng in log if m == "GET" and p.endswith(".safetensors")]
+    assert shard_gets and all(rng.startswith("bytes=0-") for _, rng in shard_gets)
