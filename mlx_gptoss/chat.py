@@ -301,6 +301,7 @@ class Session:
         self.last_stats: Stats | None = None
         self.dropped = 0
         self._cancel = threading.Event()
+        self._busy, self._pending = False, []
         self.render()  # validate settings and messages now, not at the first send
 
     # -- settings
@@ -323,8 +324,9 @@ class Session:
         self._cancel.set()
 
     def add_tool_result(self, name: str, content) -> None:
+        """Answer a tool call; while its reply is still streaming, the result is added right after it."""
         text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, default=str)
-        self.messages.append({"role": "tool", "name": name, "content": text})
+        (self._pending if self._busy else self.messages).append({"role": "tool", "name": name, "content": text})
 
     # -- persistence
     def to_dict(self) -> dict:
@@ -379,6 +381,7 @@ class Session:
             self.dropped += dropped
             parser = harmony.StreamParser(self.gpt.path)
             done = None
+            self._busy = True
             try:
                 for ev in generate_events(self.runner, prompt, cap=self.cap, cancel=self._cancel, parser=parser,
                                           dropped=dropped, **sampling):
@@ -386,19 +389,20 @@ class Session:
                         done = ev
                     else:
                         yield ev
-            finally:
-                if done is None or done.stats.stop_reason == "cancelled":  # interrupted: keep the session whole
-                    if keep_partial and parser.content:
-                        self.messages.append({"role": "assistant", "content": "".join(parser.content)})
-            if done.stats.stop_reason == "cancelled":
-                self.last_stats = done.stats
-                yield done
-                return
-            self.messages.append(assistant_message(parser))
+            finally:  # also on Ctrl-C or close(): the history stays well-formed
+                self._busy = False
+                if parser.stopped or (done is not None and done.stats.stop_reason != "cancelled"):
+                    self.messages.append(assistant_message(parser))
+                elif keep_partial and parser.content:
+                    self.messages.append({"role": "assistant", "content": "".join(parser.content)})
+                self.messages.extend(self._pending)  # tool results given while the reply streamed
+                self._pending = []
             self.last_stats = done.stats
             yield done
             calls = parser.tool_calls if done.stats.stop_reason == "call" else []
             if not (auto_tools and calls and all(c["name"] in by_name and by_name[c["name"]].fn for c in calls)):
                 return
+            answered = {m.get("name") for m in self.messages[-len(calls):] if m.get("role") == "tool"}
             for c in calls:
-                self.add_tool_result(c["name"], by_name[c["name"]].run(c["arguments"]))
+                if c["name"] not in answered:
+                    self.add_tool_result(c["name"], by_name[c["name"]].run(c["arguments"]))

@@ -343,6 +343,7 @@ class StreamParser:
         self.reasoning, self.content = [], []
         self.tool_calls: list[dict] = []
         self._n_messages = 0
+        self.stopped = False  # saw <|return|> or <|call|>: the reply is complete
 
     def _warn(self, why: str) -> None:
         self.malformed = True
@@ -354,13 +355,18 @@ class StreamParser:
         return self.enc.decode(ordinary) if ordinary else ""
 
     def feed(self, token: int) -> list[Piece]:
+        if token in STOP_TOKENS:
+            self.stopped = True
         if self.broken:
             text = self._plain([token])
             if text:
                 self.content.append(text)
             return [Piece("content", text)] if text else []
         self.pending.append(token)
+        out = []
         try:
+            if token in (END, RETURN, CALL) and self.parser.state_data.get("state") == "Header":
+                out += self._unopened()  # the message ends before its header reached <|message|>
             self.parser.process(token)
             delta = self.parser.last_content_delta
             channel, recipient = self.parser.current_channel, self.parser.current_recipient
@@ -372,8 +378,7 @@ class StreamParser:
             self.pending = []
             if text:
                 self.content.append(text)
-            return [Piece("content", text)] if text else []
-        out = []
+            return out + ([Piece("content", text)] if text else [])
         if delta and token >= N_ORDINARY:  # a special token inside a message: never show markup
             self._warn(f"the model put the special token {delta!r} inside a message")
             delta = None
@@ -403,6 +408,9 @@ class StreamParser:
             return []
         if stop in ("max_tokens", "context", "cancelled") and len(self.pending) <= 16:
             return []  # cut off mid-header: nothing to show, nothing wrong with the format
+        return self._unopened()
+
+    def _unopened(self) -> list[Piece]:
         self._warn("the model's output never opened a message (no <|message|>)")
         text = self._plain(self.pending)
         self.pending = []

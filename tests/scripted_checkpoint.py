@@ -217,3 +217,93 @@ def write_scripted_checkpoint(folder: Path, episodes, tokenizer_json: Path | Non
     else:
         (folder / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
     return folder
+
+
+# ------------------------------------------------------------------- the scripts the tests replay
+
+def get_weather(city: str) -> dict:
+    """Current weather in a city.
+
+    Args:
+        city: The city's name, e.g. "Paris".
+    """
+    return {"city": city, "temp_c": 21, "sky": "sunny"}
+
+
+SCRIPTS = {
+    # name: harmony text the model emits (for "tool": the call, then the answer after the tool's result)
+    "reason": ["<|channel|>analysis<|message|>The user greets.<|end|><|start|>assistant<|channel|>final"
+               "<|message|>Hello there!<|return|>"],
+    "final": ["<|channel|>final<|message|>Just the answer.<|return|>"],
+    "tool": ["<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary"
+             ' to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>',
+             "<|channel|>final<|message|>It is sunny and 21 C.<|return|>"],
+    "bad_special": ["<|channel|>final<|message|>Hi<|start|> there<|return|>"],
+    "no_header": ["hello world<|return|>"],
+    "loop": ["<|channel|>analysis<|message|> again and again and"],  # never closes: " and" -> " again" -> ...
+}
+SAMPLE_USERS = (["Say hi"], ["What is MXFP4?", "Tell me more, please."])
+
+
+_STATE: dict = {}
+
+
+def offline_harmony() -> Path:
+    """Once per process: a private cache folder, no TIKTOKEN_ENCODINGS_BASE, a quicktok tokenizer.json;
+    the harmony vocabulary is then derived from that tokenizer.json by mlx_gptoss itself. Returns its folder."""
+    import os
+    import tempfile
+
+    from mlx_gptoss import harmony
+
+    if "tok" not in _STATE:
+        root = Path(tempfile.mkdtemp(prefix="gptoss-scripted-"))
+        os.environ["XDG_CACHE_HOME"] = str(root / "cache")
+        os.environ.pop("TIKTOKEN_ENCODINGS_BASE", None)
+        harmony._ENCODING = None
+        (root / "tok").mkdir()
+        write_tokenizer_json(root / "tok" / "tokenizer.json")
+        harmony.encoding(root / "tok")  # derives cache/gptoss-mac/o200k_base.tiktoken, checks its sha256
+        _STATE.update(root=root, tok=root / "tok")
+    return _STATE["tok"]
+
+
+def _episodes(name: str) -> list:
+    from mlx_gptoss import harmony
+
+    enc = harmony.encoding()
+    parts = [enc.encode(t, allowed_special="all") for t in SCRIPTS[name]]
+    tools = [get_weather] if name == "tool" else None
+    episodes = []
+    for users in SAMPLE_USERS:
+        msgs = []
+        for u in users[:-1]:
+            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": "Sure."}]
+        msgs.append({"role": "user", "content": users[-1]})
+        episodes.append((harmony.render(msgs, tools=tools), parts[0]))
+        if name == "tool":
+            call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+            result = json.dumps(get_weather("Paris"), ensure_ascii=False)
+            msgs += [{"role": "assistant", "reasoning": "Need the weather.", "tool_calls": [call]},
+                     {"role": "tool", "name": "get_weather", "content": result}]
+            episodes.append((harmony.render(msgs, tools=tools), parts[1]))
+    return episodes
+
+
+def scripted_path(name: str) -> Path:
+    """The checkpoint folder replaying SCRIPTS[name] (built once per process)."""
+    tok = offline_harmony()
+    key = "ckpt:" + name
+    if key not in _STATE:
+        _STATE[key] = write_scripted_checkpoint(_STATE["root"] / name, _episodes(name), tok / "tokenizer.json")
+    return _STATE[key]
+
+
+def scripted_model(name: str):
+    """mlx_gptoss.load() of scripted_path(name), cached."""
+    import mlx_gptoss
+
+    key = "model:" + name
+    if key not in _STATE:
+        _STATE[key] = mlx_gptoss.load(scripted_path(name), allow_download=False)
+    return _STATE[key]
