@@ -149,6 +149,37 @@ def test_threadgroup_memory_is_poisoned_for_every_threadgroup():
         assert np.isnan(got).all(), order
 
 
+SIMDGROUP_MATMUL = """
+    simdgroup_float8x8 a;
+    simdgroup_float8x8 b;
+    simdgroup_float8x8 acc;
+    for (int i = 0; i < M / 8; ++i) {
+        acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+        for (int k = 0; k < K / 8; ++k) {
+            simdgroup_load(a, in0, K, ulong2(k * 8, i * 8));
+            simdgroup_load(b, in1, K, ulong2(k * 8, 0), true);  // in1 is [8, K]: load its transpose
+            simdgroup_multiply_accumulate(acc, a, b, acc);
+        }
+        simdgroup_store(acc, out, 8, ulong2(0, i * 8));
+    }
+    simdgroup_float8x8 identity(2.0f);
+    simdgroup_store(identity, out + M * 8, 8);
+    if (thread_index_in_simdgroup > 99) { out[0] = 0.0f; }
+"""
+
+
+@pytest.mark.parametrize("cxx", COMPILERS)
+def test_simdgroup_matrix_matmul(cxx):
+    rng = np.random.default_rng(0)
+    A = rng.integers(-4, 5, (16, 24)).astype(np.float32)
+    Bt = rng.integers(-4, 5, (8, 24)).astype(np.float32)
+    for order in ORDERS:
+        got = run(SIMDGROUP_MATMUL, [mx.array(A), mx.array(Bt)], (16 * 8 + 64,), (32, 1, 1), (32, 1, 1),
+                  template=[("M", 16), ("K", 24)], order=order, cxx=cxx)
+        np.testing.assert_array_equal(got[:128].reshape(16, 8), A @ Bt.T)
+        np.testing.assert_array_equal(got[128:].reshape(8, 8), 2 * np.eye(8))
+
+
 # ---- deliberately broken kernels must be caught --------------------------------------------------------------
 
 MISSING_BARRIER = GOOD.replace("threadgroup_barrier(mem_flags::mem_threadgroup);", "")
@@ -181,6 +212,10 @@ BROKEN = {
         big[thread_position_in_threadgroup.x] = in0[thread_position_in_grid.x];
         threadgroup_barrier(mem_flags::mem_threadgroup);
         out[thread_position_in_grid.x] = big[0];""", "too much threadgroup memory: 36000 bytes"),
+    "simdgroup_multiply in a divergent branch": (
+        """simdgroup_float8x8 m = make_filled_simdgroup_matrix<float, 8, 8>(1.0f);
+        if (thread_index_in_simdgroup != 3) { simdgroup_multiply(m, m, m); }
+        simdgroup_store(m, out, 8);""", "simd collective in divergent control flow"),
     "early return before a barrier": (
         """threadgroup float t[64];
         if (thread_position_in_threadgroup.x == 5) { return; }

@@ -254,7 +254,83 @@ __attribute__((noinline)) inline bool simd_all(bool b) {
     EMU_COLLECTIVE_BEGIN(bool, b) for (int l = 0; l < emu::kSimdWidth; ++l) if ((mask >> l & 1u) && !at(l)) return false;
     return true; }
 #undef EMU_COLLECTIVE_BEGIN
+
+// ---- simdgroup_matrix 8x8: each lane holds only its own 2-element fragment ------------------------------
+// Lane l holds row fm, columns fn and fn + 1 (the layout MLX's steel MMA code assumes):
+//   fm = (l / 4 & 4) + (l / 2 % 4),  fn = (l / 4 & 2) * 2 + (l % 2) * 2.
+// load / store / multiply are simd collectives (all 32 lanes at the same call site); multiply gathers every
+// lane's fragments, multiplies in float and hands each lane its part of the result.
+constexpr int kFrag = 8;
+inline int frag_row(int l) { return (l / 4 & 4) + (l / 2 % 4); }
+inline int frag_col(int l) { return (l / 4 & 2) * 2 + (l % 2) * 2; }
+template <class T, int C, int R> struct simdgroup_matrix {
+    static_assert(C == kFrag && R == kFrag, "the emulator models 8x8 simdgroup matrices only");
+    vec<T, 2> frag;
+    simdgroup_matrix() = default;
+    __attribute__((noinline)) explicit simdgroup_matrix(T diagonal) {  // MSL: a diagonal matrix
+        unsigned m; int l; char z = 0; emu::simd_exchange(&z, 1, __builtin_return_address(0), &m, &l);
+        int r = frag_row(l), c = frag_col(l);
+        frag = vec<T, 2>(T(r == c ? float(diagonal) : 0.0f), T(r == c + 1 ? float(diagonal) : 0.0f));
+    }
+    vec<T, 2>& thread_elements() { return frag; }
+};
+template <class T, int C, int R> __attribute__((noinline)) simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T v) {
+    unsigned m; int l; char z = 0; emu::simd_exchange(&z, 1, __builtin_return_address(0), &m, &l);
+    simdgroup_matrix<T, C, R> out; out.frag = vec<T, 2>(v, v); return out;
+}
+template <class T, class U> __attribute__((noinline)) void simdgroup_load(
+    simdgroup_matrix<T, 8, 8>& d, const U* src, size_t elements_per_row = 8, vec<uint64_t, 2> origin = vec<uint64_t, 2>(0),
+    bool transpose = false) {
+    unsigned m; int l; char z = 0; emu::simd_exchange(&z, 1, __builtin_return_address(0), &m, &l);
+    for (int i = 0; i < 2; ++i) {
+        size_t r = size_t(frag_row(l)), c = size_t(frag_col(l) + i);
+        d.frag[i] = T(transpose ? src[(origin.y + c) * elements_per_row + origin.x + r]
+                                : src[(origin.y + r) * elements_per_row + origin.x + c]);
+    }
+}
+template <class T, class U> __attribute__((noinline)) void simdgroup_store(
+    const simdgroup_matrix<T, 8, 8>& a, U* dst, size_t elements_per_row = 8, vec<uint64_t, 2> origin = vec<uint64_t, 2>(0),
+    bool transpose = false) {
+    unsigned m; int l; char z = 0; emu::simd_exchange(&z, 1, __builtin_return_address(0), &m, &l);
+    for (int i = 0; i < 2; ++i) {
+        size_t r = size_t(frag_row(l)), c = size_t(frag_col(l) + i);
+        (transpose ? dst[(origin.y + c) * elements_per_row + origin.x + r]
+                   : dst[(origin.y + r) * elements_per_row + origin.x + c]) = U(a.frag[i]);
+    }
+}
+template <class TD, class TA, class TB, class TC> __attribute__((noinline)) void simdgroup_multiply_accumulate(
+    simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a, const simdgroup_matrix<TB, 8, 8>& b,
+    const simdgroup_matrix<TC, 8, 8>& c) {
+    float mine[6] = {float(a.frag[0]), float(a.frag[1]), float(b.frag[0]), float(b.frag[1]), float(c.frag[0]),
+                     float(c.frag[1])};
+    unsigned m; int l;
+    const unsigned char* all = emu::simd_exchange(mine, sizeof mine, __builtin_return_address(0), &m, &l);
+    float A[8][8], B[8][8], C[8][8];
+    for (int s = 0; s < emu::kSimdWidth; ++s) {
+        float f[6]; std::memcpy(f, all + s * emu::kSlotBytes, sizeof f);
+        int r = frag_row(s), col = frag_col(s);
+        A[r][col] = f[0]; A[r][col + 1] = f[1]; B[r][col] = f[2]; B[r][col + 1] = f[3];
+        C[r][col] = f[4]; C[r][col + 1] = f[5];
+    }
+    int r = frag_row(l), col = frag_col(l);
+    for (int i = 0; i < 2; ++i) {
+        float acc = C[r][col + i];
+        for (int k = 0; k < 8; ++k) acc += A[r][k] * B[k][col + i];
+        d.frag[i] = TD(acc);
+    }
+}
+template <class TD, class TA, class TB> __attribute__((always_inline)) inline void simdgroup_multiply(
+    simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a, const simdgroup_matrix<TB, 8, 8>& b) {
+    simdgroup_matrix<TD, 8, 8> zero; zero.frag = vec<TD, 2>(TD(0.0f));
+    simdgroup_multiply_accumulate(d, a, b, zero);
+}
 }  // namespace metal
+
+typedef metal::simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef metal::simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef metal::simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+typedef metal::vec<uint64_t, 2> ulong2;
+typedef uint64_t ulong;
 
 using namespace metal;  // as MLX's utils.h does
 
