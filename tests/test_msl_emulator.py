@@ -135,6 +135,18 @@ def test_vector_swizzles_and_math():
     np.testing.assert_array_equal(got, [3434.0, 3 + 8 + 9, 15 + 0 + 1 + 2 + 1])
 
 
+def test_scalar_small_and_shape_arguments_reach_the_kernel():
+    src = """
+    const uint i = thread_position_in_grid.x;
+    out[i] = in0[i] * alpha + small[1] + float(in0_shape[1]) * 100.0f + float(in0_strides[0]) * 1000.0f
+             + float(in0_ndim) * 10000.0f;
+    """
+    x = mx.arange(12, dtype=mx.float32).reshape(3, 4)
+    got = run(src, [x, 0.5, mx.array([1.0, 2.0, 3.0])], (12,), (12, 1, 1), (4, 1, 1),
+              input_names=["in0", "alpha", "small"])
+    np.testing.assert_array_equal(got, np.arange(12) * 0.5 + 2 + 400 + 4000 + 20000)
+
+
 def test_threadgroup_memory_is_poisoned_for_every_threadgroup():
     src = """
     threadgroup float scratch[64];
