@@ -295,6 +295,12 @@ def to_harmony(messages: list[dict], *, reasoning_effort: str = "medium", tools=
                             .with_recipient(recipient).with_content_type("<|constrain|>json"))
             if m.get("content") or not (m.get("reasoning") or m.get("tool_calls")):
                 body.append(Message.from_role_and_content(Role.ASSISTANT, _text(m, "content")).with_channel("final"))
+    # The format's rule: chain-of-thought of turns that ended in a final answer is dropped; only the current,
+    # unfinished turn (e.g. around its tool calls) keeps it. openai-harmony 0.0.8's own auto-drop removes only
+    # the analysis before the *first* final message, which would keep the reasoning of every later turn.
+    finals = [i for i, msg in enumerate(body) if msg.channel == "final"]
+    if finals:
+        body = [msg for i, msg in enumerate(body) if not (msg.channel == "analysis" and i < finals[-1])]
     specs = tool_specs(tools)
     head = [Message.from_role_and_content(Role.SYSTEM, system)]
     if instructions or specs:
