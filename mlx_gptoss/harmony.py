@@ -349,6 +349,7 @@ class StreamParser:
         self.reasoning, self.content = [], []
         self.tool_calls: list[dict] = []
         self._n_messages = 0
+        self._hide: list[str] = []  # special-token texts to cut from the coming deltas
         self.stopped = False  # saw <|return|> or <|call|>: the reply is complete
 
     def _warn(self, why: str) -> None:
@@ -371,7 +372,8 @@ class StreamParser:
         self.pending.append(token)
         out = []
         try:
-            if token in (END, RETURN, CALL) and self.parser.state_data.get("state") == "Header":
+            state = self.parser.state_data.get("state") if token >= N_ORDINARY else None
+            if token in (END, RETURN, CALL) and state == "Header":
                 out += self._unopened()  # the message ends before its header reached <|message|>
             self.parser.process(token)
             delta = self.parser.last_content_delta
@@ -385,9 +387,13 @@ class StreamParser:
             if text:
                 self.content.append(text)
             return out + ([Piece("content", text)] if text else [])
-        if delta and token >= N_ORDINARY:  # a special token inside a message: never show markup
-            self._warn(f"the model put the special token {delta!r} inside a message")
-            delta = None
+        if state == "Content" and token not in (END, RETURN, CALL):
+            # a special token inside a message: its text reaches a delta (maybe a later one); never show markup
+            name = self.enc.decode([token])
+            self._warn(f"the model put the special token {name} inside a message")
+            self._hide.append(name)
+        while delta and self._hide and self._hide[0] in delta:
+            delta = delta.replace(self._hide.pop(0), "", 1)
         if delta and not recipient:
             kind = "reasoning" if channel == "analysis" else "content"
             (self.reasoning if kind == "reasoning" else self.content).append(delta)

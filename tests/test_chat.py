@@ -1,0 +1,200 @@
+"""GptOss.chat() through the real model path: scripted checkpoints (exact events), malformed output, a
+random-weights model on the real vocabulary, context cap, chunked prefill, sampling options."""
+
+from __future__ import annotations
+
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_gptoss
+from mlx_gptoss import GptOssError, harmony
+from mlx_gptoss.chat import Runner
+from scripted_checkpoint import (SCRIPTS, get_weather, harmony_specials, offline_harmony, scripted_model,
+                                 scripted_path)
+from tiny_checkpoint import hub_config, random_weights, write_hub_checkpoint
+
+HI = [{"role": "user", "content": "Hello"}]
+SPECIAL_TEXTS = set(harmony_specials().values())
+
+
+def events(gpt, messages=HI, **kw):
+    evs = list(gpt.chat(messages, temperature=0, **kw))
+    assert evs[-1].kind == "done" and all(e.kind != "done" for e in evs[:-1])
+    return [(e.kind, e.text) for e in evs[:-1]], evs[-1].stats, evs
+
+
+def merged(evs):
+    """Consecutive pieces of one kind joined: [("reasoning", "The user greets."), ...]."""
+    out = []
+    for kind, text in evs:
+        if out and out[-1][0] == kind and kind != "tool_call":
+            out[-1] = (kind, out[-1][1] + text)
+        else:
+            out.append((kind, text))
+    return out
+
+
+def test_analysis_then_final():
+    gpt = scripted_model("reason")
+    evs, stats, _ = events(gpt)
+    assert evs == [("reasoning", "The"), ("reasoning", " user"), ("reasoning", " gre"), ("reasoning", "ets"),
+                   ("reasoning", "."), ("content", "Hello"), ("content", " there"), ("content", "!")]
+    enc = harmony.encoding()
+    prompt = gpt.encode_chat(HI)
+    assert stats.prompt_tokens == stats.prefilled_tokens == len(prompt) and stats.cached_tokens == 0
+    assert stats.generated_tokens == len(enc.encode(SCRIPTS["reason"][0], allowed_special="all"))
+    assert stats.stop_reason == "return" and not stats.malformed and stats.warnings == []
+    assert stats.time_to_first_token > 0 and stats.prefill_tps > 0 and stats.decode_tps > 0
+    assert stats.peak_memory > 0 and stats.dropped_messages == 0
+
+
+def test_final_only_and_generate():
+    gpt = scripted_model("final")
+    evs, stats, _ = events(gpt, max_tokens=50)
+    assert merged(evs) == [("content", "Just the answer.")]
+    assert stats.stop_reason == "return"
+    assert gpt.generate("Hi there", temperature=0) == "Just the answer."
+
+
+def test_tool_call_event():
+    gpt = scripted_model("tool")
+    evs, stats, raw = events(gpt, [{"role": "user", "content": "Weather in Paris?"}], tools=[get_weather])
+    assert merged(evs) == [("reasoning", "Need the weather."), ("tool_call", '{"city": "Paris"}')]
+    call = raw[-2]
+    assert call.recipient == "functions.get_weather" and call.name == "get_weather"
+    assert call.arguments == '{"city": "Paris"}'
+    assert stats.stop_reason == "call"
+
+
+def test_tool_result_then_answer():
+    gpt = scripted_model("tool")
+    msgs = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "reasoning": "Need the weather.",
+             "tool_calls": [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]},
+            {"role": "tool", "name": "get_weather", "content": '{"city": "Paris", "temp_c": 21, "sky": "sunny"}'}]
+    evs, stats, _ = events(gpt, msgs, tools=[get_weather])
+    assert merged(evs) == [("content", "It is sunny and 21 C.")]
+    assert stats.stop_reason == "return"
+
+
+def test_special_token_inside_a_message_is_not_shown():
+    evs, stats, _ = events(scripted_model("bad_special"))
+    assert evs == [("content", "Hi"), ("content", " there")]
+    assert stats.malformed and "<|start|>" in stats.warnings[0] and stats.stop_reason == "return"
+
+
+def test_output_without_a_header_is_content():
+    evs, stats, _ = events(scripted_model("no_header"))
+    assert merged(evs) == [("content", "hello world")]
+    assert stats.malformed and stats.stop_reason == "return"
+
+
+def test_a_channel_that_never_closes_stops_at_max_tokens():
+    evs, stats, _ = events(scripted_model("loop"), max_tokens=20)
+    assert merged(evs) == [("reasoning", " again and" * 8 + " again")]
+    assert stats.stop_reason == "max_tokens" and stats.generated_tokens == 20 and not stats.malformed
+
+
+def test_generation_stops_at_the_context_cap():
+    gpt = scripted_model("loop")
+    n = len(gpt.encode_chat(HI))
+    _, stats, _ = events(gpt, max_context=n + 7)
+    assert stats.stop_reason == "context" and stats.generated_tokens == 7
+
+
+def test_prompt_over_the_context_cap_is_a_clear_error():
+    gpt = scripted_model("final")
+    n = len(gpt.encode_chat(HI))
+    with pytest.raises(GptOssError, match=f"prompt has {n} tokens.*context cap of {n - 1}"):
+        list(gpt.chat(HI, max_context=n - 1))
+    with pytest.raises(GptOssError, match="context cap"):
+        list(gpt.chat(HI, max_context=n))  # no room for a single token
+
+
+@pytest.mark.parametrize("kw,match", [({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"),
+                                      ({"top_k": -2}, "top_k"), ({"min_p": "x"}, "min_p"),
+                                      ({"max_tokens": 0}, "max_tokens"), ({"reasoning_effort": "max"}, "effort")])
+def test_bad_options_are_clear_errors(kw, match):
+    with pytest.raises(GptOssError, match=match):
+        list(scripted_model("final").chat(HI, **kw))
+
+
+def test_stream_parser_never_raises_on_random_tokens():
+    offline_harmony()
+    rng = random.Random(0)
+    specials = sorted(harmony_specials())
+    for trial in range(200):
+        p = harmony.StreamParser()
+        pieces = []
+        for _ in range(rng.randint(1, 40)):
+            pick = rng.random()
+            tok = rng.choice(specials) if pick < 0.3 else (
+                rng.choice([harmony.START, harmony.CHANNEL, harmony.MESSAGE, harmony.END]) if pick < 0.5
+                else rng.randrange(harmony.N_ORDINARY))
+            pieces += p.feed(tok)
+            if tok in harmony.STOP_TOKENS:
+                break
+        pieces += p.finish("return")
+        for piece in pieces:
+            assert piece.kind in ("reasoning", "content", "tool_call")
+            assert not any(s in piece.text for s in SPECIAL_TEXTS if piece.kind != "tool_call"), piece
+
+
+# ------------------------------------------------------------------ a random model on the real vocab
+
+@pytest.fixture(scope="module")
+def random_gpt(tmp_path_factory):
+    tok = offline_harmony()
+    cfg = hub_config(vocab_size=201088, hidden_size=64, intermediate_size=32, head_dim=16, num_attention_heads=4,
+                     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                     sliding_window=8)
+    folder = write_hub_checkpoint(tmp_path_factory.mktemp("rnd") / "ckpt", cfg, random_weights(cfg, seed=3), shards=1)
+    (folder / "tokenizer.json").symlink_to(tok / "tokenizer.json")
+    return mlx_gptoss.load(folder, allow_download=False)
+
+
+def test_random_model_output_degrades_to_content(random_gpt):
+    kinds = set()
+    for seed in range(3):
+        evs = list(random_gpt.chat(HI, temperature=1.0, seed=seed, max_tokens=60))
+        stats = evs[-1].stats
+        assert stats.generated_tokens <= 60 and stats.stop_reason in ("return", "call", "max_tokens")
+        for e in evs[:-1]:
+            kinds.add(e.kind)
+            assert e.kind in ("reasoning", "content", "tool_call")
+            if e.kind != "tool_call":
+                assert not any(s in e.text for s in SPECIAL_TEXTS)
+        text = "".join(e.text for e in evs[:-1] if e.kind == "content")
+        assert stats.malformed and text  # random tokens: no header, shown as content with the warning
+    assert "content" in kinds
+
+
+def test_seed_makes_sampling_repeatable(random_gpt):
+    a = [(e.kind, e.text) for e in random_gpt.chat(HI, seed=7, max_tokens=20, top_k=50, top_p=0.9)]
+    b = [(e.kind, e.text) for e in random_gpt.chat(HI, seed=7, max_tokens=20, top_k=50, top_p=0.9)]
+    assert a[:-1] == b[:-1]
+
+
+def test_chunked_prefill_matches_one_pass(random_gpt):
+    ids = random_gpt.encode_chat(HI)
+    assert len(ids) > 40
+    one = Runner(random_gpt)
+    one.chunk = 10_000
+    chunked = Runner(random_gpt)
+    chunked.chunk = 5  # smaller than the sliding window of 8: exercises the rotating cache across chunks
+    a, n_a = one.prefill(ids)
+    b, n_b = chunked.prefill(ids)
+    assert n_a == n_b == len(ids)
+    ref = random_gpt.model(mx.array([ids]))[0, -1]
+    np.testing.assert_allclose(np.array(a), np.array(ref), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(b), np.array(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_scripted_checkpoint_is_a_hub_mxfp4_checkpoint():
+    folder = scripted_path("final")
+    gpt = scripted_model("final")
+    assert gpt.config.vocab_size == 201088 and gpt.config.quantization == "mxfp4"
+    assert (folder / "tokenizer.json").is_file() and (folder / "model.safetensors.index.json").is_file()
