@@ -284,3 +284,98 @@ def test_main_prints_one_line_and_no_traceback(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path}/config.json: no config.json here; "
                                              "is this a gpt-oss model folder?"]
+
+
+# --- chat on scripted checkpoints (the real engine: load, harmony, Session, prompt cache) -------------------
+
+@pytest.fixture
+def state(tmp_path, monkeypatch):
+    """Autosaves and history go to a temporary folder."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return tmp_path / "state" / "gptoss-mac"
+
+
+def chat_piped(model, *args, input: str):
+    from scripted_checkpoint import scripted_path
+
+    return invoke("chat", "--model", str(scripted_path(model)), "--temperature", "0", *args, input=input,
+                  env={"COLUMNS": "200", "XDG_STATE_HOME": os.environ["XDG_STATE_HOME"]})
+
+
+def saved(state) -> dict:
+    return json.loads((state / "autosave.json").read_text())
+
+
+def test_piped_chat_prints_only_the_final_answers(state):
+    result = chat_piped("reason", "--show-reasoning", input="Say hi\n\nSay hi\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Hello there!\nHello there!\n"  # no reasoning, no stats, no colours
+    assert "\x1b[" not in result.output
+    assert "memory plan:" in result.stderr and "context of 131,072 tokens" in result.stderr
+    msgs = saved(state)["session"]["messages"]
+    assert [(m["role"], m.get("content")) for m in msgs] == [
+        ("user", "Say hi"), ("assistant", "Hello there!"), ("user", "Say hi"), ("assistant", "Hello there!")]
+
+
+def test_chat_options_reach_the_session(state):
+    result = chat_piped("reason", "--effort", "low", "--developer", "Answer briefly.", "--seed", "3",
+                        "--top-p", "0.9", "--ctx", "4096", "--memory", "64GB", input="Say hi\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Hello there!\n"
+    assert "context of 4,096 tokens" in result.stderr and "(--memory 64GB)" in result.stderr
+    session = saved(state)["session"]
+    assert session["reasoning_effort"] == "low" and session["developer"] == "Answer briefly."
+
+
+def test_chat_max_tokens_stops_the_reply_and_says_so(state):
+    result = chat_piped("reason", "--max-tokens", "3", input="Say hi\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""  # three tokens of chain-of-thought: no answer yet
+    assert "(the reply stopped at --max-tokens 3)" in result.stderr
+
+
+def test_piped_slash_commands(state, tmp_path):
+    file = tmp_path / "talk.json"
+    result = chat_piped("final", input=f"Say hi\n/effort high\n/developer Be kind.\n/save {file}\n/reset\n"
+                                       f"/stats\n/load {file}\n/bogus\n/effort extreme\n/exit\nSay hi\n")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert out.count("Just the answer.") == 1  # nothing is read after /exit
+    assert "reasoning effort: high" in out and "developer instructions set." in out
+    assert f"saved to {file}" in out and "new conversation." in out
+    assert "0 messages in the conversation" in out  # after /reset
+    assert f"loaded 2 messages from {file}" in out
+    assert "unknown command /bogus; commands: /help /reset /effort /reasoning /developer /save /load /stats /exit" in out
+    assert "usage: /effort low|medium|high (now high)" in out
+    data = json.loads(file.read_text())
+    assert data["session"]["reasoning_effort"] == "high" and data["session"]["developer"] == "Be kind."
+
+
+def test_load_of_a_bad_file_is_an_error_not_a_crash(state, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    result = chat_piped("final", input=f"/load {bad}\n/load {tmp_path / 'missing.json'}\nSay hi\n")
+    assert result.exit_code == 0
+    assert "not a saved chat" in result.stderr and "no such file" in result.stderr
+    assert result.stdout.strip().endswith("Just the answer.")
+
+
+def test_a_crash_saves_the_conversation(state, monkeypatch):
+    from mlx_gptoss import chat as engine
+
+    real_send, calls = engine.Session.send, []
+
+    def send(self, text, **kw):
+        calls.append(text)
+        if len(calls) == 2:
+            raise RuntimeError("Metal ran out of memory")
+        return real_send(self, text, **kw)
+
+    monkeypatch.setattr(engine.Session, "send", send)
+    result = chat_piped("final", input="Say hi\nSay hi\n")
+    assert result.exit_code == 1
+    assert "RuntimeError: Metal ran out of memory" in result.stderr
+    crash = sorted(state.glob("crash-*.json"))
+    assert len(crash) == 1 and str(crash[0]) in " ".join(result.stderr.split())
+    msgs = json.loads(crash[0].read_text())["session"]["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant"]
