@@ -455,8 +455,9 @@ def apply(p: Plan) -> dict[str, int]:
     # Beyond the budget MLX waits for pending work to free memory, then fails, rather than swapping.
     mx.set_memory_limit(usable)
     applied["memory_limit"] = usable
-    # Freed buffers are kept for reuse; cap that cache at the headroom the plan leaves (at most 2 GiB).
-    cache = max(0, min(2 * GIB, usable - p.needed))
+    # Freed buffers are kept for reuse; cap that cache at the headroom the plan leaves (at most 2 GiB, at
+    # least 256 MiB: without a cache every decode step would allocate its temporaries afresh).
+    cache = max(256 * MIB, min(2 * GIB, usable - p.needed))
     mx.set_cache_limit(cache)
     applied["cache_limit"] = cache
     return applied
