@@ -1,5 +1,15 @@
 """gpt-oss-20b / gpt-oss-120b on Apple silicon with MLX."""
 
+from pathlib import Path as _Path
+
+# Installed, cli/ and metal/ live inside this package (mlx_gptoss.cli, mlx_gptoss.metal). In a source
+# checkout they sit beside it; when this package is imported from the checkout itself (e.g. `python -m`
+# run from the repository root), look for subpackages there too, so both layouts import the same way.
+_root = _Path(__file__).resolve().parent.parent
+if not _Path(__file__).with_name("cli").is_dir() and (_root / "cli" / "app.py").is_file() \
+        and (_root / "pyproject.toml").is_file():
+    __path__.append(str(_root))
+
 from .api import GptOss, load
 from .chat import Event, Session, Stats
 from .harmony import Tool, tool_spec
