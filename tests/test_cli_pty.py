@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -31,3 +32,109 @@ def test_chat_asks_before_downloading_on_a_tty(tiny_ckpt, tmp_path):
         child.close()
         assert child.exitstatus == 1
         assert fake.fetched() == []
+
+
+@pytest.fixture
+def chat_env(tmp_path):
+    from scripted_checkpoint import offline_harmony
+
+    offline_harmony()  # sets XDG_CACHE_HOME to where the harmony vocabulary was derived: the child inherits it
+    return {"XDG_STATE_HOME": str(tmp_path / "state"), "HF_HUB_OFFLINE": "1"}
+
+
+def chat(model: str, env: dict, *args) -> pexpect.spawn:
+    from scripted_checkpoint import scripted_path
+
+    child = spawn(["chat", "--model", str(scripted_path(model)), "--temperature", "0", *args], env)
+    child.expect("/help for commands")
+    child.expect("›")
+    return child
+
+
+def test_interactive_chat_streams_saves_loads_and_exits_0(chat_env, tmp_path):
+    file = tmp_path / "talk.json"
+    child = chat("reason", chat_env)
+    child.send("Say hi\r")
+    child.expect("Hello there!")
+    # the stats line; the first turn prefills the whole prompt
+    child.expect(r"(\d+) tokens \(\d+ thinking\) · first token [0-9.]+ s · [0-9.]+ tok/s · "
+                 r"prompt (\d+) tokens \((\d+) new\)")
+    first_prompt, first_new = int(child.match.group(2)), int(child.match.group(3))
+    assert first_new == first_prompt
+    child.expect("›")
+
+    child.send("Say hi\r")
+    child.expect("Hello there!")
+    child.expect(r"prompt (\d+) tokens \((\d+) new\)")
+    prompt, new = int(child.match.group(1)), int(child.match.group(2))
+    assert new == prompt - first_prompt < first_prompt  # the prompt cache: only what the first turn did not have
+    child.expect("›")
+
+    child.send(f"/save {file}\r")
+    child.expect("saved to")
+    child.send("/reset\r")
+    child.expect("new conversation")
+    child.send(f"/load {file}\r")
+    child.expect("loaded 4 messages")
+    child.send("/reasoning on\r")
+    child.expect("chain-of-thought shown")
+    child.send("Say hi\r")
+    child.expect("The user greets.")  # the chain-of-thought, shown on request
+    child.expect("Hello there!")
+    child.expect("tok/s")
+    child.send("/exit\r")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    saved = json.loads(file.read_text())["session"]["messages"]
+    assert [m.get("content") for m in saved] == ["Say hi", "Hello there!"] * 2
+    autosaved = json.loads((tmp_path / "state" / "gptoss-mac" / "autosave.json").read_text())
+    assert len(autosaved["session"]["messages"]) == 6  # the loaded 4 + the last turn
+
+
+def test_ctrl_c_stops_a_reply_and_keeps_the_session(chat_env):
+    child = chat("loop", chat_env)  # its chain-of-thought never ends: " again and again and ..."
+    child.send("Say hi\r")
+    child.expect(r"thinking… (\d+) tokens")
+    seen = {int(child.match.group(1))}
+    while len(seen) < 3:  # the count moves: the reply is streaming
+        child.expect(r"thinking… (\d+) tokens")
+        seen.add(int(child.match.group(1)))
+    child.sendintr()
+    child.expect("stopped; the conversation is kept")
+    child.expect("›")
+    child.send("/stats\r")
+    child.expect("1 messages in the conversation")  # the user's message; nothing was lost or corrupted
+    child.expect("›")
+
+    child.send("some half-typed line")
+    child.sendintr()  # Ctrl-C at the prompt clears the line, the session goes on
+    child.send("/stats\r")
+    child.expect("1 messages in the conversation")
+    child.expect("›")
+    child.sendeof()  # Ctrl-D quits with status 0
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_help_and_multiline_input(chat_env, tmp_path):
+    file = tmp_path / "multi.json"
+    child = chat("final", chat_env)
+    child.send("/help\r")
+    child.expect("Esc then Enter, or a trailing")
+    child.expect("›")
+    child.send("first line\\\r")  # a trailing backslash continues the message on a new line
+    child.send("second line")
+    child.send("\x1b\r")  # Esc then Enter: another new line
+    child.send("third line\r")
+    child.expect("Just the answer.")
+    child.expect("tok/s")
+    child.send(f"/save {file}\r")
+    child.expect("saved to")
+    child.send("/exit\r")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    first = json.loads(file.read_text())["session"]["messages"][0]
+    assert first == {"role": "user", "content": "first line\nsecond line\nthird line"}
