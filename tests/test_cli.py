@@ -379,3 +379,19 @@ def test_a_crash_saves_the_conversation(state, monkeypatch):
     assert len(crash) == 1 and str(crash[0]) in " ".join(result.stderr.split())
     msgs = json.loads(crash[0].read_text())["session"]["messages"]
     assert [m["role"] for m in msgs] == ["user", "assistant"]
+
+
+def test_chat_downloads_the_model_on_first_use_when_piped(tmp_path):
+    from scripted_checkpoint import scripted_path
+
+    files = {p.name: p.read_bytes() for p in scripted_path("final").iterdir() if p.is_file()}
+    with FakeHub(REPO, files) as fake:
+        env = dict(os.environ, HF_ENDPOINT=fake.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0",
+                   HF_HUB_CACHE=str(tmp_path / "hf" / "hub"), XDG_STATE_HOME=str(tmp_path / "state"),
+                   COLUMNS="200")
+        r = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli.app", "chat", "--temperature", "0"],
+                           input="Say hi\n", env=env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == "Just the answer.\n"
+        assert f"{REPO}: {len(files)} files" in r.stderr and "downloaded openai/gpt-oss-20b" in r.stderr
+        assert sorted(fake.fetched()) == sorted(files)
