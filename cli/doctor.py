@@ -36,7 +36,7 @@ def doctor(
 ) -> None:
     """Show the machine, MLX, memory, Metal kernels and cached models, then run a smoke test."""
     rows: list[Row] = []
-    for probe in (system_rows, mlx_rows, memory_rows, kernel_rows, blas_rows, cache_rows):
+    for probe in (system_rows, mlx_rows, memory_rows, kernel_rows, harmony_rows, blas_rows, cache_rows):
         try:
             rows += probe()
         except Exception as e:  # a broken probe is a finding, not a crash
@@ -113,6 +113,25 @@ def kernel_rows() -> list[Row]:
         return [Row("Metal kernels", NOTE, "this build has no custom kernels; MLX's built-in mxfp4 ops are used")]
     results = status()  # {kernel name: (passed, detail)}
     return [Row(f"kernel {name}", OK if passed else FAIL, detail) for name, (passed, detail) in results.items()]
+
+
+def harmony_rows() -> list[Row]:
+    """openai-harmony and its o200k vocabulary, which chat derives offline from the model's tokenizer.json."""
+    import hashlib
+    from importlib.metadata import version
+
+    from mlx_gptoss import harmony
+
+    import openai_harmony  # noqa: F401  (a broken install fails here)
+
+    f = harmony.cache_dir() / harmony.VOCAB_FILE
+    if f.is_file() and hashlib.sha256(f.read_bytes()).hexdigest() == harmony.VOCAB_SHA256:
+        vocab = f"vocabulary verified in {f.parent}"
+    elif f.is_file():
+        return [Row("harmony", FAIL, f"{f} is corrupt (wrong sha256); delete it, the next chat derives it again")]
+    else:
+        vocab = "its vocabulary is derived from the model's tokenizer.json on the first chat"
+    return [Row("harmony", OK, f"openai-harmony {version('openai-harmony')}; {vocab}")]
 
 
 def blas_rows() -> list[Row]:

@@ -43,7 +43,7 @@ def test_doctor_reports_the_machine_and_passes_the_smoke_test():
     result = invoke("doctor")
     assert result.exit_code == 0, result.output
     out = result.output
-    for word in ("OS", "chip", "MLX", "backend", "memory", "GPU working set", "Metal kernels", "cached models",
+    for word in ("OS", "chip", "MLX", "backend", "memory", "GPU working set", "Metal kernels", "harmony", "cached models",
                  "smoke test", "KV caches match an uncached forward", "everything works"):
         assert word in out, word
     if sys.platform == "linux":
@@ -98,6 +98,15 @@ def test_doctor_reports_metal_kernel_self_tests(monkeypatch):
     assert [(r.what, r.status) for r in rows] == [("kernel moe_gate_up_swiglu (bfloat16)", doctor.OK),
                                                   ("kernel moe_down (bfloat16)", doctor.FAIL)]
     assert "compile error" in rows[1].detail
+
+
+def test_doctor_finds_a_corrupt_harmony_vocabulary(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    (tmp_path / "gptoss-mac").mkdir()
+    (tmp_path / "gptoss-mac" / "o200k_base.tiktoken").write_text("not the vocabulary")
+    result = invoke("doctor", "--no-smoke")
+    assert result.exit_code == 1
+    assert "wrong sha256" in result.output and "broken: harmony" in result.output
 
 
 def test_smoke_test_passes_and_is_deterministic():
