@@ -50,7 +50,8 @@ drop_oldest=True)`), keeps the KV cache between turns so turn N prefills only wh
 
 Context: a prompt longer than the context cap (max_context, default min(config max_position_embeddings,
 the memory plan's context)) raises GptOssError from GptOss.chat(); a Session with drop_oldest=True drops
-the oldest user turns instead and reports it in stats.dropped_messages (never silently).
+the oldest user turns instead, keeping room for max_tokens (default: a quarter of the context, at most 4096
+tokens), and reports it in stats.dropped_messages (never silently).
 
 Tools: a Python callable (JSON schema from its signature, type hints and docstring) or a dict
 {"name", "description", "parameters": JSON schema}. See mlx_gptoss.harmony.tool_spec().
@@ -59,6 +60,7 @@ Tools: a Python callable (JSON schema from its signature, type hints and docstri
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import threading
 import time
@@ -115,7 +117,7 @@ class Event:
 class _Snapshot:
     n: int  # tokens in the cache when taken (the end of a prompt)
     sliding: dict  # layer index -> RotatingKVCache.state (cheap: a window of 128 tokens per layer)
-    logits: mx.array  # the logits the prompt ended with, so an identical prompt needs no forward pass
+    logits: mx.array | None  # the logits the prompt ended with (an identical prompt needs no forward pass)
 
 
 class Runner:
@@ -175,15 +177,23 @@ class Runner:
                 self.reset()
             else:
                 self._restore(best)
-                if best.n == len(prompt):
+                if best.n == len(prompt) and best.logits is not None:
                     return best.logits, 0
+                if best.n == len(prompt):  # a mark snapshot holds no logits: step back one token
+                    best = max((s for s in self.snapshots if s.n < len(prompt)), key=lambda s: s.n, default=None)
+                    self._restore(best) if best else self.reset()
         start = len(self.ids)
-        rest = prompt[start:]
-        for i in range(0, len(rest) - 1, self.chunk):
-            self._forward(rest[i:min(i + self.chunk, len(rest) - 1)], want_logits=False)
-        logits = self._forward(rest[-1:], want_logits=True)
+        # Two snapshots: at the end of the last message (before "<|start|>assistant"), so that a turn whose
+        # reply is dropped (interrupted) still reuses the cache, and at the end of the prompt.
+        mark = len(prompt) - 2 if len(prompt) - 2 > start else None
+        for lo, hi in ((start, mark), (mark, len(prompt) - 1)) if mark else ((start, len(prompt) - 1),):
+            for i in range(lo, hi, self.chunk):
+                self._forward(prompt[i:min(i + self.chunk, hi)], want_logits=False)
+            if hi == mark:
+                self._snapshot(None)
+        logits = self._forward(prompt[-1:], want_logits=True)
         self._snapshot(logits)
-        return logits, len(rest)
+        return logits, len(prompt) - start
 
     def step(self, token: int) -> mx.array:
         return self._forward([token], want_logits=True)
@@ -301,7 +311,7 @@ class Session:
         self.last_stats: Stats | None = None
         self.dropped = 0
         self._cancel = threading.Event()
-        self._busy, self._pending = False, []
+        self._busy, self._pending, self._active = False, [], None
         self.render()  # validate settings and messages now, not at the first send
 
     # -- settings
@@ -317,6 +327,9 @@ class Session:
         self.tools = harmony.tool_specs(tools)
 
     def reset(self) -> None:
+        if self._active is not None:
+            self._active.close()
+            self._active = None
         self.messages = []
         self.runner.reset()
 
@@ -363,28 +376,41 @@ class Session:
     def send(self, text: str | None, *, max_tokens: int | None = None, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None, tools=None,
              auto_tools: bool = False, keep_partial: bool = False, max_tool_rounds: int = 8) -> Iterator[Event]:
+        if self._active is not None:  # an unfinished earlier reply: end it now so the history stays in order
+            self._active.close()
+            self._active = None
         if text is not None:
             if not isinstance(text, str):
                 raise GptOssError(f"send(): the message must be a string, got {type(text).__name__}")
             self.messages.append({"role": "user", "content": text})
         if tools is not None:
             self.set_tools(tools)
-        return self._turn(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                          seed=seed, auto_tools=auto_tools, keep_partial=keep_partial, rounds=max_tool_rounds)
+        self._active = self._turn(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  min_p=min_p, seed=seed, auto_tools=auto_tools, keep_partial=keep_partial,
+                                  rounds=max_tool_rounds, added=text is not None)
+        return self._active
 
-    def _turn(self, *, auto_tools, keep_partial, rounds, **sampling) -> Iterator[Event]:
+    def _turn(self, *, auto_tools, keep_partial, rounds, added, **sampling) -> Iterator[Event]:
         self._cancel.clear()
         by_name = {t.name: t for t in self.tools}
-        for _ in range(max(1, rounds)):
-            reserve = min(sampling["max_tokens"] or 1, max(1, self.cap // 4))
+        for round_ in range(max(1, rounds)):
+            # room kept for the reply when dropping old turns: max_tokens, else a quarter of the context
+            reserve = sampling["max_tokens"] or max(1, min(self.cap // 4, 4096))
             prompt, dropped = self._fit(reserve)
             self.dropped += dropped
             parser = harmony.StreamParser(self.gpt.path)
             done = None
             self._busy = True
             try:
-                for ev in generate_events(self.runner, prompt, cap=self.cap, cancel=self._cancel, parser=parser,
-                                          dropped=dropped, **sampling):
+                try:
+                    stream = generate_events(self.runner, prompt, cap=self.cap, cancel=self._cancel, parser=parser,
+                                             dropped=dropped, **sampling)
+                    first = next(stream)
+                except GptOssError:  # refused before anything ran (e.g. over the context cap)
+                    if added and round_ == 0 and self.messages and self.messages[-1].get("role") == "user":
+                        self.messages.pop()  # the question was not taken: the session is as before send()
+                    raise
+                for ev in itertools.chain([first], stream):
                     if ev.kind == "done":
                         done = ev
                     else:

@@ -1,0 +1,312 @@
+"""Session: the prompt cache across turns (prefilled counts, logits equal to a fresh prefill), tools,
+interruption, save/load, settings changes, dropping the oldest turns."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_gptoss
+from mlx_gptoss import GptOssError, Session
+from mlx_gptoss.chat import Runner
+from scripted_checkpoint import get_weather, offline_harmony, scripted_model, scripted_path
+from tiny_checkpoint import hub_config, random_weights, write_hub_checkpoint
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def run(events):
+    evs = list(events)
+    return evs, evs[-1].stats
+
+
+def answer(evs):
+    return "".join(e.text for e in evs if e.kind == "content")
+
+
+def test_five_turns_prefill_only_what_is_new():
+    gpt = scripted_model("reason")
+    s = gpt.session()
+    prev = 0
+    for turn in range(5):
+        evs, stats = run(s.send(f"Question number {turn} about MXFP4, please?", temperature=0))
+        assert answer(evs) == "Hello there!" and stats.stop_reason == "return"
+        assert stats.prompt_tokens == len(s.render(s.messages[:-1]))
+        if turn == 0:
+            assert stats.prefilled_tokens == stats.prompt_tokens
+        else:  # the previous prompt came from the cache; only the final answer + the new message are new
+            assert stats.cached_tokens == prev
+            assert stats.prefilled_tokens == stats.prompt_tokens - prev
+            assert stats.prefilled_tokens < 30
+        prev = stats.prompt_tokens
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] * 5
+    assert s.messages[1] == {"role": "assistant", "reasoning": "The user greets.", "content": "Hello there!"}
+
+
+def test_final_only_turns_continue_from_the_generated_tokens():
+    gpt = scripted_model("final")
+    s = gpt.session()
+    _, first = run(s.send("Hi", temperature=0))
+    _, second = run(s.send("Again", temperature=0))
+    # the reply "<|channel|>final<|message|>Just the answer." is already in the cache as generated
+    assert second.cached_tokens == first.prompt_tokens + first.generated_tokens - 1
+    assert second.prefilled_tokens == second.prompt_tokens - second.cached_tokens
+
+
+# ---------------------------------------------------------------- cache reuse == fresh prefill
+
+@pytest.fixture(scope="module")
+def random_gpt(tmp_path_factory):
+    tok = offline_harmony()
+    cfg = hub_config(vocab_size=201088, hidden_size=64, intermediate_size=32, head_dim=16, num_attention_heads=4,
+                     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=4,
+                     sliding_window=8)
+    folder = write_hub_checkpoint(tmp_path_factory.mktemp("rnd") / "ckpt", cfg, random_weights(cfg, seed=5), shards=1)
+    (folder / "tokenizer.json").symlink_to(tok / "tokenizer.json")
+    return mlx_gptoss.load(folder, allow_download=False)
+
+
+def fresh(gpt, ids):
+    r = Runner(gpt)
+    r.chunk = 7
+    return np.array(r.prefill(ids)[0])
+
+
+def close(a, b):
+    np.testing.assert_allclose(np.array(a), b, rtol=1e-4, atol=1e-4)
+
+
+def test_reused_cache_gives_the_logits_of_a_fresh_prefill(random_gpt):
+    rng = np.random.default_rng(0)
+    ids = lambda n: [int(x) for x in rng.integers(0, 199998, n)]  # noqa: E731
+    r = Runner(random_gpt)
+    r.chunk = 7
+    p1 = ids(40) + [200006, 173781]  # ends like a prompt: <|start|>assistant
+    logits, n = r.prefill(p1)
+    assert n == len(p1)
+    close(logits, fresh(random_gpt, p1))
+    for t in ids(12):  # a reply longer than the sliding window: the rotating caches wrap
+        r.step(t)
+    p2 = p1 + ids(9)  # the next prompt drops the reply: back to the snapshot, then only the 9 new tokens
+    logits, n = r.prefill(p2)
+    assert n == 9
+    close(logits, fresh(random_gpt, p2))
+    close(r.step(5)[None][0], np.array(random_gpt.model(mx.array([p2 + [5]]))[0, -1]))
+    p3 = p1 + ids(4)  # the same snapshot again (it must not have been changed by the use above)
+    logits, n = r.prefill(p3)
+    assert n == 4
+    close(logits, fresh(random_gpt, p3))
+    p4 = p3 + [7, 8, 9]  # the cache as it is already starts this prompt: continue from it
+    logits, n = r.prefill(p4)
+    assert n == 3
+    close(logits, fresh(random_gpt, p4))
+    logits, n = r.prefill(p4)  # the very same prompt: nothing to run
+    assert n == 0
+    close(logits, fresh(random_gpt, p4))
+    p5 = p1[:-2] + [200006, 1428] + ids(5)  # a reply dropped before it began: back to the end of the last message
+    logits, n = r.prefill(p5)
+    assert n == 7
+    close(logits, fresh(random_gpt, p5))
+
+
+def test_an_interrupted_forward_pass_is_repaired(random_gpt):
+    rng = np.random.default_rng(1)
+    r = Runner(random_gpt)
+    p1 = [int(x) for x in rng.integers(0, 199998, 30)] + [200006, 173781]
+    r.prefill(p1)
+    layer = r.cache[2]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    layer.update_and_fetch = interrupted  # layers 0-1 take the token, layer 2 is interrupted
+    with pytest.raises(KeyboardInterrupt):
+        r.step(11)
+    del layer.update_and_fetch
+    assert r.dirty
+    p2 = p1 + [3, 4, 5]
+    logits, n = r.prefill(p2)
+    assert n == 3
+    close(logits, fresh(random_gpt, p2))
+
+
+def test_random_model_session_never_raises(random_gpt):
+    s = random_gpt.session()
+    for i in range(3):
+        evs, stats = run(s.send(f"turn {i}", max_tokens=30, seed=i))
+        assert stats.generated_tokens <= 30
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] * 3
+
+
+# -------------------------------------------------------------------------------------------- tools
+
+def test_tool_call_answered_by_hand():
+    gpt = scripted_model("tool")
+    s = gpt.session(tools=[get_weather])
+    calls = []
+    for ev in s.send("What's the weather in Paris?", temperature=0):
+        if ev.kind == "tool_call":  # answered while the reply is still streaming
+            calls.append((ev.name, ev.arguments))
+            s.add_tool_result(ev.name, get_weather(**json.loads(ev.arguments)))
+    assert calls == [("get_weather", '{"city": "Paris"}')]
+    assert [m["role"] for m in s.messages] == ["user", "assistant", "tool"]
+    evs, stats = run(s.send(None, temperature=0))
+    assert answer(evs) == "It is sunny and 21 C."
+    assert s.messages[-1] == {"role": "assistant", "content": "It is sunny and 21 C."}
+    assert s.messages[1]["tool_calls"] == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    assert stats.cached_tokens > 0 and stats.prefilled_tokens < 80
+
+
+def test_auto_tools_run_python_functions():
+    gpt = scripted_model("tool")
+    seen = []
+
+    def get_weather(city: str) -> dict:
+        """Current weather in a city.
+
+        Args:
+            city: The city's name, e.g. "Paris".
+        """
+        seen.append(city)
+        return {"city": city, "temp_c": 21, "sky": "sunny"}
+
+    s = gpt.session(tools=[get_weather])
+    evs = list(s.send("What's the weather in Paris?", temperature=0, auto_tools=True))
+    kinds = [e.kind for e in evs]
+    assert kinds.count("tool_call") == 1 and kinds.count("done") == 2 and kinds[-1] == "done"
+    assert seen == ["Paris"]
+    assert answer(evs) == "It is sunny and 21 C."
+    assert [m["role"] for m in s.messages] == ["user", "assistant", "tool", "assistant"]
+    assert json.loads(s.messages[2]["content"]) == {"city": "Paris", "temp_c": 21, "sky": "sunny"}
+    # the next turn drops this turn's reasoning and still reuses the cache
+    evs, stats = run(s.send("Thanks", temperature=0, max_tokens=3))
+    assert stats.cached_tokens > 0
+
+
+def test_readme_tool_example_runs(monkeypatch):
+    text = README.read_text()
+    m = re.search(r"## Chat and tools from Python\n.*?```python\n(.*?)```", text, re.S)
+    assert m, "README: the 'Chat and tools from Python' example is missing"
+    code = m.group(1)
+    path = scripted_path("tool")
+    monkeypatch.setattr(mlx_gptoss, "load", lambda *a, **k: scripted_model("tool"))
+    printed = []
+    ns = {"print": lambda *a, **k: printed.append(" ".join(map(str, a)))}
+    exec(compile(code, "README.md", "exec"), ns)
+    out = "\n".join(printed)
+    assert "get_weather" in out and "It is sunny and 21 C." in out, out
+    assert path.is_dir()
+
+
+# ------------------------------------------------------------------------------------- interruption
+
+def test_closing_the_stream_drops_the_reply_keeps_the_question():
+    gpt = scripted_model("reason")
+    s = gpt.session()
+    gen = s.send("Hi", temperature=0)
+    first = next(gen)
+    assert first.kind == "reasoning"
+    gen.close()
+    assert s.messages == [{"role": "user", "content": "Hi"}]
+    evs, stats = run(s.send("Hello again", temperature=0))
+    assert answer(evs) == "Hello there!"
+    assert stats.cached_tokens > 0 and stats.prefilled_tokens < 20  # from the end of the last message
+    assert [m["role"] for m in s.messages] == ["user", "user", "assistant"]
+
+
+def test_ctrl_c_in_the_loop_keeps_the_session_consistent():
+    gpt = scripted_model("reason")
+    s = gpt.session()
+    with pytest.raises(KeyboardInterrupt):
+        for ev in s.send("Hi", temperature=0):
+            if ev.kind == "content":
+                raise KeyboardInterrupt
+    assert s.messages == [{"role": "user", "content": "Hi"}]
+    evs, _ = run(s.send("Again", temperature=0))
+    assert answer(evs) == "Hello there!"
+
+
+def test_keep_partial_and_cancel():
+    gpt = scripted_model("reason")
+    s = gpt.session()
+    evs = []
+    for ev in s.send("Hi", temperature=0, keep_partial=True):
+        evs.append(ev)
+        if ev.kind == "content":
+            s.cancel()  # e.g. from another thread
+    assert evs[-1].kind == "done" and evs[-1].stats.stop_reason == "cancelled"
+    assert s.messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert s.last_stats.stop_reason == "cancelled"
+    evs, stats = run(s.send("More", temperature=0))  # the cancel flag does not stick
+    assert stats.stop_reason == "return"
+
+
+def test_a_new_send_ends_an_unfinished_one():
+    gpt = scripted_model("reason")
+    s = gpt.session()
+    gen = s.send("Hi", temperature=0)
+    next(gen)
+    evs, _ = run(s.send("Second", temperature=0))
+    assert answer(evs) == "Hello there!"
+    assert [m["role"] for m in s.messages] == ["user", "user", "assistant"]
+
+
+# ------------------------------------------------------------------------------- settings and saving
+
+def test_save_and_load_round_trip():
+    gpt = scripted_model("reason")
+    s = gpt.session(reasoning_effort="high", developer="Be brief.")
+    run(s.send("Hi", temperature=0))
+    d = json.loads(json.dumps(s.to_dict()))
+    t = Session.from_dict(gpt, d)
+    assert t.render() == s.render() and t.messages == s.messages
+    u = gpt.session(**d)
+    assert u.render() == s.render()
+    evs, stats = run(t.send("Next", temperature=0))
+    assert answer(evs) == "Hello there!" and stats.prefilled_tokens == stats.prompt_tokens
+    with pytest.raises(GptOssError, match="messages"):
+        Session.from_dict(gpt, {"messages": "nope"})
+    with pytest.raises(GptOssError, match="role"):
+        gpt.session(messages=[{"role": "nobody"}])
+
+
+def test_settings_changes_apply_to_the_next_turn():
+    gpt = scripted_model("reason")
+    s = gpt.session()
+    _, a = run(s.send("Hi", temperature=0))
+    s.set_effort("low")
+    s.set_developer("Talk like a pirate.")
+    text = __import__("mlx_gptoss").harmony.encoding().decode(s.render())
+    assert "Reasoning: low" in text and "Talk like a pirate." in text
+    _, b = run(s.send("Again", temperature=0))
+    assert b.prefilled_tokens == b.prompt_tokens  # the system prompt changed: nothing matched
+    with pytest.raises(GptOssError, match="reasoning_effort"):
+        s.set_effort("extreme")
+    s.reset()
+    assert s.messages == []
+    _, c = run(s.send("Fresh", temperature=0))
+    assert c.prefilled_tokens == c.prompt_tokens
+
+
+def test_oldest_turns_are_dropped_to_fit_and_reported():
+    gpt = scripted_model("reason")
+    base = len(gpt.session().render([{"role": "user", "content": "Question 0"}]))
+    s = gpt.session(max_context=base + 60)
+    dropped = []
+    for i in range(4):
+        evs, stats = run(s.send(f"Question {i}", temperature=0))
+        assert answer(evs) == "Hello there!"
+        dropped.append(stats.dropped_messages)
+    assert sum(dropped) > 0 and s.dropped == sum(dropped)
+    assert s.messages[0]["role"] == "user" and len(s.messages) < 8
+    strict = gpt.session(max_context=base + 60, drop_oldest=False)
+    run(strict.send("Question 0", temperature=0))
+    with pytest.raises(GptOssError, match="context cap"):  # once the prompt alone is over the cap
+        for _ in range(6):
+            run(strict.send("Another question", temperature=0))
+    assert strict.dropped == 0 and strict.messages[-1]["role"] == "assistant"  # the refused question is not kept
