@@ -3,6 +3,7 @@ interruption, save/load, settings changes, dropping the oldest turns."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -194,12 +195,16 @@ def test_readme_tool_example_runs(monkeypatch):
     assert m, "README: the 'Chat and tools from Python' example is missing"
     code = m.group(1)
     path = scripted_path("tool")
-    monkeypatch.setattr(mlx_gptoss, "load", lambda *a, **k: scripted_model("tool"))
-    printed = []
-    ns = {"print": lambda *a, **k: printed.append(" ".join(map(str, a)))}
+    gpt = scripted_model("tool")
+    monkeypatch.setattr(mlx_gptoss, "load", lambda *a, **k: gpt)
+    buf = io.StringIO()
+    ns = {"print": lambda *a, **k: print(*a, **k, file=buf)}
     exec(compile(code, "README.md", "exec"), ns)
-    out = "\n".join(printed)
-    assert "get_weather" in out and "It is sunny and 21 C." in out, out
+    out = buf.getvalue().strip()
+    assert out.startswith('model calls get_weather {"city": "Paris"}\nIt is sunny and 21 C.'), out
+    assert out.endswith("\nIt is sunny and 21 C."), out  # the auto_tools turn
+    chat = ns["chat"]
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "tool", "assistant"] * 2
     assert path.is_dir()
 
 
