@@ -305,5 +305,18 @@ def scripted_model(name: str):
 
     key = "model:" + name
     if key not in _STATE:
+        forget_models()  # one at a time: each holds ~200 MB (two 201088 x 128 float32 matrices)
         _STATE[key] = mlx_gptoss.load(scripted_path(name), allow_download=False)
     return _STATE[key]
+
+
+def forget_models() -> None:
+    """Free the cached models (test modules call this when they finish: other tests measure peak memory)."""
+    import gc
+
+    import mlx.core as mx
+
+    for key in [k for k in _STATE if k.startswith("model:")]:
+        del _STATE[key]
+    gc.collect()
+    mx.clear_cache()

@@ -12,8 +12,8 @@ import pytest
 import mlx_gptoss
 from mlx_gptoss import GptOssError, harmony
 from mlx_gptoss.chat import Runner
-from scripted_checkpoint import (SCRIPTS, get_weather, harmony_specials, offline_harmony, scripted_model,
-                                 scripted_path)
+from scripted_checkpoint import (SCRIPTS, forget_models, get_weather, harmony_specials, offline_harmony,
+                                 scripted_model, scripted_path)
 from tiny_checkpoint import hub_config, random_weights, write_hub_checkpoint
 
 HI = [{"role": "user", "content": "Hello"}]
@@ -198,3 +198,9 @@ def test_scripted_checkpoint_is_a_hub_mxfp4_checkpoint():
     gpt = scripted_model("final")
     assert gpt.config.vocab_size == 201088 and gpt.config.quantization == "mxfp4"
     assert (folder / "tokenizer.json").is_file() and (folder / "model.safetensors.index.json").is_file()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_models():
+    yield
+    forget_models()

@@ -7,7 +7,6 @@ import enum
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Literal, Optional
 
 import pytest
@@ -15,7 +14,7 @@ from openai_harmony import (Author, Conversation, DeveloperContent, Message, Rea
                             ToolDescription)
 
 from mlx_gptoss import GptOssError, harmony
-from scripted_checkpoint import get_weather, offline_harmony, scripted_model, write_tokenizer_json
+from scripted_checkpoint import forget_models, get_weather, offline_harmony, scripted_model
 
 DATE = "2025-08-05"
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "description": "The city's name, e.g. \"Paris\"."}},
@@ -286,4 +285,9 @@ def test_chat_on_a_folder_without_tokenizer_names_the_file(fresh_cache, monkeypa
     monkeypatch.setattr(gpt, "path", bare)
     with pytest.raises(GptOssError, match=r"bare/tokenizer\.json is missing"):
         list(gpt.chat([{"role": "user", "content": "Hi"}]))
-    assert isinstance(write_tokenizer_json, object)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_models():
+    yield
+    forget_models()

@@ -15,7 +15,7 @@ import pytest
 import mlx_gptoss
 from mlx_gptoss import GptOssError, Session
 from mlx_gptoss.chat import Runner
-from scripted_checkpoint import get_weather, offline_harmony, scripted_model, scripted_path
+from scripted_checkpoint import forget_models, get_weather, offline_harmony, scripted_model, scripted_path
 from tiny_checkpoint import hub_config, random_weights, write_hub_checkpoint
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -315,3 +315,9 @@ def test_oldest_turns_are_dropped_to_fit_and_reported():
         for _ in range(6):
             run(strict.send("Another question", temperature=0))
     assert strict.dropped == 0 and strict.messages[-1]["role"] == "assistant"  # the refused question is not kept
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_models():
+    yield
+    forget_models()
