@@ -198,6 +198,20 @@ class Runner:
     def step(self, token: int) -> mx.array:
         return self._forward([token], want_logits=True)
 
+    def step_lazy(self, token: mx.array) -> mx.array:
+        """Queue the forward pass of a sampled token not yet known to Python (shape [1]): its logits, lazy.
+        Its id is recorded as None until set_last(); a None never matches a prompt, so an interruption
+        before that only costs a restore from a snapshot."""
+        self.dirty = True
+        logits = self.gpt.model(token.reshape(1, 1).astype(mx.int32), cache=self.cache)[0, -1].astype(mx.float32)
+        self.ids.append(None)
+        self.dirty = False
+        return logits
+
+    def set_last(self, token: int) -> None:
+        if self.ids and self.ids[-1] is None:
+            self.ids[-1] = token
+
 
 def _context_cap(gpt, max_context: int | None) -> int:
     cap = gpt.config.max_position_embeddings
@@ -244,24 +258,35 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
     stats.cached_tokens = len(prompt) - stats.prefilled_tokens
     t_prefill = time.perf_counter() - t0
     stop, t_first = ("max_tokens" if max_tokens and max_tokens < budget else "context"), None
+    def sample(logits):  # [V] -> [1], lazy
+        logits = logits[None]
+        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    # Pipelined like mlx-lm's generate_step: the forward pass of token i and the sampling of token i+1 are
+    # queued before Python waits for token i, so the model never idles while events are handled.
+    y = sample(logits)
+    mx.async_eval(y)
     for i in range(limit):
         if cancel is not None and cancel.is_set():
             stop = "cancelled"
             break
-        token = int(sampler(logits - mx.logsumexp(logits))[None][0].item())
+        nxt = None
+        if i + 1 < limit:
+            nxt = sample(runner.step_lazy(y))
+            mx.async_eval(nxt)
+        token = int(y.item())
+        if nxt is not None:
+            runner.set_last(token)
         stats.generated_tokens += 1
         if t_first is None:
             t_first = time.perf_counter()
             stats.time_to_first_token = t_first - t0
+        for ev in _pieces_to_events(parser.feed(token)):  # at a stop token: closes the message (tool call)
+            yield ev
         if token in harmony.STOP_TOKENS:
-            for ev in _pieces_to_events(parser.feed(token)):  # closes the message: a tool call's event
-                yield ev
             stop = harmony.STOP_TOKENS[token]
             break
-        for ev in _pieces_to_events(parser.feed(token)):
-            yield ev
-        if i + 1 < limit:
-            logits = runner.step(token)
+        y = nxt
     for ev in _pieces_to_events(parser.finish(stop)):
         yield ev
     t_end = time.perf_counter()
