@@ -45,8 +45,17 @@ drop_oldest=True)`), keeps the KV cache between turns so turn N prefills only wh
         yields "done" with stop_reason "cancelled".
     Interruption (Ctrl-C inside the loop, or closing the generator, or cancel()): the session stays
     consistent. The user message is kept; the unfinished reply is DROPPED unless send(keep_partial=True),
-    which keeps the final-channel text produced so far as the assistant's answer. The KV cache is
-    restored from the snapshot taken at the end of the prompt, so the next turn is still incremental.
+    which keeps the final-channel text produced so far as the assistant's answer. The KV cache goes back
+    to the snapshot taken at the end of the last message, so the next turn is still incremental.
+    A new send() (or reset()) first closes an unfinished earlier stream. If send() raises GptOssError before
+    generating (e.g. the prompt is over the context cap), the user message is not kept.
+
+Prompt cache (Runner): the growing KVCache layers can be trimmed to any length, but the sliding-window
+RotatingKVCache layers cannot once they have wrapped. So the runner snapshots the sliding layers (128 tokens
+each: cheap) at the end of every prompt and of its last message; a new prompt resumes from the current cache
+if that is a prefix of it, else from the longest snapshot that is (trimming the full-attention layers to it),
+else it is prefilled from scratch. Prefill runs in chunks (the memory plan's prefill_chunk); decoding is
+pipelined as in mlx-lm (the next forward pass is queued before Python handles the current token).
 
 Context: a prompt longer than the context cap (max_context, default min(config max_position_embeddings,
 the memory plan's context)) raises GptOssError from GptOss.chat(); a Session with drop_oldest=True drops
