@@ -204,3 +204,23 @@ def test_scripted_checkpoint_is_a_hub_mxfp4_checkpoint():
 def _free_models():
     yield
     forget_models()
+
+
+def test_multibyte_text_streams_whole_characters():
+    offline_harmony()
+    enc = harmony.encoding()
+    text = "héllo 日本語 😀🎉 ∑x"
+    p = harmony.StreamParser()
+    pieces = []
+    for t in enc.encode(f"<|channel|>final<|message|>{text}<|return|>", allowed_special="all"):
+        pieces += p.feed(t)
+    assert "".join(x.text for x in pieces) == text and "\ufffd" not in "".join(x.text for x in pieces)
+    assert not p.malformed and p.stopped
+
+
+def test_stats_are_json_able():
+    import json
+
+    *_, done = scripted_model("final").chat(HI, temperature=0)
+    d = json.loads(json.dumps(done.stats.to_dict()))
+    assert d["stop_reason"] == "return" and d["generated_tokens"] == done.stats.generated_tokens
