@@ -37,7 +37,7 @@ def state_dir() -> Path:
 
 # --- option checks: one sentence each, exit status 2 (click's usage error) -------------------------------
 
-def _positive(name: str, example: str):
+def _positive(example: str):
     def check(value):
         if value is not None and value <= 0:
             raise typer.BadParameter(f"must be a positive number of tokens, like {example}; got {value}")
@@ -101,9 +101,9 @@ def chat(
     temperature: float = typer.Option(1.0, "--temperature", callback=_temperature,
                                       help="Sampling temperature; 0 is greedy. OpenAI recommends 1.0."),
     top_p: float = typer.Option(1.0, "--top-p", callback=_top_p, help="Nucleus sampling threshold."),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", callback=_positive("--max-tokens", "2048"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", callback=_positive("2048"),
                                           help="Most tokens per reply (reasoning included)."),
-    ctx: int | None = typer.Option(None, "--ctx", callback=_positive("--ctx", "8192"),
+    ctx: int | None = typer.Option(None, "--ctx", callback=_positive("8192"),
                                    help="Context length in tokens (default: what fits in memory)."),
     developer: str | None = typer.Option(None, "--developer", help="Developer instructions (system prompt)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
@@ -133,8 +133,9 @@ def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     kwargs = {k: v for k, v in (("ctx", ctx), ("memory", memory)) if v is not None}
-    with Progress(TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, transient=True, disable=not interactive) as bar:
+    columns = (TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=not interactive) as bar:
         task = bar.add_task(model, total=None)
         gpt = mlx_gptoss.load(model, allow_download=False, progress=lambda done, total: bar.update(
             task, completed=done, total=total), **kwargs)
@@ -145,13 +146,9 @@ def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: 
 
 def plan_line(gpt) -> str:
     """One line: the memory plan load() applied (weights, KV budget, context)."""
-    plan = getattr(gpt, "plan", None)
-    if plan is None:
-        return f"{gpt.path.name}: {gpt.config.num_hidden_layers} layers, {gpt.config.num_local_experts} experts"
-    summary = getattr(plan, "summary", None)
-    if summary is not None:
-        return summary() if callable(summary) else str(summary)
     from mlx_gptoss.memory import gb
+
+    plan = gpt.plan
 
     line = (f"memory plan: weights {gb(plan.weight_bytes)} + KV cache {gb(plan.kv_bytes)} for a context of "
             f"{plan.context:,} tokens = {gb(plan.needed)} of {gb(plan.budget.usable)} ({plan.budget.source})")

@@ -78,29 +78,10 @@ class ReplyView:
 
 
 def stats_line(stats, reasoning_tokens: int = 0) -> str:
-    """'123 tokens (45 thinking) · first token 0.31 s · 23.4 tok/s' from the engine's done-event stats."""
+    """'18 tokens (5 thinking) · first token 0.08 s · 19.5 tok/s · prompt 84 tokens (15 new)' from a
+    mlx_gptoss.chat.Stats; "new" is what this turn prefilled, the rest came from the session's prompt cache."""
     if stats is None:
         return ""
-    generated = _get(stats, "generated_tokens", "completion_tokens", "tokens")
-    ttft = _get(stats, "time_to_first_token", "ttft", "ttft_s")
-    tps = _get(stats, "decode_tps", "decode_tokens_per_second", "generation_tps", "tokens_per_second")
-    parts = []
-    if generated is not None:
-        parts.append(f"{generated} tokens" + (f" ({reasoning_tokens} thinking)" if reasoning_tokens else ""))
-    if ttft is not None:
-        parts.append(f"first token {ttft:.2f} s")
-    if tps is not None:
-        parts.append(f"{tps:.1f} tok/s")
-    prefilled = _get(stats, "prefilled_tokens", "prefill_tokens")
-    prompt = _get(stats, "prompt_tokens")
-    if prefilled is not None and prompt is not None:
-        parts.append(f"prompt {prompt} tokens ({prefilled} new)")
-    return " · ".join(parts)
-
-
-def _get(obj, *names):
-    for n in names:
-        v = obj.get(n) if isinstance(obj, dict) else getattr(obj, n, None)
-        if v is not None:
-            return v
-    return None
+    thinking = f" ({reasoning_tokens} thinking)" if reasoning_tokens else ""
+    return (f"{stats.generated_tokens} tokens{thinking} · first token {stats.time_to_first_token:.2f} s · "
+            f"{stats.decode_tps:.1f} tok/s · prompt {stats.prompt_tokens} tokens ({stats.prefilled_tokens} new)")

@@ -43,8 +43,8 @@ def test_doctor_reports_the_machine_and_passes_the_smoke_test():
     result = invoke("doctor")
     assert result.exit_code == 0, result.output
     out = result.output
-    for word in ("OS", "chip", "MLX", "backend", "memory", "GPU working set", "Metal kernels", "harmony", "cached models",
-                 "smoke test", "KV caches match an uncached forward", "everything works"):
+    for word in ("OS", "chip", "MLX", "backend", "memory", "GPU working set", "Metal kernels", "harmony",
+                 "cached models", "smoke test", "KV caches match an uncached forward", "everything works"):
         assert word in out, word
     if sys.platform == "linux":
         assert "BLAS" in out and "GFLOP/s" in out
@@ -159,7 +159,8 @@ def test_download_offline_and_not_cached(monkeypatch, tmp_path):
 def hub_files() -> dict[str, bytes]:
     return {
         "config.json": json.dumps(hub_config()).encode(), "tokenizer.json": b"{}",
-        "model-00000-of-00001.safetensors": os.urandom(2_000_000), "model.safetensors.index.json": b"{\"weight_map\": {}}",
+        "model-00000-of-00001.safetensors": os.urandom(2_000_000),
+        "model.safetensors.index.json": b'{"weight_map": {}}',
         "original/model.safetensors": b"x" * 1000, "metal/model.bin": b"y" * 100, "README.md": b"# hi",
     }
 
@@ -354,7 +355,8 @@ def test_piped_slash_commands(state, tmp_path):
     assert f"saved to {file}" in out and "new conversation." in out
     assert "0 messages in the conversation" in out  # after /reset
     assert f"loaded 2 messages from {file}" in out
-    assert "unknown command /bogus; commands: /help /reset /effort /reasoning /developer /save /load /stats /exit" in out
+    assert ("unknown command /bogus; commands: /help /reset /effort /reasoning /developer /save /load /stats "
+            "/exit") in out
     assert "usage: /effort low|medium|high (now high)" in out
     data = json.loads(file.read_text())
     assert data["session"]["reasoning_effort"] == "high" and data["session"]["developer"] == "Be kind."
