@@ -78,6 +78,7 @@ def fetch(plan: hub.DownloadPlan) -> Path:
                 f.unlink(missing_ok=True)
             console.print("\ndownload interrupted; finished files are kept: run the same command again to continue")
             sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(130)  # not sys.exit: that would wait for the pool's threads
         if "error" in result:
             raise result["error"]

@@ -3,7 +3,8 @@
 Serves one model repo from a dict {path: bytes}: repo info, the recursive file tree, HEAD/GET on
 /resolve/ with Range requests (resume). Every request is logged, so tests can assert which files were
 fetched and that a cached model causes no traffic at all. `cut_after` makes every GET of a file drop the
-connection after that many bytes (until removed), to test resuming an interrupted download.
+connection after that many bytes (until removed), to test resuming an interrupted download; `slow` files
+trickle out, to interrupt a download by hand.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class FakeHub:
         self.repo_id, self.files = repo_id, files
         self.log: list[tuple[str, str, str]] = []  # (method, path, range header)
         self.cut_after: dict[str, int] = {}
+        self.slow: set[str] = set()  # files sent in 64 kB pieces, 50 ms apart
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -109,5 +111,13 @@ class FakeHub:
             h.wfile.flush()
             h.close_connection = True
             h.connection.shutdown(2)
+            return
+        if name in self.slow:
+            import time
+
+            for i in range(0, len(part), 1 << 16):
+                h.wfile.write(part[i:i + (1 << 16)])
+                h.wfile.flush()
+                time.sleep(0.05)
             return
         h.wfile.write(part)

@@ -138,3 +138,32 @@ def test_help_and_multiline_input(chat_env, tmp_path):
     assert child.exitstatus == 0
     first = json.loads(file.read_text())["session"]["messages"][0]
     assert first == {"role": "user", "content": "first line\nsecond line\nthird line"}
+
+
+def test_ctrl_c_stops_a_download_at_once_and_it_resumes(tmp_path):
+    files = {"config.json": b'{"model_type": "gpt_oss"}', "tokenizer.json": b"{}",
+             "model-00000-of-00001.safetensors": os.urandom(8_000_000)}
+    with FakeHub("openai/gpt-oss-20b", files) as fake:
+        fake.slow.add("model-00000-of-00001.safetensors")  # ~6 s to send
+        env = {"HF_ENDPOINT": fake.url, "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub"),
+               "HF_HUB_OFFLINE": "0"}
+        child = spawn(["download"], env)
+        child.expect("to download into")
+        child.expect("MB")  # the progress bar is moving
+        child.sendintr()
+        child.expect("download interrupted; finished files are kept: run the same command again to continue",
+                     timeout=3)  # at once, not after the file in flight
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 130
+        blobs = tmp_path / "hub" / "models--openai--gpt-oss-20b" / "blobs"
+        assert not list(blobs.glob("*.incomplete"))  # no half file left in the cache
+
+        fake.slow.clear()
+        fake.log.clear()
+        child = spawn(["download"], env)
+        child.expect("downloaded openai/gpt-oss-20b")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+        assert "model-00000-of-00001.safetensors" in fake.fetched()
