@@ -68,17 +68,17 @@ def fetch(plan: hub.DownloadPlan) -> Path:
         # The download runs in a thread so Ctrl-C answers at once: huggingface_hub's worker pool
         # would otherwise finish every file in flight (gigabytes) before the interrupt got through.
         worker = threading.Thread(target=run, daemon=True)
-        worker.start()
         try:
+            worker.start()
             while worker.is_alive():
                 worker.join(0.2)
         except KeyboardInterrupt:
             bar.stop()
             for f in hub.partial_files(plan.repo_id) - before:  # this run's unfinished files: never reused
                 f.unlink(missing_ok=True)
-            console.print("\ndownload interrupted; finished files are kept: run the same command again to continue")
+            msg = "download interrupted; finished files are kept: run the same command again to continue\n"
             sys.stdout.flush()
-            sys.stderr.flush()
+            os.write(2, msg.encode())  # unbuffered: os._exit flushes nothing
             os._exit(130)  # not sys.exit: that would wait for the pool's threads
         if "error" in result:
             raise result["error"]
