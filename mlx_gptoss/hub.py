@@ -44,6 +44,7 @@ def snapshot(repo_id: str, *, local_only: bool = False, progress: Callable[[int]
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    check_repo_id(repo_id)
     if progress is not None:
         kwargs["tqdm_class"] = _progress_bar_class(progress)
     try:
@@ -63,6 +64,17 @@ def snapshot(repo_id: str, *, local_only: bool = False, progress: Callable[[int]
     except Exception as e:  # the HTTP client's own errors (connection dropped mid-file, ...)
         raise GptOssError(f"{repo_id}: download failed ({type(e).__name__}: {e}); "
                           "run the same command again to resume") from None
+
+
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise GptOssError(f"{repo_id}: not a valid Hugging Face repo id ({e}); pass one like {DEFAULT_MODEL} "
+                          "or a local folder") from None
 
 
 def cached(repo_id: str) -> Path | None:
@@ -126,6 +138,7 @@ def plan_download(repo_id: str) -> DownloadPlan:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import DryRunError, OfflineModeIsEnabled, RepositoryNotFoundError
 
+    check_repo_id(repo_id)
     try:
         infos = snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS,
                                   dry_run=True, tqdm_class=_progress_bar_class(lambda n: None))

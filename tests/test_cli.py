@@ -144,6 +144,14 @@ def test_download_of_a_missing_path_is_one_clear_error():
     assert "no such folder, and not a Hugging Face repo id" in error_text(result)
 
 
+@pytest.mark.parametrize("command", ["download", "chat"])
+def test_an_invalid_repo_id_is_one_clear_error(command):
+    args = [command, "a/b c"] if command == "download" else [command, "--model", "a/b..c"]
+    result = invoke(*args, input="hi\n")
+    assert result.exit_code != 0
+    assert "not a valid Hugging Face repo id" in error_text(result)
+
+
 def test_download_offline_and_not_cached(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
