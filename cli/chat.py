@@ -294,7 +294,7 @@ class Chat:
         """User inputs; None on Ctrl-C at the prompt (cleared line)."""
         if not self.interactive:
             for line in sys.stdin:
-                yield line.rstrip("\n")
+                yield line.rstrip("\r\n")
             return
         session = self._prompt_session()
         while True:
