@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import pexpect
 import pytest
@@ -130,14 +131,23 @@ def test_help_and_multiline_input(chat_env, tmp_path):
     child.send("third line\r")
     child.expect("Just the answer.")
     child.expect("tok/s")
+    child.expect("›")
+    child.send("\x1b[A")  # Up: the last message comes back from the history...
+    time.sleep(0.3)
+    child.send("\r")  # ...and Enter sends it again
+    child.expect("Just the answer.")
+    child.expect("tok/s")
     child.send(f"/save {file}\r")
     child.expect("saved to")
     child.send("/exit\r")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
-    first = json.loads(file.read_text())["session"]["messages"][0]
-    assert first == {"role": "user", "content": "first line\nsecond line\nthird line"}
+    msgs = json.loads(file.read_text())["session"]["messages"]
+    message = {"role": "user", "content": "first line\nsecond line\nthird line"}
+    assert msgs[0] == message and msgs[2] == message and len(msgs) == 4
+    history = (tmp_path / "state" / "gptoss-mac" / "history").read_text()
+    assert "+first line\n+second line\n+third line" in history  # prompt_toolkit's history file, kept for next time
 
 
 def test_ctrl_c_stops_a_download_at_once_and_it_resumes(tmp_path):
