@@ -376,6 +376,7 @@ class Chat:
             for cmd, what in COMMANDS.items():
                 say(f"  [bold]{cmd:<18}[/] {what}")
             say(f"[dim]{KEYS}[/]")
+            say(f"[dim]every reply is autosaved to {self.autosave_path}[/]")
         elif name == "/reset":
             self.conv.reset()
             say("new conversation.")
