@@ -250,8 +250,8 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
     """Prefill `prompt` on runner, sample until <|return|>/<|call|>/max_tokens/the context cap, yield Events.
     The parser (exposed for the session) collects the reply; the last event is "done"."""
     if len(prompt) >= cap:
-        raise GptOssError(f"the prompt has {len(prompt):,} tokens, more than the context cap of {cap:,} tokens "
-                          "leaves room for; shorten the conversation, start a new one, or raise the context (--ctx)")
+        raise GptOssError(f"the prompt has {len(prompt):,} tokens: the context cap of {cap:,} tokens leaves no room "
+                          "for a reply; shorten the conversation, start a new one, or raise the context (--ctx)")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise GptOssError(f"max_tokens {max_tokens!r}: must be a positive integer (or None: up to the context cap)")
     sampler = _sampler(temperature, top_p, top_k, min_p)
@@ -267,6 +267,7 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
     stats.cached_tokens = len(prompt) - stats.prefilled_tokens
     t_prefill = time.perf_counter() - t0
     stop, t_first = ("max_tokens" if max_tokens and max_tokens < budget else "context"), None
+
     def sample(logits):  # [V] -> [1], lazy
         logits = logits[None]
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
@@ -460,9 +461,14 @@ class Session:
             self.last_stats = done.stats
             yield done
             calls = parser.tool_calls if done.stats.stop_reason == "call" else []
-            if not (auto_tools and calls and all(c["name"] in by_name and by_name[c["name"]].fn for c in calls)):
+            # auto_tools: run Python tools; a tool given only as a schema is the caller's to answer
+            if not (auto_tools and calls and all(by_name[c["name"]].fn for c in calls if c["name"] in by_name)):
                 return
             answered = {m.get("name") for m in self.messages[-len(calls):] if m.get("role") == "tool"}
             for c in calls:
-                if c["name"] not in answered:
-                    self.add_tool_result(c["name"], by_name[c["name"]].run(c["arguments"]))
+                if c["name"] in answered:
+                    continue
+                tool = by_name.get(c["name"])
+                self.add_tool_result(c["name"], tool.run(c["arguments"]) if tool else  # the model can recover
+                                     f"error: there is no tool named {c['name']!r}; available: "
+                                     + (", ".join(by_name) or "none"))

@@ -327,3 +327,28 @@ def test_oldest_turns_are_dropped_to_fit_and_reported():
 def _free_models():
     yield
     forget_models()
+
+
+def test_auto_tools_answers_an_unknown_tool_with_an_error():
+    gpt = scripted_model("tool")
+
+    def get_time(zone: str) -> str:
+        """The time in a zone."""
+        return "12:00"
+
+    s = gpt.session(tools=[get_time])
+    evs = list(s.send("What's the weather in Paris?", temperature=0, auto_tools=True, max_tool_rounds=2,
+                      max_tokens=60))
+    assert [e.kind for e in evs].count("done") == 2
+    errors = [m for m in s.messages if m["role"] == "tool"]
+    assert errors and errors[0]["content"] == "error: there is no tool named 'get_weather'; available: get_time"
+
+
+def test_schema_only_tools_are_left_to_the_caller():
+    gpt = scripted_model("tool")
+    spec = {"name": "get_weather", "description": "Current weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    s = gpt.session(tools=[spec])
+    evs = list(s.send("What's the weather in Paris?", temperature=0, auto_tools=True))
+    assert [e.kind for e in evs].count("done") == 1 and evs[-1].stats.stop_reason == "call"
+    assert s.messages[-1]["role"] == "assistant" and s.messages[-1]["tool_calls"][0]["name"] == "get_weather"
