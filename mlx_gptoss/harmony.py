@@ -35,6 +35,7 @@ START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = 200006, 200007, 200008, 
 STOP_TOKENS = {RETURN: "return", CALL: "call"}
 EFFORTS = ("low", "medium", "high")
 KNOWLEDGE_CUTOFF = "2024-06"
+MAX_HEADER = 16  # tokens; a header cut off by max_tokens within this is not called malformed
 
 
 # --------------------------------------------------------------------------------------- vocabulary
@@ -371,6 +372,7 @@ class StreamParser:
             return [Piece("content", text)] if text else []
         self.pending.append(token)
         out = []
+        state = None
         try:
             state = self.parser.state_data.get("state") if token >= N_ORDINARY else None
             if token in (END, RETURN, CALL) and state == "Header":
@@ -382,7 +384,8 @@ class StreamParser:
         except Exception as e:  # the format broke: show what the model says from here on as content
             self._warn(f"the model's output broke the harmony format ({e})")
             self.broken = True
-            text = self._plain(self.pending[:-1] if self._in_content() else self.pending)
+            # inside a message its text was streamed already: only this token is new; else the header is
+            text = self._plain([token] if state == "Content" or self._in_content() else self.pending)
             self.pending = []
             if text:
                 self.content.append(text)
@@ -418,7 +421,7 @@ class StreamParser:
         """At the end of generation: a header that never reached <|message|> becomes content (malformed)."""
         if self.broken or not self.pending or self._in_content():
             return []
-        if stop in ("max_tokens", "context", "cancelled") and len(self.pending) <= 16:
+        if stop in ("max_tokens", "context", "cancelled") and len(self.pending) <= MAX_HEADER:
             return []  # cut off mid-header: nothing to show, nothing wrong with the format
         return self._unopened()
 

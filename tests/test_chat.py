@@ -224,3 +224,19 @@ def test_stats_are_json_able():
     *_, done = scripted_model("final").chat(HI, temperature=0)
     d = json.loads(json.dumps(done.stats.to_dict()))
     assert d["stop_reason"] == "return" and d["generated_tokens"] == done.stats.generated_tokens
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("<|channel|>final<|message|>Hi<|end|>junk after", "Hi|junk| after"),  # text where <|start|> must come
+    ("<|channel|>final hello<|return|>", "final hello"),  # a header that never opens a message
+    ("<|channel|>analysis<|message|>a<|constrain|>b<|return|>", ""),  # markup in reasoning: hidden
+])
+def test_scripted_bad_sequences_in_the_parser(text, expected):
+    offline_harmony()
+    p = harmony.StreamParser()
+    pieces = []
+    for t in harmony.encoding().encode(text, allowed_special="all"):
+        pieces += p.feed(t)
+    pieces += p.finish("return")
+    assert "|".join(x.text for x in pieces if x.kind == "content") == expected
+    assert p.malformed and p.warnings
