@@ -35,7 +35,7 @@ CKPT = Path(os.environ.get("GPTOSS_BENCH_CKPT", "/tmp/gptoss-bench-mid"))
 MID = dict(hidden_size=1024, intermediate_size=1024, num_hidden_layers=8, num_local_experts=16,
            num_experts_per_tok=4, experts_per_token=4, vocab_size=8192, head_dim=64,
            num_attention_heads=16, num_key_value_heads=2, sliding_window=128)
-TESTS = (("pp512", 512, 0), ("pp2048", 2048, 0), ("tg128", 0, 128))
+TESTS = (("pp512", 512, 0), ("tg128", 0, 128))  # pp2048 takes ~2.5 min per run here: see RESULTS.md
 CHUNK = 512  # prefill chunk for both (the plan's chunk at these contexts)
 
 
