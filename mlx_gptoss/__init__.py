@@ -15,6 +15,8 @@ from .chat import Event, Session, Stats
 from .harmony import Tool, tool_spec
 from .config import GptOssConfig
 from .errors import CheckpointError, ConfigError, GptOssError
+from .memory import ContextLengthError, Plan
 
-__all__ = ["GptOss", "GptOssConfig", "load", "Session", "Event", "Stats", "Tool", "tool_spec", "GptOssError", "ConfigError", "CheckpointError"]
+__all__ = ["GptOss", "GptOssConfig", "load", "Session", "Event", "Stats", "Tool", "tool_spec", "GptOssError", "ConfigError", "CheckpointError",
+           "ContextLengthError", "Plan"]
 __version__ = "0.1.0"
