@@ -164,16 +164,28 @@ def _hub_checkpoint(repo_id: str) -> Checkpoint:
 
     from .checkpoint import check_tensors
 
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    quiet = are_progress_bars_disabled()
+    disable_progress_bars()  # a few kB of headers: no bar
     try:
         cfg = GptOssConfig.from_file(hf_hub_download(repo_id, "config.json"))
         meta = get_safetensors_metadata(repo_id)
     except GptOssError:
         raise
     except Exception as e:  # offline, no such repo, HTTP errors: all one message
+        from .hub import _offline
+
+        if _offline():
+            raise GptOssError(f"{repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; unset it "
+                              "to read the headers from the hub, or pass a local folder") from None
         raise GptOssError(
             f"{repo_id}: cannot read its safetensors headers from the Hugging Face hub ({type(e).__name__}); "
             "check the connection, or pass a local folder"
         ) from None
+    finally:
+        if not quiet:
+            enable_progress_bars()
     tensors = {}
     for fname, fm in meta.files_metadata.items():
         for tname, t in fm.tensors.items():

@@ -327,3 +327,10 @@ def test_plan_of_a_repo_id_from_hub_metadata(tiny_ckpt, tmp_path):
     assert "sized from hub metadata" in r.stdout and local.message.split(": ", 1)[1] in r.stdout.replace("\n", " ")
     shard_gets = [(p, rng) for m, p, rng in log if m == "GET" and p.endswith(".safetensors")]
     assert shard_gets and all(rng.startswith("bytes=0-") for _, rng in shard_gets)
+
+
+def test_plan_of_an_uncached_repo_id_offline_is_one_clear_error(tmp_path):
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    r = plan_cli(env, "--model", "openai/gpt-oss-20b")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in " ".join(r.stderr.split())
