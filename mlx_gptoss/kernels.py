@@ -83,6 +83,28 @@ def moe_down(h, w, scales, bias, expert_ids, expert_weights, *, backend="auto"):
     return _builtin_down(h, w, scales, bias, expert_ids, expert_weights)
 
 
+def moe(x, gate_up, down, expert_ids, expert_weights, *, limit=7.0, alpha=1.702, backend="auto"):
+    """The whole expert block, x [T, H] -> [T, H]: moe_down(moe_gate_up_swiglu(x)). gate_up and down are
+    (w, scales, bias) triples. With many tokens on the builtin ops, the (token, expert) pairs are sorted by
+    expert once for both matmuls and unsorted once at the end, instead of around each."""
+    if expert_ids.size < SORT_THRESHOLD or _use_metal(backend, GATE_UP, x.dtype, x.shape[0]):
+        h = moe_gate_up_swiglu(x, *gate_up, expert_ids, limit=limit, alpha=alpha, backend=backend)
+        return moe_down(h, *down, expert_ids, expert_weights, backend=backend)
+    T, k = expert_ids.shape
+    flat = expert_ids.reshape(-1)
+    order = mx.argsort(flat)
+    ids = flat[order]
+
+    def matmul(a, w, scales, bias):  # a [T*k, 1, K] sorted by expert -> [T*k, 1, N]
+        y = mx.gather_qmm(a, w, scales, None, rhs_indices=ids, transpose=True, group_size=32, bits=4,
+                          mode="mxfp4", sorted_indices=True)
+        return y + bias[ids][:, None, :]
+
+    h = swiglu(matmul(x[order // k][:, None, :], *gate_up), limit, alpha)
+    y = matmul(h, *down).squeeze(1)[mx.argsort(order)].reshape(T, k, -1)
+    return (y * expert_weights[..., None]).sum(axis=1)
+
+
 def _check_backend(backend: str) -> None:
     if backend not in ("auto", "builtin", "metal"):
         raise ValueError(f"backend must be 'auto', 'builtin' or 'metal', got {backend!r}")

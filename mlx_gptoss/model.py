@@ -107,10 +107,9 @@ class MLPBlock(nn.Module):
         ids = mx.argpartition(-logits, kth=self.k - 1, axis=-1)[:, : self.k]
         weights = mx.softmax(mx.take_along_axis(logits, ids, axis=-1), axis=-1, precise=True)
         e = self.experts
-        h = kernels.moe_gate_up_swiglu(x, e.gate_up_proj, e.gate_up_proj_scales, e.gate_up_proj_bias, ids,
-                                       limit=self.limit, alpha=self.alpha, backend=self.backend)
-        y = kernels.moe_down(h, e.down_proj, e.down_proj_scales, e.down_proj_bias, ids, weights.astype(h.dtype),
-                             backend=self.backend)
+        y = kernels.moe(x, (e.gate_up_proj, e.gate_up_proj_scales, e.gate_up_proj_bias),
+                        (e.down_proj, e.down_proj_scales, e.down_proj_bias), ids, weights.astype(x.dtype),
+                        limit=self.limit, alpha=self.alpha, backend=self.backend)
         return y.reshape(shape)
 
 
