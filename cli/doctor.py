@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from dataclasses import dataclass
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from mlx_gptoss import machine
 
 console = Console()
 
@@ -62,8 +63,8 @@ def system_rows() -> list[Row]:
 
     return [
         Row("gptoss-mac", INFO, f"{mlx_gptoss.__version__} (Python {platform.python_version()})"),
-        Row("OS", INFO, f"{platform.system()} {_os_version()} {platform.machine()}"),
-        Row("chip", INFO, _chip()),
+        Row("OS", INFO, machine.os_name()),
+        Row("chip", INFO, f"{machine.chip()}, {os.cpu_count()} cores"),
     ]
 
 
@@ -77,7 +78,7 @@ def mlx_rows() -> list[Row]:
         rows.append(Row("backend", FAIL, "MLX sees no Metal GPU on this Mac: it runs on the CPU, ~10-50x slower; "
                         "reinstall mlx in a native arm64 Python (not under Rosetta)"))
     else:
-        rows.append(Row("backend", NOTE, "CPU: MLX has no GPU backend on {platform.system()}; "
+        rows.append(Row("backend", NOTE, f"CPU: MLX has no GPU backend on {platform.system()}; "
                         "correct but slow"))
     return rows
 
@@ -91,7 +92,7 @@ def memory_rows() -> list[Row]:
     if mx.metal.is_available():
         info = mx.device_info()
         limit = info.get("max_recommended_working_set_size")
-        wired = _sysctl("iogpu.wired_limit_mb")
+        wired = machine.sysctl("iogpu.wired_limit_mb")
         extra = f"; iogpu.wired_limit_mb={wired}" if wired not in (None, "0") else " (macOS default)"
         rows.append(Row("GPU working set", INFO, f"{_gb(limit) if limit else 'unknown'} recommended{extra}"))
     else:
@@ -180,44 +181,6 @@ def smoke_rows() -> list[Row]:
 
 def _gb(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
-
-
-def _os_version() -> str:
-    if sys.platform == "darwin":
-        return f"macOS {platform.mac_ver()[0]}"
-    try:
-        import distro  # type: ignore  # optional
-
-        return distro.name(pretty=True)
-    except ImportError:
-        pass
-    try:
-        for line in open("/etc/os-release"):
-            if line.startswith("PRETTY_NAME="):
-                return f"{line.split('=', 1)[1].strip().strip(chr(34))} (kernel {platform.release()})"
-    except OSError:
-        pass
-    return platform.release()
-
-
-def _chip() -> str:
-    if sys.platform == "darwin":
-        return _sysctl("machdep.cpu.brand_string") or platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
-def _sysctl(name: str) -> str | None:
-    try:
-        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _matmul_gflops(n: int = 512, reps: int = 3) -> float:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .checkpoint import load_weights
 from .config import GptOssConfig

@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -22,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import machine
 from . import memory as mem
 from .errors import GptOssError
 
@@ -53,57 +52,15 @@ def machine_info() -> dict:
     metal = mx.metal.is_available()
     info = mx.device_info() if metal else {}
     return {
-        "chip": _chip(info),
+        "chip": machine.chip(info.get("device_name")),
         "cores": os.cpu_count(),
         "memory_bytes": int(info.get("memory_size") or psutil.virtual_memory().total),
-        "os": _os_name(),
+        "os": machine.os_name(),
         "python": platform.python_version(),
         "mlx_version": mx.__version__,
         "mlx_backend": "metal" if metal else "cpu",
-        "blas": _blas(),
+        "blas": machine.blas(),
     }
-
-
-def _chip(info: dict) -> str:
-    if sys.platform == "darwin":
-        name = _sysctl("machdep.cpu.brand_string") or "Apple silicon"
-        gpu = info.get("device_name")
-        return f"{name} ({gpu})" if gpu and gpu not in name else name
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _os_name() -> str:
-    if sys.platform == "darwin":
-        return f"macOS {platform.mac_ver()[0]} {platform.machine()}"
-    try:
-        for line in open("/etc/os-release"):
-            if line.startswith("PRETTY_NAME="):
-                return f"{line.split('=', 1)[1].strip().strip(chr(34))}, Linux {platform.release()} {platform.machine()}"
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.release()} {platform.machine()}"
-
-
-def _blas() -> str:
-    """On Linux, whether a faster BLAS is preloaded into MLX's CPU backend (see the README)."""
-    if sys.platform == "darwin":
-        return "Accelerate"
-    pre = os.environ.get("LD_PRELOAD", "")
-    return f"LD_PRELOAD={pre}" if "blas" in pre.lower() else "bundled reference BLAS"
-
-
-def _sysctl(name: str) -> str | None:
-    try:
-        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def measure_bandwidth(nbytes: int = 1 << 30, reps: int = 3) -> dict:

@@ -114,7 +114,7 @@ def check_tensors(cfg: GptOssConfig, tensors: dict[str, TensorInfo]) -> bool:
 def load_weights(folder: Path, cfg: GptOssConfig, dtype: mx.Dtype) -> list[tuple[str, mx.array]]:
     """(model parameter name, array) pairs, lazily read: MLX maps each tensor when it is first evaluated."""
     tensors = read_tensor_index(folder)
-    mxfp4 = check_tensors(cfg, tensors)
+    check_tensors(cfg, tensors)
     raw: dict[str, mx.array] = {}
     for f in sorted({t.file for t in tensors.values()}):
         try:
