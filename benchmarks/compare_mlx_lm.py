@@ -48,6 +48,18 @@ def write_checkpoint() -> Path:
     return CKPT
 
 
+def load_both(folder: Path):
+    """mlx_gptoss and mlx-lm's gpt_oss model on the same files, mlx-lm cast to float32 (its best here)."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    import mlx_gptoss
+
+    lm, _ = load_model(folder)
+    lm.set_dtype(mx.float32)
+    return mlx_gptoss.load(folder), lm
+
+
 def child(reps: int) -> dict:
     """Load both projects, alternate their runs, return medians (JSON)."""
     import mlx.core as mx

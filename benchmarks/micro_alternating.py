@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 
-from compare_mlx_lm import write_checkpoint  # noqa: E402
+from compare_mlx_lm import load_both, write_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -27,15 +27,10 @@ def main() -> None:
     from mlx_lm.models.base import create_attention_mask
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.models.switch_layers import _gather_sort
-    from mlx_lm.utils import load_model
 
-    import mlx_gptoss
     from mlx_gptoss import kernels
 
-    folder = write_checkpoint()
-    ours = mlx_gptoss.load(folder)
-    lm, _ = load_model(folder)
-    lm.set_dtype(mx.float32)
+    ours, lm = load_both(write_checkpoint())
     H = ours.config.hidden_size
     x = mx.random.normal((1, args.tokens, H)) * 0.5
     x1 = mx.random.normal((1, 1, H))

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 
-from compare_mlx_lm import CHUNK, write_checkpoint  # noqa: E402
+from compare_mlx_lm import CHUNK, load_both, write_checkpoint  # noqa: E402
 
 
 def instrument(model, totals: dict) -> None:
@@ -71,14 +71,9 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=32)
     args = ap.parse_args()
     from mlx_lm.models.cache import make_prompt_cache
-    from mlx_lm.utils import load_model
 
-    import mlx_gptoss
 
-    folder = write_checkpoint()
-    ours = mlx_gptoss.load(folder)
-    lm, _ = load_model(folder)
-    lm.set_dtype(mx.float32)
+    ours, lm = load_both(write_checkpoint())
     vocab = ours.config.vocab_size
     rows = {}
     rows["mlx_gptoss"] = profile("mlx_gptoss", ours.model, ours.model.make_cache, vocab, args.prefill, args.decode)
