@@ -72,7 +72,6 @@ def main() -> None:
     args = ap.parse_args()
     from mlx_lm.models.cache import make_prompt_cache
 
-
     ours, lm = load_both(write_checkpoint())
     vocab = ours.config.vocab_size
     rows = {}
