@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiny_checkpoint import hub_config, to_bf16, write_hub_checkpoint
+from tiny_checkpoint import hub_config, random_weights, to_bf16, write_hub_checkpoint
 
 VOCAB = 201088
 HIDDEN = 128
@@ -308,6 +308,20 @@ def scripted_model(name: str):
         forget_models()  # one at a time: each holds ~200 MB (two 201088 x 128 float32 matrices)
         _STATE[key] = mlx_gptoss.load(scripted_path(name), allow_download=False)
     return _STATE[key]
+
+
+def random_real_vocab_model(folder: Path, *, layers: int, seed: int):
+    """A tiny random-weights gpt-oss on the real 201088-token vocabulary (with the offline tokenizer),
+    loaded: what it emits is arbitrary, which is the point for robustness and cache tests."""
+    import mlx_gptoss
+
+    tok = offline_harmony()
+    cfg = hub_config(vocab_size=201088, hidden_size=64, intermediate_size=32, head_dim=16, num_attention_heads=4,
+                     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=layers,
+                     sliding_window=8)
+    folder = write_hub_checkpoint(folder, cfg, random_weights(cfg, seed=seed), shards=1)
+    (folder / "tokenizer.json").symlink_to(tok / "tokenizer.json")
+    return mlx_gptoss.load(folder, allow_download=False)
 
 
 def forget_models() -> None:

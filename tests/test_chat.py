@@ -9,12 +9,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import mlx_gptoss
 from mlx_gptoss import GptOssError, harmony
 from mlx_gptoss.chat import Runner
 from scripted_checkpoint import (SCRIPTS, forget_models, get_weather, harmony_specials, offline_harmony,
-                                 scripted_model, scripted_path)
-from tiny_checkpoint import hub_config, random_weights, write_hub_checkpoint
+                                 random_real_vocab_model, scripted_model, scripted_path)
 
 HI = [{"role": "user", "content": "Hello"}]
 SPECIAL_TEXTS = set(harmony_specials().values())
@@ -147,13 +145,7 @@ def test_stream_parser_never_raises_on_random_tokens():
 
 @pytest.fixture(scope="module")
 def random_gpt(tmp_path_factory):
-    tok = offline_harmony()
-    cfg = hub_config(vocab_size=201088, hidden_size=64, intermediate_size=32, head_dim=16, num_attention_heads=4,
-                     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
-                     sliding_window=8)
-    folder = write_hub_checkpoint(tmp_path_factory.mktemp("rnd") / "ckpt", cfg, random_weights(cfg, seed=3), shards=1)
-    (folder / "tokenizer.json").symlink_to(tok / "tokenizer.json")
-    return mlx_gptoss.load(folder, allow_download=False)
+    return random_real_vocab_model(tmp_path_factory.mktemp("rnd") / "ckpt", layers=2, seed=3)
 
 
 def test_random_model_output_degrades_to_content(random_gpt):

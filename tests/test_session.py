@@ -15,8 +15,8 @@ import pytest
 import mlx_gptoss
 from mlx_gptoss import GptOssError, Session
 from mlx_gptoss.chat import Runner
-from scripted_checkpoint import forget_models, get_weather, offline_harmony, scripted_model, scripted_path
-from tiny_checkpoint import hub_config, random_weights, write_hub_checkpoint
+from scripted_checkpoint import (forget_models, get_weather, random_real_vocab_model,
+                                 scripted_model, scripted_path)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -63,13 +63,7 @@ def test_final_only_turns_are_incremental_too():
 
 @pytest.fixture(scope="module")
 def random_gpt(tmp_path_factory):
-    tok = offline_harmony()
-    cfg = hub_config(vocab_size=201088, hidden_size=64, intermediate_size=32, head_dim=16, num_attention_heads=4,
-                     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=4,
-                     sliding_window=8)
-    folder = write_hub_checkpoint(tmp_path_factory.mktemp("rnd") / "ckpt", cfg, random_weights(cfg, seed=5), shards=1)
-    (folder / "tokenizer.json").symlink_to(tok / "tokenizer.json")
-    return mlx_gptoss.load(folder, allow_download=False)
+    return random_real_vocab_model(tmp_path_factory.mktemp("rnd") / "ckpt", layers=4, seed=5)
 
 
 def fresh(gpt, ids):
