@@ -11,7 +11,7 @@ import mlx.core as mx
 from .checkpoint import load_weights
 from .config import GptOssConfig
 from .hub import resolve
-from .memory import Plan, apply as apply_plan, bounded_cache, check_context, make_plan, read_checkpoint
+from .memory import Plan, apply as apply_plan, bounded_cache, check_context, local_checkpoint, make_plan
 from .model import Transformer
 
 
@@ -83,13 +83,14 @@ def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bo
     the memory plan (mlx_gptoss.memory) must fit: memory= overrides the budget ("16GB"), ctx= the context
     (default: the model's full context, reduced to what fits). A plan that does not fit raises GptOssError."""
     path = resolve(str(model), allow_download=allow_download)
-    cfg = GptOssConfig.from_file(path / "config.json")
+    ckpt = local_checkpoint(path, check_size=True)  # config + every header, checked before any data is read
+    cfg = ckpt.config
     dtype = dtype or default_dtype()
-    plan = make_plan(read_checkpoint(path), context=ctx, memory=memory, dtype=dtype)
+    plan = make_plan(ckpt, context=ctx, memory=memory, dtype=dtype)
     apply_plan(plan)
     net = Transformer(cfg)
     net.set_dtype(dtype)
-    weights = load_weights(path, cfg, dtype)
+    weights = load_weights(ckpt.tensors, dtype)
     # Evaluate layer by layer so peak memory stays near the checkpoint's size.
     net.load_weights(weights, strict=True)
     layers = net.model.layers

@@ -43,11 +43,12 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_tensor_index(folder: Path) -> dict[str, TensorInfo]:
-    """Every tensor of the checkpoint, from the headers alone; checks that no name appears twice."""
+def read_tensor_index(folder: Path, *, check_size: bool = True) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint, from the headers alone; checks that no name appears twice.
+    check_size=False accepts files whose data is absent (planning before or during a download)."""
     tensors: dict[str, TensorInfo] = {}
     for f in safetensors_files(folder):
-        for name, info in read_header(f).items():
+        for name, info in read_header(f, check_size=check_size).items():
             if name in tensors:
                 raise CheckpointError(f"{f}: tensor {name} also appears in {tensors[name].file.name}")
             tensors[name] = info
@@ -111,10 +112,9 @@ def check_tensors(cfg: GptOssConfig, tensors: dict[str, TensorInfo]) -> bool:
     return mxfp4
 
 
-def load_weights(folder: Path, cfg: GptOssConfig, dtype: mx.Dtype) -> list[tuple[str, mx.array]]:
-    """(model parameter name, array) pairs, lazily read: MLX maps each tensor when it is first evaluated."""
-    tensors = read_tensor_index(folder)
-    check_tensors(cfg, tensors)
+def load_weights(tensors: dict[str, TensorInfo], dtype: mx.Dtype) -> list[tuple[str, mx.array]]:
+    """(model parameter name, array) pairs for a checked tensor index (read_tensor_index + check_tensors),
+    lazily read: MLX maps each tensor when it is first evaluated."""
     raw: dict[str, mx.array] = {}
     for f in sorted({t.file for t in tensors.values()}):
         try:

@@ -25,7 +25,7 @@ import mlx.core as mx
 
 from .config import GptOssConfig
 from .errors import CheckpointError, GptOssError
-from .safetensors_header import DTYPE_BYTES, TensorInfo, read_header
+from .safetensors_header import DTYPE_BYTES, TensorInfo
 
 PARTS = ("experts", "attention", "embedding", "unembedding", "other")
 PREFILL_CHUNK = 512  # tokens per prefill step (mlx-lm uses 512-2048); the engine should use plan.prefill_chunk
@@ -120,20 +120,20 @@ def read_checkpoint(model: str | Path) -> Checkpoint:
 
     p = Path(str(model)).expanduser()
     if p.exists() or hub.looks_like_path(str(model)):
-        return _local_checkpoint(hub.resolve(str(model), allow_download=False))
+        return local_checkpoint(hub.resolve(str(model), allow_download=False))
     folder = _cached_snapshot(str(model))
     if folder is not None:
-        return _local_checkpoint(folder, name=str(model))
+        return local_checkpoint(folder, name=str(model))
     return _hub_checkpoint(str(model))
 
 
-def _local_checkpoint(folder: Path, name: str | None = None) -> Checkpoint:
-    from .checkpoint import check_tensors, safetensors_files
+def local_checkpoint(folder: Path, name: str | None = None, *, check_size: bool = False) -> Checkpoint:
+    """config.json and every tensor header of a local folder, checked against each other. The planner
+    leaves check_size off (the data may be absent: only sizes matter); load() turns it on."""
+    from .checkpoint import check_tensors, read_tensor_index
 
     cfg = GptOssConfig.from_file(folder / "config.json")
-    tensors: dict[str, TensorInfo] = {}
-    for f in safetensors_files(folder):
-        tensors.update(read_header(f, check_size=False))  # the data may be absent: only sizes matter
+    tensors = read_tensor_index(folder, check_size=check_size)
     check_tensors(cfg, tensors)
     return Checkpoint(name or str(folder), cfg, tensors, "headers")
 
