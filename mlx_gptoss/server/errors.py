@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi.responses import JSONResponse
 
 TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -52,15 +54,27 @@ def unsupported(message: str, param: str | None = None) -> APIError:
 
 
 def from_validation(err, prefix: str = "") -> APIError:
-    """pydantic's ValidationError -> one 400 naming the first field at fault."""
+    """pydantic's ValidationError -> one 400 naming the first field at fault (as `a.b[0].c`)."""
     first = err.errors()[0]
-    loc = ".".join(str(x) for x in first.get("loc", ()))
-    param = f"{prefix}{'.' if prefix and loc else ''}{loc}" or None
+    param, union = prefix, False
+    for part in first.get("loc", ()):
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif _TYPE_TAG.match(part):  # a member of a Union (str, int, list[...]) is not a field
+            union = True
+        else:
+            param += f".{part}" if param else part
     kind, msg = first.get("type", ""), first.get("msg", "invalid")
+    got = first.get("input")
     if kind == "extra_forbidden":
         msg = "unknown field (not part of this API, or not supported here)"
     elif kind == "missing":
         msg = "required"
-    got = first.get("input")
-    shown = "" if kind in ("missing", "extra_forbidden") or isinstance(got, (dict, list)) else f" (got {got!r})"
-    return bad(f"{param or 'request body'}: {msg}{shown}", param=param)
+    elif union:
+        msg = f"wrong type ({type(got).__name__} given)"
+    shown = "" if kind in ("missing", "extra_forbidden") or union or isinstance(got, (dict, list)) else f" (got {got!r})"
+    return bad(f"{param or 'request body'}: {msg}{shown}", param=param or None)
+
+
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|bytes|any|list\[.*|dict\[.*|tuple\[.*|literal\[.*|function-.*)$",
+                       re.IGNORECASE)
