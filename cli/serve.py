@@ -90,3 +90,4 @@ def serve(
         server.run()
     finally:
         worker.shutdown()
+    err.print("stopped")

@@ -25,6 +25,8 @@ class _Uvicorn(uvicorn.Server):
         self._gptoss_app.state.stopping.set()
         self._gptoss_app.state.worker.cancel_all()
         super().handle_exit(sig, frame)
+        # a signal that stopped the server cleanly is not re-raised at the end (uvicorn would): exit status 0
+        getattr(self, "_captured_signals", []).clear()
 
 
 def make_server(worker: Worker, settings: Settings, host: str, port: int, *, log_level: str = "warning",
