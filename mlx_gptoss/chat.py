@@ -71,6 +71,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -108,25 +109,27 @@ class Stats:
 
 @dataclass
 class Event:
-    kind: str  # "reasoning" | "content" | "tool_call" | "done"
+    kind: str  # "reasoning" | "content" | "preamble" | "tool_call" | "done"
     text: str = ""
     recipient: str | None = None
     arguments: str | None = None
     stats: Stats | None = None
+    id: str | None = None  # a tool call's id ("call_<hex>"): answer it with add_tool_result(..., tool_call_id=)
+    channel: str | None = None  # the harmony channel the text or call came on
 
     @property
     def name(self) -> str | None:
-        """The tool's name without its namespace ("get_weather" for "functions.get_weather")."""
-        return self.recipient.removeprefix("functions.") if self.recipient else None
+        """The tool's name without the functions namespace ("get_weather"; a bare "python" stays "python")."""
+        return harmony.call_name(self.recipient) if self.recipient else None
 
 
 # --------------------------------------------------------------------------------- the KV cache engine
 
 @dataclass
 class _Snapshot:
-    n: int  # tokens in the cache when taken (the end of a prompt)
+    n: int  # tokens in the cache when taken (the end of a prompt, or of its last message: a "mark")
     sliding: dict  # layer index -> RotatingKVCache.state (cheap: a window of 128 tokens per layer)
-    logits: mx.array | None  # the logits the prompt ended with (an identical prompt needs no forward pass)
+    logits: mx.array | None  # the logits the prompt ended with (None for a mark)
 
 
 class Runner:
@@ -141,6 +144,9 @@ class Runner:
         self.ids: list[int] = []
         self.snapshots: list[_Snapshot] = []
         self.dirty = False  # a forward pass was interrupted: the cache may be ahead of self.ids in some layers
+        # Marks at or after this many tokens are never evicted (a Session sets it to the end of its last user
+        # message: the marks of the current turn, however many tool rounds it takes, and its start).
+        self.keep_from: int | None = None
         plan = getattr(gpt, "plan", None)
         self.chunk = max(1, getattr(plan, "prefill_chunk", 0) or DEFAULT_PREFILL_CHUNK)
 
@@ -159,8 +165,11 @@ class Runner:
     def _snapshot(self, logits) -> None:
         sliding = {i: tuple(mx.array(x) if isinstance(x, mx.array) else x for x in c.state)
                    for i, c in enumerate(self.cache) if not isinstance(c, KVCache)}
-        self.snapshots = [s for s in self.snapshots if s.n != len(self.ids)][-(MAX_SNAPSHOTS - 1):]
-        self.snapshots.append(_Snapshot(len(self.ids), sliding, logits))
+        snaps = [s for s in self.snapshots if s.n != len(self.ids)] + [_Snapshot(len(self.ids), sliding, logits)]
+        kept = lambda s: self.keep_from is not None and s.logits is None and s.n >= self.keep_from  # noqa: E731
+        evictable = [s for s in snaps if not kept(s)]
+        gone = {id(s) for s in evictable[:max(0, len(evictable) - MAX_SNAPSHOTS)]}  # oldest first
+        self.snapshots = [s for s in snaps if id(s) not in gone]
 
     def _restore(self, s: _Snapshot) -> None:
         for i, c in enumerate(self.cache):
@@ -234,13 +243,26 @@ def _context_cap(gpt, max_context: int | None) -> int:
     return cap
 
 
-def _sampler(temperature, top_p, top_k, min_p):
+def check_sampling(*, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=None, max_tokens=None) -> None:
+    """One clear GptOssError for any bad sampling option (also nan and inf, which would run silently)."""
     for name, v, lo, hi in (("temperature", temperature, 0, None), ("top_p", top_p, 0, 1), ("min_p", min_p, 0, 1)):
-        if not isinstance(v, (int, float)) or v < lo or (hi is not None and v > hi):
-            raise GptOssError(f"{name} {v!r}: must be a number" + (f" in [{lo}, {hi}]" if hi else f" >= {lo}"))
-    if not isinstance(top_k, int) or top_k < 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or (
+                hi is not None and v > hi):
+            raise GptOssError(f"{name} {v!r}: must be a finite number" + (f" in [{lo}, {hi}]" if hi else f" >= {lo}"))
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise GptOssError(f"top_k {top_k!r}: must be an integer >= 0 (0: off)")
-    return make_sampler(temp=float(temperature), top_p=float(top_p), min_p=float(min_p), top_k=top_k)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64):
+        raise GptOssError(f"seed {seed!r}: must be an integer >= 0 (or None: a random seed)")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise GptOssError(f"max_tokens {max_tokens!r}: must be a positive integer (or None: up to the context cap)")
+
+
+def _check_finite(logits: mx.array) -> None:
+    """NaN or inf logits never sample anything meaningful: stop at the first token with the likely cause."""
+    if not bool(mx.isfinite(logits).all().item()):
+        raise GptOssError("the model's output (logits) holds NaN or infinity: the weights are probably corrupt or "
+                          "wrongly converted, or the dtype overflows (try --dtype float32); check the checkpoint "
+                          "(gptoss-mac doctor) and download it again if needed")
 
 
 def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: int | None = None,
@@ -248,13 +270,12 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
                     seed: int | None = None, cancel: threading.Event | None = None,
                     parser: "harmony.StreamParser | None" = None, dropped: int = 0) -> Iterator[Event]:
     """Prefill `prompt` on runner, sample until <|return|>/<|call|>/max_tokens/the context cap, yield Events.
-    The parser (exposed for the session) collects the reply; the last event is "done"."""
+    The parser (pass your own to read `parser.parts` afterwards) collects the reply; the last event is "done"."""
+    check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens)
     if len(prompt) >= cap:
         raise GptOssError(f"the prompt has {len(prompt):,} tokens: the context cap of {cap:,} tokens leaves no room "
                           "for a reply; shorten the conversation, start a new one, or raise the context (--ctx)")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-        raise GptOssError(f"max_tokens {max_tokens!r}: must be a positive integer (or None: up to the context cap)")
-    sampler = _sampler(temperature, top_p, top_k, min_p)
+    sampler = make_sampler(temp=float(temperature), top_p=float(top_p), min_p=float(min_p), top_k=top_k)
     parser = parser or harmony.StreamParser(runner.gpt.path)
     budget = cap - len(prompt)
     limit = min(budget, max_tokens) if max_tokens else budget
@@ -264,6 +285,7 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
     stats = Stats(prompt_tokens=len(prompt), dropped_messages=dropped)
     t0 = time.perf_counter()
     logits, stats.prefilled_tokens = runner.prefill(prompt)
+    _check_finite(logits)
     stats.cached_tokens = len(prompt) - stats.prefilled_tokens
     t_prefill = time.perf_counter() - t0
     stop, t_first = ("max_tokens" if max_tokens and max_tokens < budget else "context"), None
@@ -296,6 +318,9 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
         if token in harmony.STOP_TOKENS:
             stop = harmony.STOP_TOKENS[token]
             break
+        if parser.halted:  # the output left the assistant's turn (e.g. <|start|>user): nothing more to show
+            stop = "malformed"
+            break
         y = nxt
     for ev in _pieces_to_events(parser.finish(stop)):
         yield ev
@@ -310,20 +335,22 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
 
 
 def _pieces_to_events(pieces) -> list[Event]:
-    return [Event(p.kind, p.text, p.recipient, p.text) if p.kind == "tool_call" else Event(p.kind, p.text)
-            for p in pieces]
+    return [Event("tool_call", p.text, p.recipient, p.text, id=p.id, channel=p.channel) if p.kind == "tool_call"
+            else Event(p.kind, p.text, channel=p.channel) for p in pieces]
 
 
 # ------------------------------------------------------------------------------------------- Session
 
 def assistant_message(parser: "harmony.StreamParser") -> dict:
-    """The message dict of a finished reply (what the history keeps)."""
-    m: dict = {"role": "assistant"}
-    if parser.reasoning:
-        m["reasoning"] = "".join(parser.reasoning)
-    if parser.tool_calls:
-        m["tool_calls"] = [dict(c) for c in parser.tool_calls]
-    if parser.content or not parser.tool_calls:
+    """The message dict of a reply (what the history keeps): its ordered "parts", and the summary keys."""
+    m: dict = {"role": "assistant", "parts": copy.deepcopy(parser.parts)}
+    reasoning = parser.reasoning
+    if reasoning:
+        m["reasoning"] = harmony.REASONING_SEPARATOR.join(reasoning)
+    calls = parser.tool_calls
+    if calls:
+        m["tool_calls"] = calls
+    if parser.content or not calls:
         m["content"] = "".join(parser.content)
     return m
 
@@ -341,12 +368,12 @@ class Session:
         self.date = date or time.strftime("%Y-%m-%d")  # fixed for the session: the prompt prefix stays cached
         self.cap = _context_cap(gpt, max_context)
         self.drop_oldest = drop_oldest
-        self.messages: list[dict] = [dict(m) for m in (messages or [])]
+        self.messages: list[dict] = copy.deepcopy(list(messages or []))
         self.runner = Runner(gpt)
         self.last_stats: Stats | None = None
         self.dropped = 0
         self._cancel = threading.Event()
-        self._busy, self._pending, self._active = False, [], None
+        self._busy, self._pending, self._active, self._parser = False, [], None, None
         self.render()  # validate settings and messages now, not at the first send
 
     # -- settings
@@ -371,10 +398,24 @@ class Session:
     def cancel(self) -> None:
         self._cancel.set()
 
-    def add_tool_result(self, name: str, content) -> None:
-        """Answer a tool call; while its reply is still streaming, the result is added right after it."""
+    def add_tool_result(self, name: str, content, *, tool_call_id: str | None = None) -> None:
+        """Answer a tool call (best with the "tool_call" event's .id; else the oldest unanswered call of that
+        name gets it). While its reply is still streaming, the result is added right after it."""
         text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, default=str)
-        (self._pending if self._busy else self.messages).append({"role": "tool", "name": name, "content": text})
+        if tool_call_id is None:
+            answered = {m.get("tool_call_id") for m in self.messages + self._pending if m.get("role") == "tool"}
+            calls = self._parser.tool_calls if self._busy and self._parser else [
+                c for m in self.messages[-1:] if m.get("role") == "assistant"
+                for c in harmony.assistant_tool_calls(m)]
+            if not calls:  # the reply's calls are answered in the messages after it
+                last = max((i for i, m in enumerate(self.messages) if m.get("role") == "assistant"), default=None)
+                calls = harmony.assistant_tool_calls(self.messages[last]) if last is not None else []
+            tool_call_id = next((c.get("id") for c in calls if c.get("id") and c.get("id") not in answered
+                                 and name in (c["name"], c.get("recipient"))), None)
+        msg = {"role": "tool", "name": name, "content": text}
+        if tool_call_id:
+            msg["tool_call_id"] = tool_call_id
+        (self._pending if self._busy else self.messages).append(msg)
 
     # -- persistence
     def to_dict(self) -> dict:
@@ -395,22 +436,37 @@ class Session:
                               date=self.date)
 
     def _fit(self, reserve: int) -> tuple[list[int], int]:
-        """The prompt ids, dropping the oldest turns (whole user turns) while it does not fit."""
-        dropped = 0
-        while True:
-            prompt = self.render()
-            if len(prompt) + reserve <= self.cap or not self.drop_oldest:
-                return prompt, dropped
-            users = [i for i, m in enumerate(self.messages) if m.get("role") == "user"]
-            if len(users) < 2:  # only the current turn is left: it does not fit at all
-                return prompt, dropped
-            cut = users[1]
-            dropped += cut
-            del self.messages[:cut]
+        """The prompt ids, dropping the oldest whole turns while it leaves less than `reserve` tokens for the
+        reply. Turns are dropped only if the prompt then fits: a message that cannot fit at all raises
+        GptOssError and leaves the messages exactly as they were."""
+        msgs, dropped = self.messages, 0
+        prompt = self.render(msgs)
+        while self.drop_oldest and len(prompt) + reserve > self.cap:
+            users = [i for i, m in enumerate(msgs) if m.get("role") == "user"]
+            if len(users) < 2:  # only the current turn is left
+                break
+            dropped += users[1]
+            msgs = msgs[users[1]:]
+            prompt = self.render(msgs)
+        if len(prompt) >= self.cap:
+            alone = "" if dropped or not self.drop_oldest else " on its own"
+            raise GptOssError(f"this message does not fit the context: the conversation needs {len(prompt):,} tokens"
+                              f"{alone} and the context cap is {self.cap:,} (no room for a reply); nothing was "
+                              "dropped. Send a shorter message, start a new conversation, or raise the context (--ctx)")
+        if dropped:
+            del self.messages[:dropped]
+        return prompt, dropped
+
+    def _keep_from(self) -> int | None:
+        """Where the last user message ends in the prompt: the runner keeps the marks from there on."""
+        users = [i for i, m in enumerate(self.messages) if m.get("role") == "user"]
+        return len(self.render(self.messages[:users[-1] + 1])) - 2 if users else None
 
     def send(self, text: str | None, *, max_tokens: int | None = None, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None, tools=None,
              auto_tools: bool = False, keep_partial: bool = False, max_tool_rounds: int = 8) -> Iterator[Event]:
+        check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                       max_tokens=max_tokens)
         if self._active is not None:  # an unfinished earlier reply: end it now so the history stays in order
             self._active.close()
             self._active = None
@@ -431,9 +487,15 @@ class Session:
         for round_ in range(max(1, rounds)):
             # room kept for the reply when dropping old turns: max_tokens, else a quarter of the context
             reserve = sampling["max_tokens"] or max(1, min(self.cap // 4, 4096))
-            prompt, dropped = self._fit(reserve)
+            try:
+                prompt, dropped = self._fit(reserve)
+            except GptOssError:  # refused before anything ran: the session is as before send()
+                if added and round_ == 0 and self.messages and self.messages[-1].get("role") == "user":
+                    self.messages.pop()
+                raise
             self.dropped += dropped
-            parser = harmony.StreamParser(self.gpt.path)
+            self.runner.keep_from = self._keep_from()
+            parser = self._parser = harmony.StreamParser(self.gpt.path)
             done = None
             self._busy = True
             try:
@@ -441,7 +503,7 @@ class Session:
                     stream = generate_events(self.runner, prompt, cap=self.cap, cancel=self._cancel, parser=parser,
                                              dropped=dropped, **sampling)
                     first = next(stream)
-                except GptOssError:  # refused before anything ran (e.g. over the context cap)
+                except GptOssError:  # refused before anything ran (e.g. non-finite logits)
                     if added and round_ == 0 and self.messages and self.messages[-1].get("role") == "user":
                         self.messages.pop()  # the question was not taken: the session is as before send()
                     raise
@@ -454,8 +516,10 @@ class Session:
                 self._busy = False
                 if parser.stopped or (done is not None and done.stats.stop_reason != "cancelled"):
                     self.messages.append(assistant_message(parser))
-                elif keep_partial and parser.content:
-                    self.messages.append({"role": "assistant", "content": "".join(parser.content)})
+                elif keep_partial:
+                    parser.finish("cancelled")  # closes the message that was streaming
+                    if parser.content:
+                        self.messages.append(assistant_message(parser))
                 self.messages.extend(self._pending)  # tool results given while the reply streamed
                 self._pending = []
             self.last_stats = done.stats
@@ -464,11 +528,11 @@ class Session:
             # auto_tools: run Python tools; a tool given only as a schema is the caller's to answer
             if not (auto_tools and calls and all(by_name[c["name"]].fn for c in calls if c["name"] in by_name)):
                 return
-            answered = {m.get("name") for m in self.messages[-len(calls):] if m.get("role") == "tool"}
+            answered = {m.get("tool_call_id") for m in self.messages if m.get("role") == "tool"}
             for c in calls:
-                if c["name"] in answered:
+                if c["id"] in answered:
                     continue
                 tool = by_name.get(c["name"])
                 self.add_tool_result(c["name"], tool.run(c["arguments"]) if tool else  # the model can recover
                                      f"error: there is no tool named {c['name']!r}; available: "
-                                     + (", ".join(by_name) or "none"))
+                                     + (", ".join(by_name) or "none"), tool_call_id=c["id"])
