@@ -3,26 +3,52 @@
 Messages are plain JSON-able dicts (what `Session.messages`, `save()` and `GptOss.chat()` use):
 
     {"role": "user", "content": "What is the weather in Paris?"}
-    {"role": "developer", "content": "Answer in French."}          # instructions, usually via developer=
+    {"role": "developer", "content": "Answer in French."}   # instructions (also developer=); a "system"
+                                                             # message is instructions too (the identity line stays)
     {"role": "assistant", "content": "final answer", "reasoning": "chain-of-thought (optional)"}
-    {"role": "assistant", "reasoning": "...", "tool_calls": [{"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}]}
-    {"role": "tool", "name": "get_weather", "content": "{\"temp_c\": 21}"}
+    {"role": "assistant", "reasoning": "...", "tool_calls": [{"id": "call_1f..", "name": "get_weather",
+                                                              "arguments": "{\"city\": \"Paris\"}"}]}
+    {"role": "tool", "name": "get_weather", "tool_call_id": "call_1f..", "content": "{\"temp_c\": 21}"}
 
-Rendering follows harmony (mlx_gptoss.harmony): earlier chain-of-thought is dropped once a final answer
-follows it, kept around tool calls; `<|return|>` is stored as `<|end|>`.
+An assistant message the model produced also carries "parts": the harmony messages exactly as it wrote them,
+in order, each {"channel": "analysis"|"commentary"|"final", "content": str, "recipient": str|None
+("functions.get_weather", or a bare "python"), "content_type": str|None ("<|constrain|>json", "code"),
+"id": str|None (the call id, on parts with a recipient)}. A commentary part without recipient is a preamble
+(text for the user before a call). When "parts" is present it is what gets rendered; the summary keys
+("content": the final text, "reasoning": the analysis texts joined by a blank line, "tool_calls") are for simple
+readers. A dict without "parts" renders in the canonical order: analysis, tool calls, final.
+tool_calls entries: {"id", "name", "arguments": str} plus "recipient" when it is not functions.NAME (a bare
+"python": name and recipient "python"). A tool message answers the call with its tool_call_id, else the latest
+call of that name; it is rendered as authored by that call's recipient, on that call's channel.
+
+What the history keeps (mlx_gptoss.harmony.render): the reasoning of a turn is dropped once a final answer
+follows it, and at the next user message unless the turn ended with a tool result (a reply cut by max_tokens,
+or whose call nobody answered, loses it). A turn without a final answer yet is rendered exactly as the model
+wrote it (a call's channel before its recipient, as gpt-oss writes it): in a tool loop every model call after
+the first prefills only the tool results it adds, and a user message after an answered call only itself and
+the results. After a final answer the next turn re-prefills that turn from its user message on (its reasoning
+is gone, so the cache diverges there); `<|return|>` is stored as `<|end|>`.
 
 Events (`Event`, yielded by `GptOss.chat()` and `Session.send()`), `.kind` is one of:
-    "reasoning"  .text: a piece of chain-of-thought (analysis channel; hide it from end users by default)
-    "content"    .text: a piece of the answer (final channel; also malformed output, see stats.malformed)
-    "tool_call"  .recipient ("functions.get_weather"), .name ("get_weather"), .arguments (the JSON string,
-                 exactly as generated; may be invalid JSON), .text == .arguments
+    "reasoning"  .text: a piece of chain-of-thought (analysis channel; hide it from end users by default).
+                 Two analysis messages are separated by one "\n\n" reasoning event. Text the model wrote
+                 without a valid channel or header is also reasoning (hidden), with stats.malformed set.
+    "preamble"   .text: a piece of commentary without recipient: what the model tells the user before a
+                 tool call (show it, e.g. dimmed, before the call)
+    "content"    .text: a piece of the answer (final channel)
+    "tool_call"  .id ("call_<hex>"), .recipient ("functions.get_weather", "python"), .name ("get_weather",
+                 "python"), .arguments (the string exactly as generated; may be invalid JSON), .channel
+                 ("commentary", or "analysis" where gpt-oss often calls from), .text == .arguments
     "done"       .stats: a `Stats` (always the last event, also after a cancel or an error in the output)
+Each text event has .channel too. `StreamParser.parts` (pass your own parser to generate_events) holds the
+finished messages in the "parts" shape, in order.
 
 `Stats` fields: prompt_tokens (the whole rendered prompt), prefilled_tokens (what this turn actually ran
 through the model; the rest came from the session's prompt cache), cached_tokens, generated_tokens,
 time_to_first_token (s), prefill_tps, decode_tps, peak_memory (bytes, mx.get_peak_memory), stop_reason
-("return" | "call" | "max_tokens" | "context" | "cancelled"), malformed (True when the model's output did not
-follow harmony; it was then shown as content), warnings (list of str), dropped_messages (how many of the
+("return" | "call" | "max_tokens" | "context" | "cancelled" | "malformed": the output began a message that is
+not the assistant's), malformed (True when the model's output did not follow harmony), warnings (list of str;
+a call cut off by max_tokens is reported there with its partial arguments), dropped_messages (how many of the
 oldest messages a Session removed to fit the context; 0 normally).
 
 Session (`gpt.session(reasoning_effort="medium", developer=None, tools=None, messages=None, max_context=None,
@@ -34,7 +60,8 @@ drop_oldest=True)`), keeps the KV cache between turns so turn N prefills only wh
         auto_tools=True runs Python tool functions itself: each call is yielded as a "tool_call" event,
         then run, its result appended as a tool message and generation continues until a final answer;
         several "done" events can then occur (one per model call); the last one ends the reply.
-    add_tool_result(name, content): append a tool message answering a "tool_call" (then send(None)).
+    add_tool_result(name, content, *, tool_call_id=None): append a tool message answering a "tool_call"
+        (pass the event's .id; without it the oldest unanswered call of that name gets it), then send(None).
     messages: list of message dicts (a copy is safe to json.dumps).
     reset(): forget messages and cache (keeps settings).
     set_effort("low"|"medium"|"high"), set_developer(text | None), set_tools(tools): change the system/
@@ -48,19 +75,28 @@ drop_oldest=True)`), keeps the KV cache between turns so turn N prefills only wh
     which keeps the final-channel text produced so far as the assistant's answer. The KV cache goes back
     to the snapshot taken at the end of the last message, so the next turn is still incremental.
     A new send() (or reset()) first closes an unfinished earlier stream. If send() raises GptOssError before
-    generating (e.g. the prompt is over the context cap), the user message is not kept.
+    generating (a bad option, a message that cannot fit the context, NaN logits), the session is exactly as
+    it was before send(): the user message is not kept and no turn is dropped.
 
 Prompt cache (Runner): the growing KVCache layers can be trimmed to any length, but the sliding-window
 RotatingKVCache layers cannot once they have wrapped. So the runner snapshots the sliding layers (128 tokens
-each: cheap) at the end of every prompt and of its last message; a new prompt resumes from the current cache
-if that is a prefix of it, else from the longest snapshot that is (trimming the full-attention layers to it),
-else it is prefilled from scratch. Prefill runs in chunks (the memory plan's prefill_chunk); decoding is
+each: cheap) at the end of every prompt and of its last message (a "mark"); a new prompt resumes from the
+current cache if that is a prefix of it, else from the longest snapshot that is (trimming the full-attention
+layers to it), else it is prefilled from scratch. Eight snapshots are kept, oldest evicted first, except the
+marks a Session protects: the end of its last user message and every mark of the current turn, however many
+tool rounds it takes. Prefill runs in chunks (the memory plan's prefill_chunk); decoding is
 pipelined as in mlx-lm (the next forward pass is queued before Python handles the current token).
 
 Context: a prompt longer than the context cap (max_context, default min(config max_position_embeddings,
 the memory plan's context)) raises GptOssError from GptOss.chat(); a Session with drop_oldest=True drops
 the oldest user turns instead, keeping room for max_tokens (default: a quarter of the context, at most 4096
-tokens), and reports it in stats.dropped_messages (never silently).
+tokens), and reports it in stats.dropped_messages (never silently). Turns are dropped only when the message
+then fits: one that cannot fit even alone is refused with the session unchanged.
+
+Sampling options are checked before anything runs (one GptOssError naming the option): temperature >= 0,
+top_p and min_p in [0, 1], all finite; top_k an integer >= 0; seed an integer >= 0 or None; max_tokens a
+positive integer or None. Logits that are not finite at the first token (NaN weights, a dtype overflow) stop
+the reply with a GptOssError naming the likely cause instead of sampling garbage up to the cap.
 
 Tools: a Python callable (JSON schema from its signature, type hints and docstring) or a dict
 {"name", "description", "parameters": JSON schema}. See mlx_gptoss.harmony.tool_spec().

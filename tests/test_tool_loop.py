@@ -223,3 +223,20 @@ def test_scripts_are_what_the_parser_reads():
             p.finish("return")
             assert not p.malformed and p.stopped, (name, p.warnings)
     assert len(SCRIPTS["loop12"]) == 13
+
+
+def test_the_cli_shows_a_preamble_dimmed_before_the_answer():
+    from rich.console import Console
+
+    from mlx_gptoss.chat import Event
+    from mlx_gptoss.cli.render import ReplyView
+
+    console = Console(record=True, width=80, force_terminal=True, color_system="standard")
+    view = ReplyView(console, show_reasoning=False, plain=False)
+    for ev in (Event("reasoning", "hidden"), Event("preamble", "Let me look that up."),
+               Event("content", "It is sunny.")):
+        view.event(ev)
+    console.print(view._view())
+    text = console.export_text(clear=False)
+    assert text.index("Let me look that up.") < text.index("It is sunny.") and "hidden" not in text
+    assert "\x1b[2m" in console.export_text(styles=True)  # dim
