@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import time
 
-FINISH = {"return": "stop", "call": "tool_calls", "max_tokens": "length", "context": "length", "cancelled": "stop"}
+from .responses import visible_kind
+
+FINISH = {"return": "stop", "call": "tool_calls", "max_tokens": "length", "context": "length", "cancelled": "stop",
+          "malformed": "stop"}
 
 
 def completion_usage(stats, reasoning_tokens: int) -> dict:
@@ -38,13 +41,14 @@ class ChatBuilder:
         return [self.chunk({"role": "assistant", "content": ""})]
 
     def feed(self, ev) -> list[dict]:
-        if ev.kind == "reasoning":
+        kind = visible_kind(ev) if not getattr(ev, "separator", False) else ev.kind
+        if kind == "reasoning":
             self.reasoning.append(ev.text)
             return [self.chunk({"reasoning_content": ev.text, "reasoning": ev.text})]
-        if ev.kind in ("content", "preamble"):
+        if kind in ("content", "preamble"):
             self.content.append(ev.text)
             return [self.chunk({"content": ev.text})]
-        if ev.kind == "tool_call":
+        if kind == "tool_call":
             call = {"id": getattr(ev, "id", None) or f"call_{len(self.calls)}_{self.id[-12:]}", "type": "function",
                     "function": {"name": ev.name, "arguments": ev.arguments or ""}}
             self.calls.append(call)

@@ -19,7 +19,7 @@ class RawText:
         self.enc = enc
         self.pending: list[int] = []
         self.text: list[str] = []
-        self.malformed, self.warnings, self.stopped = False, [], False
+        self.malformed, self.warnings, self.stopped, self.halted = False, [], False, False
 
     def feed(self, token: int) -> list[Piece]:
         self.pending.append(token)
@@ -37,7 +37,8 @@ class RawText:
         return self._flush(self.enc.decode(self.pending)) if self.pending else []
 
 
-FINISH = {"return": "stop", "call": "stop", "max_tokens": "length", "context": "length", "cancelled": "stop"}
+FINISH = {"return": "stop", "call": "stop", "max_tokens": "length", "context": "length", "cancelled": "stop",
+          "malformed": "stop"}
 
 
 def completion(cid: str, model: str, text: str, stats=None, finish: str | None = None) -> dict:

@@ -103,7 +103,7 @@ def assistant_dict(parts: list[dict]) -> dict:
              for p in parts if p["recipient"]]
     final = [p["content"] for p in parts if p["channel"] == "final" and not p["recipient"]]
     if reasoning:
-        m["reasoning"] = "\n".join(reasoning)
+        m["reasoning"] = "\n\n".join(reasoning)  # as the engine joins analysis messages
     if calls:
         m["tool_calls"] = calls
     if final or not calls:

@@ -56,20 +56,20 @@ class ResponseBuilder:
 
     # ---- events in
     def feed(self, ev) -> list[dict]:
-        if ev.kind == "reasoning":
-            self.reasoning_tokens += 1
-            return self._text("reasoning", ev.text)
-        if ev.kind in ("content", "preamble"):
-            return self._text("message" if ev.kind == "content" else "preamble", ev.text)
-        if ev.kind == "tool_call":
+        if getattr(ev, "separator", False):  # the engine's "\n\n" between two analysis messages: items split
+            return []
+        kind = visible_kind(ev)
+        if kind == "tool_call":
             return self._call(ev)
-        return []
+        if kind == "reasoning":
+            self.reasoning_tokens += 1
+        return self._text({"content": "message"}.get(kind, kind), ev.text, getattr(ev, "message", 0))
 
-    def _text(self, kind: str, delta: str) -> list[dict]:
+    def _text(self, kind: str, delta: str, message: int) -> list[dict]:
         out = []
-        if self.open is None or self.open["_kind"] != kind:
+        if self.open is None or self.open["_kind"] != kind or self.open["_message"] != message:
             out += self.close()
-            out += self._open_text(kind)
+            out += self._open_text(kind, message)
         item = self.open
         item["_text"].append(delta)
         idx = len(self.output) - 1
@@ -78,7 +78,7 @@ class ResponseBuilder:
         out.append(self.event(name, item_id=item["id"], output_index=idx, content_index=0, delta=delta, **extra))
         return out
 
-    def _open_text(self, kind: str) -> list[dict]:
+    def _open_text(self, kind: str, message: int) -> list[dict]:
         if kind == "reasoning":
             item = {"id": new_id("rs"), "type": "reasoning", "summary": [], "content": [], "status": "in_progress"}
             part = {"type": "reasoning_text", "text": ""}
@@ -91,7 +91,7 @@ class ResponseBuilder:
         out = [self.event("response.output_item.added", output_index=idx, item=self._public(item)),
                self.event("response.content_part.added", item_id=item["id"], output_index=idx, content_index=0,
                           part=part)]
-        item.update(_kind=kind, _text=[])
+        item.update(_kind=kind, _text=[], _message=message)
         self.open = item
         return out
 
@@ -102,6 +102,7 @@ class ResponseBuilder:
         idx = self.output.index(item)
         text = "".join(item.pop("_text"))
         kind = item.pop("_kind")
+        item.pop("_message")
         item["status"] = "completed"
         if kind == "reasoning":
             part = {"type": "reasoning_text", "text": text}
@@ -164,18 +165,18 @@ class ResponseBuilder:
     def assistant_message(self, parser=None) -> dict:
         """The reply as a message dict for the store: the parser's exact parts when it has them."""
         parts = getattr(parser, "parts", None)
-        return assistant_dict([_part(**p) if isinstance(p, dict) else _from_harmony(p) for p in parts]
-                              if parts else self.parts)
+        return assistant_dict([_part(p["channel"], p["content"], p.get("recipient"), p.get("content_type"),
+                                     p.get("id")) for p in parts] if parts else self.parts)
+
+
+def visible_kind(ev) -> str:
+    """The event's kind as clients see it: text outside any valid harmony message (the engine hides it as
+    reasoning, channel None) is shown as content, with the warning in the response."""
+    return "content" if ev.kind == "reasoning" and ev.channel is None else ev.kind
 
 
 def _part(channel, content, recipient=None, content_type=None, id=None) -> dict:
     return {"channel": channel, "content": content, "recipient": recipient, "content_type": content_type, "id": id}
-
-
-def _from_harmony(p) -> dict:
-    """A part given as an object with the same attributes (the engine's parser may return either)."""
-    return _part(p.channel, p.content, getattr(p, "recipient", None), getattr(p, "content_type", None),
-                 getattr(p, "id", None))
 
 
 def response_object(rid: str, req, model: str, tools: list, effort: str) -> dict:

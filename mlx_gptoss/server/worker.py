@@ -45,15 +45,31 @@ class Engine:
                                top_p=top_p, seed=seed, cancel=cancel, parser=parser)
 
 
-class _Counting:
-    """Wraps a parser to count the tokens generated (for the per-request cancel measurement)."""
+class _Tap:
+    """Wraps a parser: counts the tokens generated (for the cancel measurement) and keeps the Pieces it
+    returns, whose `message` index and `separator` flag the Events made from them (one each, in order) drop."""
 
     def __init__(self, parser, job: "Job"):
         self._parser, self._job = parser, job
+        self.pieces: deque = deque()
 
     def feed(self, token: int):
         self._job.tokens += 1
-        return self._parser.feed(token)
+        out = self._parser.feed(token)
+        self.pieces.extend(out)
+        return out
+
+    def finish(self, stop: str):
+        out = self._parser.finish(stop)
+        self.pieces.extend(out)
+        return out
+
+    def annotate(self, ev: Event) -> Event:
+        """ev.message (which generated message it belongs to) and ev.separator, from its Piece."""
+        piece = self.pieces.popleft() if ev.kind != "done" and self.pieces else None
+        ev.message = getattr(piece, "message", 0)
+        ev.separator = getattr(piece, "separator", False)
+        return ev
 
     def __getattr__(self, name):
         return getattr(self._parser, name)
@@ -171,10 +187,11 @@ class Worker:
                 job.stats = Stats(prompt_tokens=len(job.prompt), stop_reason="cancelled")
                 job.emit(Event("done", stats=job.stats))
                 return
-            for ev in self.engine.run(job.prompt, _Counting(job.parser, job), job.cancel, **job.sampling):
+            tap = _Tap(job.parser, job)
+            for ev in self.engine.run(job.prompt, tap, job.cancel, **job.sampling):
                 if ev.kind == "done":
                     job.stats = ev.stats
-                job.emit(ev)
+                job.emit(tap.annotate(ev))
         except GptOssError as e:  # e.g. the context filled up in a way the request check could not foresee
             job.emit(APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None))
         except Exception as e:  # a bug: the client gets its name, the log the traceback
