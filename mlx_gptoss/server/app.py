@@ -54,6 +54,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
     app.state.worker, app.state.settings = worker, settings
     app.state.store = responses.Store(settings.store_size)
     app.state.stopping = stopping = threading.Event()
+    app.state.calls = calls = responses.CallMemory()
     store = app.state.store
 
     @app.exception_handler(APIError)
@@ -195,7 +196,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         inputs.refuse(req.prompt is not None, "prompt templates are not supported", "prompt")
         inputs.refuse(req.truncation not in (None, "disabled"), "truncation \"auto\" is not supported", "truncation")
         prior = store.messages(req.previous_response_id) if req.previous_response_id else []
-        msgs = inputs.response_messages(req.input, prior)
+        msgs = inputs.response_messages(req.input, prior, calls.calls)
         turn = inputs.Turn(msgs, inputs.response_tools(req.tools),
                            inputs.effort_of(req.reasoning.effort if req.reasoning else None))
         inputs.apply_tool_choice(turn, req.tool_choice)
@@ -207,6 +208,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
                      temperature=req.temperature, top_p=req.top_p)
 
         def finish(stats):
+            calls.remember(getattr(parser, "parts", None))
             failed = "the server is shutting down; retry" if stats.stop_reason == "cancelled" else None
             out = builder.finish(stats, failed=failed)
             if req.store and not failed:
@@ -247,7 +249,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         inputs.refuse(req.functions is not None or req.function_call is not None,
                       "the legacy functions/function_call fields are not supported; use tools", "functions")
         inputs.refuse(req.modalities not in (None, ["text"]), "only text output is supported", "modalities")
-        turn = inputs.Turn(inputs.chat_messages(req.messages), inputs.chat_tools(req.tools),
+        turn = inputs.Turn(inputs.chat_messages(req.messages, calls.calls), inputs.chat_tools(req.tools),
                            inputs.effort_of(req.reasoning_effort))
         inputs.apply_tool_choice(turn, req.tool_choice)
         prompt, parser = await run_in_threadpool(render, turn, None, "messages")
@@ -258,6 +260,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         if not req.stream:
             async for ev in events(job, request):
                 if ev.kind == "done":
+                    calls.remember(parser.parts)
                     return builder.completion(ev.stats)
                 builder.feed(ev)
         usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -267,6 +270,8 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
                 yield {"data": json.dumps(c)}
             try:
                 async for ev in events(job, None):
+                    if ev.kind == "done":
+                        calls.remember(parser.parts)
                     for c in (builder.finish(ev.stats, usage) if ev.kind == "done" else builder.feed(ev)):
                         yield {"data": json.dumps(c)}
             except APIError as err:

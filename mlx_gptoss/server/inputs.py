@@ -99,8 +99,7 @@ def assistant_dict(parts: list[dict]) -> dict:
     """An assistant message dict from its ordered parts, with the summary keys."""
     m: dict = {"role": "assistant"}
     reasoning = [p["content"] for p in parts if p["channel"] == "analysis" and not p["recipient"]]
-    calls = [{"id": p["id"], "name": p["recipient"].removeprefix("functions."), "arguments": p["content"]}
-             for p in parts if p["recipient"]]
+    calls = harmony.assistant_tool_calls({"parts": parts})
     final = [p["content"] for p in parts if p["channel"] == "final" and not p["recipient"]]
     if reasoning:
         m["reasoning"] = "\n\n".join(reasoning)  # as the engine joins analysis messages
@@ -127,7 +126,18 @@ def tool_message(names: dict[str, str], call_id: str, content: str, where: str) 
 
 # -------------------------------------------------------------------------------------- Responses
 
-def response_messages(items: str | list, prior: list[dict] | None = None) -> list[dict]:
+def call_part(turn: "_Assistant", call_id: str, name: str, arguments: str, known: dict | None) -> None:
+    """A function call sent back by a client. If this server generated it (known: call id -> the part's
+    channel, recipient, content type), it is rendered exactly as generated (e.g. on the analysis channel, or
+    to a bare `python`), which the client's JSON does not say; else as a commentary call to functions.NAME."""
+    meta = (known or {}).get(call_id)
+    if meta and harmony.call_name(meta["recipient"]) == name:
+        turn.add(meta["channel"], arguments, meta["recipient"], meta["content_type"], call_id)
+    else:
+        turn.add("commentary", arguments, f"functions.{name}", "<|constrain|>json", call_id)
+
+
+def response_messages(items: str | list, prior: list[dict] | None = None, known: dict | None = None) -> list[dict]:
     """Responses `input` (after the stored conversation `prior`, from previous_response_id) -> message dicts."""
     msgs = [dict(m) for m in prior or []]
     if isinstance(items, str):
@@ -160,7 +170,7 @@ def response_messages(items: str | list, prior: list[dict] | None = None) -> lis
         elif kind == "function_call":
             c = validate(S.FunctionCallItem, raw, where)
             turn = turn or _Assistant()
-            turn.add("commentary", c.arguments, f"functions.{c.name}", "<|constrain|>json", c.call_id)
+            call_part(turn, c.call_id, c.name, c.arguments, known)
         elif kind == "reasoning":
             r = validate(S.ReasoningItem, raw, where)
             parts = r.content if r.content else r.summary
@@ -194,7 +204,7 @@ def response_tools(tools: list | None) -> list[harmony.Tool]:
 
 # ------------------------------------------------------------------------------------ Chat Completions
 
-def chat_messages(raw: list) -> list[dict]:
+def chat_messages(raw: list, known: dict | None = None) -> list[dict]:
     msgs: list[dict] = []
     for i, r in enumerate(raw):
         where = f"messages[{i}]"
@@ -212,7 +222,7 @@ def chat_messages(raw: list) -> list[dict]:
             if text:
                 turn.add("commentary" if m.tool_calls else "final", text)
             for c in m.tool_calls or []:
-                turn.add("commentary", c.function.arguments, f"functions.{c.function.name}", "<|constrain|>json", c.id)
+                call_part(turn, c.id, c.function.name, c.function.arguments, known)
             if not turn.parts:
                 turn.add("final", "")
             msgs.append(turn.message())

@@ -193,6 +193,22 @@ def response_object(rid: str, req, model: str, tools: list, effort: str) -> dict
             "user": req.user, "metadata": req.metadata or {}}
 
 
+class CallMemory:
+    """The calls this server generated, by call id: their channel, recipient and content type (the newest
+    `size`), so a call a client sends back renders token for token as the model wrote it."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self.calls: OrderedDict[str, dict] = OrderedDict()
+
+    def remember(self, parts) -> None:
+        for p in parts or []:
+            if p.get("recipient") and p.get("id"):
+                self.calls[p["id"]] = {k: p.get(k) for k in ("channel", "recipient", "content_type")}
+        while len(self.calls) > self.size:
+            self.calls.popitem(last=False)
+
+
 class Store:
     """Stored responses (store=true) for previous_response_id and GET /v1/responses/{id}: the newest
     `size`, each with the whole conversation it ended (messages) so a follow-up extends it."""
