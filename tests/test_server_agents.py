@@ -159,10 +159,6 @@ def open_stream(server, text: str, max_tokens: int = 5000):
     return cm, cm.__enter__()
 
 
-def job_for(server, rid_prefix="resp_"):
-    return wait_for(lambda: server.worker.current, what="a running job")
-
-
 def test_disconnect_mid_stream_stops_within_one_token(looping):
     cm, resp = open_stream(looping, "Loop forever, please")
     lines = resp.iter_lines()
@@ -186,6 +182,16 @@ def test_disconnect_mid_stream_stops_within_one_token(looping):
     assert r.usage.input_tokens_details.cached_tokens == r.usage.input_tokens
     fresh = c.responses.create(model="gpt-oss-20b", input="Loop forever, please!", temperature=0, max_output_tokens=8)
     assert r.output[0].content[0].text == fresh.output[0].content[0].text
+
+
+def test_a_non_streaming_client_that_leaves_cancels_its_generation(looping):
+    n = len(looping.worker.done)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up while tokens are still flowing
+        httpx.post(looping.url + "/v1/chat/completions", timeout=httpx.Timeout(60, read=2),
+                   json={"messages": [{"role": "user", "content": "Loop on"}], "max_tokens": 5000, "temperature": 0})
+    job = wait_for(lambda: len(looping.worker.done) > n and looping.worker.done[-1], 30, "the job to stop")
+    assert job.stats.stop_reason == "cancelled" and job.stats.generated_tokens < 5000
+    assert job.stats.generated_tokens - job.cancelled_at <= 1
 
 
 def test_full_queue_gets_429_and_queued_requests_can_be_cancelled(looping):

@@ -137,14 +137,17 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
     async def events(job: Job, request: Request | None):
         """The job's Events until "done"; an APIError from the model thread is raised. Leaving early (a
         disconnect, a cancelled stream) cancels the job."""
+        checked = time.monotonic()
         try:
             while True:
                 item = await job.next(POLL)
-                if item is None:
+                if item is None or time.monotonic() - checked > POLL:  # also while tokens flow
+                    checked = time.monotonic()
                     if stopping.is_set() or (request is not None and await request.is_disconnected()):
                         job.stop()
                     if not worker.thread.is_alive():
                         raise APIError(500, "the model thread stopped")
+                if item is None:
                     continue
                 if isinstance(item, APIError):
                     raise item
