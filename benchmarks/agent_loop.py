@@ -15,12 +15,14 @@ call and a tool result, and sends the whole conversation again (as agents do).
 - gptoss-mac serve: POST /v1/responses with all items resent (the output items it returned + the
   function_call_output); usage.input_tokens_details.cached_tokens says what came from its KV slots.
 - mlx_lm.server: the scripted checkpoint has no chat template, so its /v1/chat/completions would not speak
-  harmony; it is driven through /v1/completions with the same conversation rendered to harmony text by
-  openai-harmony (what a harmony-aware client sends), max_tokens = the scripted turn's length;
-  usage.prompt_tokens_details.cached_tokens is its prompt cache's count.
+  harmony; it is driven through /v1/completions with the same conversation as harmony text, max_tokens =
+  the scripted turn's length; usage.prompt_tokens_details.cached_tokens is its prompt cache's count. Twice,
+  as two processes: (A) the history rendered exactly as the model generated it (mlx_gptoss.harmony.render,
+  the best case for mlx-lm's cache); (B) the calls rendered as openai-harmony renders them (recipient
+  before the channel), what a client using the reference library sends.
 Prefilled tokens per step = prompt tokens - cached tokens; wall time per step as the client sees it.
-Both servers are warmed up with one unrelated completion first. The servers run one after the other, each
-alone, and bind 127.0.0.1 on a free port.
+Each server is warmed up with one unrelated completion first. All run at once (bound to 127.0.0.1 on free
+ports) and the loops take turns, one step each, so each step of each server runs under the same load.
 """
 
 from __future__ import annotations
@@ -139,39 +141,54 @@ def warm_up(port: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- loops
 
-def loop_gptoss(port: int, steps: int) -> list[dict]:
+def loop_gptoss(port: int, steps: int):
     from server_fixtures import WEATHER_TOOL
 
     items = [{"role": "user", "content": QUESTION}]
-    rows = []
     for step in range(steps):
         r, dt = post(port, "/v1/responses", {"input": items, "tools": [WEATHER_TOOL], "temperature": 0,
                                              "store": False})
         calls = [o for o in r["output"] if o["type"] == "function_call"]
         ok = len(calls) == 1 and calls[0]["arguments"] == '{"city": "Paris"}'
         u = r["usage"]
-        rows.append({"step": step + 1, "prompt": u["input_tokens"], "cached": u["input_tokens_details"]["cached_tokens"],
+        yield ({"step": step + 1, "prompt": u["input_tokens"], "cached": u["input_tokens_details"]["cached_tokens"],
                      "generated": u["output_tokens"], "seconds": dt, "as_scripted": ok})
         items += r["output"]
         items.append({"type": "function_call_output", "call_id": calls[0]["call_id"] if calls else "call_x",
                       "output": tool_result(step)})
-    return rows
 
 
-def loop_mlx_lm(port: int, steps: int) -> list[dict]:
+def canonical(prompt: str, part: dict) -> str:
+    """The prompt with each call in openai-harmony's own rendering (recipient before <|channel|>, as its
+    render_conversation writes it) instead of as the model generated it."""
+    from openai_harmony import Message, Role
+
+    from mlx_gptoss import harmony
+
+    enc = harmony.encoding()
+    msg = (Message.from_role_and_content(Role.ASSISTANT, part["content"]).with_channel(part["channel"])
+           .with_recipient(part["recipient"]).with_content_type(part["content_type"]))
+    return prompt.replace(enc.decode(harmony._as_generated(enc, part)), enc.decode(enc.render(msg)))
+
+
+def loop_mlx_lm(port: int, steps: int, reference_rendering: bool):
     from mlx_gptoss import harmony
     from server_fixtures import AGENT_SCRIPT, WEATHER_TOOL
 
     enc = harmony.encoding()
     n_script = len(enc.encode(AGENT_SCRIPT, allowed_special="all"))
     msgs = [{"role": "user", "content": QUESTION}]
-    rows = []
     for step in range(steps):
         prompt = enc.decode(harmony.render(msgs, tools=[WEATHER_TOOL]))
+        if reference_rendering:
+            for m in msgs:
+                for part in m.get("parts", []):
+                    if part["recipient"]:
+                        prompt = canonical(prompt, part)
         r, dt = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": n_script, "temperature": 0})
         u = r["usage"]
         cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-        rows.append({"step": step + 1, "prompt": u["prompt_tokens"], "cached": cached,
+        yield ({"step": step + 1, "prompt": u["prompt_tokens"], "cached": cached,
                      "generated": u["completion_tokens"], "seconds": dt,
                      "as_scripted": r["choices"][0]["text"] == AGENT_SCRIPT})
         cid = f"call_{step}"
@@ -182,7 +199,6 @@ def loop_mlx_lm(port: int, steps: int) -> list[dict]:
         msgs += [{"role": "assistant", "parts": parts, "reasoning": "Need the weather.",
                   "tool_calls": [{"id": cid, "name": "get_weather", "arguments": '{"city": "Paris"}'}]},
                  {"role": "tool", "name": "get_weather", "tool_call_id": cid, "content": tool_result(step)}]
-    return rows
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -192,14 +208,14 @@ def totals(rows):
     return pre, sum(r["seconds"] for r in rows)
 
 
-def report(ours, theirs, args, ckpt_desc: str) -> str:
+def report(ours, variants: dict, args, ckpt_desc: str) -> str:
     import mlx.core as mx
     import mlx_lm
 
     from mlx_gptoss import machine
 
     po, so = totals(ours)
-    pt, st = totals(theirs)
+    names = list(variants)
     lines = [
         "# Agent loop: gptoss-mac serve vs mlx_lm.server", "",
         f"`python benchmarks/agent_loop.py{' --steps ' + str(args.steps) if args.steps != 10 else ''}` "
@@ -207,25 +223,38 @@ def report(ours, theirs, args, ckpt_desc: str) -> str:
         f"**Machine**: {machine.chip()}, {os.cpu_count()} CPUs; {machine.os_name()}; Python "
         f"{sys.version.split()[0]}; MLX {mx.__version__} ({'Metal' if mx.metal.is_available() else 'CPU backend'}, "
         f"{machine.blas()}), mlx-lm {mlx_lm.__version__}. The cores are shared with other jobs: single wall "
-        "times vary; token counts do not.", "",
+        "times vary by tens of percent; token counts do not.", "",
         f"**Checkpoint**: {ckpt_desc}", "",
         "**Loop**: see the docstring of benchmarks/agent_loop.py. Prefilled = prompt tokens - cached tokens, as each "
-        "server reports them in usage. (The two count prompt tokens differently: mlx-lm tokenizes the harmony "
-        "text with the checkpoint's tokenizer.json, gptoss-mac renders token ids directly.)", "",
-        "| step | gptoss-mac prompt | cached | prefilled | s | mlx_lm.server prompt | cached | prefilled | s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for a, b in zip(ours, theirs):
-        lines.append(f"| {a['step']} | {a['prompt']} | {a['cached']} | {a['prompt'] - a['cached']} | {a['seconds']:.2f} "
-                     f"| {b['prompt']} | {b['cached']} | {b['prompt'] - b['cached']} | {b['seconds']:.2f} |")
-    lines.append(f"| **total** | | | **{po}** | **{so:.1f}** | | | **{pt}** | **{st:.1f}** |")
-    ok = all(r["as_scripted"] for r in ours), all(r["as_scripted"] for r in theirs)
-    rp, rs = (pt / po if po else float("inf")), (st / so if so else float("inf"))
-    lines += ["", f"Every reply followed the script: gptoss-mac {'yes' if ok[0] else 'NO'}, mlx_lm.server "
-              f"{'yes' if ok[1] else 'NO'}.", "",
-              f"**Ratios (mlx_lm.server / gptoss-mac)**: prefilled tokens {rp:.1f}x, wall time {rs:.1f}x. "
-              f"Goal: >= 5x fewer prefilled tokens ({'met' if rp >= 5 else 'NOT met'}) and >= 3x less wall time "
-              f"({'met' if rs >= 3 else 'NOT met'}) over the loop."]
-    return "\n".join(lines) + "\n"
+        "server reports them in usage (the two count prompt tokens slightly differently: mlx-lm tokenizes the "
+        "harmony text with the checkpoint's tokenizer.json, gptoss-mac renders token ids directly). mlx_lm.server "
+        "runs twice, as two processes: (A) the client renders the history exactly as the model "
+        "generated it (the best case for mlx-lm); (B) the client renders it as openai-harmony does (calls with "
+        "the recipient before the channel, as the reference library writes them).", "",
+        "| step | gptoss-mac prompt | prefilled | s | " + " | ".join(f"mlx_lm {n} prompt | prefilled | s" for n in names)
+        + " |", "|---:" * (4 + 3 * len(names)) + "|"]
+    for i, a in enumerate(ours):
+        row = f"| {a['step']} | {a['prompt']} | {a['prompt'] - a['cached']} | {a['seconds']:.2f} |"
+        for n in names:
+            b = variants[n][i]
+            row += f" {b['prompt']} | {b['prompt'] - b['cached']} | {b['seconds']:.2f} |"
+        lines.append(row)
+    tot = f"| **total** | | **{po}** | **{so:.1f}** |"
+    for n in names:
+        pt, st = totals(variants[n])
+        tot += f" | **{pt}** | **{st:.1f}** |"
+    lines.append(tot)
+    lines += ["", "Every reply followed the script: " + ", ".join(
+        [f"gptoss-mac {'yes' if all(r['as_scripted'] for r in ours) else 'NO'}"]
+        + [f"mlx_lm {n} {'yes' if all(r['as_scripted'] for r in variants[n]) else 'NO'}" for n in names]) + ".", ""]
+    for n in names:
+        pt, st = totals(variants[n])
+        rp, rs = pt / po if po else float("inf"), st / so if so else float("inf")
+        lines.append(f"**mlx_lm {n} / gptoss-mac**: prefilled tokens {rp:.2f}x, wall time {rs:.2f}x. Goal >= 5x fewer "
+                     f"prefilled tokens: {'met' if rp >= 5 else 'NOT met'}; >= 3x less wall time: "
+                     f"{'met' if rs >= 3 else 'NOT met'}.")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -244,28 +273,36 @@ def main() -> None:
             f"(sliding window 8 / full, alternating), {args.experts} experts top-4 of intermediate "
             f"{args.intermediate} (MXFP4), 1 query / 1 KV head of 64; written to {ckpt} by this script.")
 
-    port = free_port()
-    ours = Proc([sys.executable, "-m", "mlx_gptoss.cli.app", "serve", "--model", str(ckpt), "--port", str(port)],
-                port, work / "gptoss.log")
+    # all three servers up at once (each idle while another works); the loops advance one step each in turn,
+    # so every step of every server runs under the same conditions on this shared machine
+    procs = {}
     try:
-        warm_up(port)
-        rows_ours = loop_gptoss(port, args.steps)
+        for name in ("gptoss", "A", "B"):
+            port = free_port()
+            cmd = ([sys.executable, "-m", "mlx_gptoss.cli.app", "serve", "--model", str(ckpt), "--port", str(port)]
+                   if name == "gptoss" else
+                   [sys.executable, "-c", WRAP_MLX_LM.format(float32=args.float32), "--model", str(ckpt),
+                    "--port", str(port)])
+            procs[name] = Proc(cmd, port, work / f"{name}.log")
+            warm_up(port)
+        loops = {"gptoss": loop_gptoss(procs["gptoss"].port, args.steps),
+                 "A": loop_mlx_lm(procs["A"].port, args.steps, False),
+                 "B": loop_mlx_lm(procs["B"].port, args.steps, True)}
+        rows = {name: [] for name in loops}
+        for _ in range(args.steps):
+            for name, loop in loops.items():
+                rows[name].append(next(loop))
     finally:
-        ours.stop()
-    port = free_port()
-    theirs = Proc([sys.executable, "-c", WRAP_MLX_LM.format(float32=args.float32), "--model", str(ckpt),
-                   "--port", str(port)], port, work / "mlx_lm.log")
-    try:
-        warm_up(port)
-        rows_theirs = loop_mlx_lm(port, args.steps)
-    finally:
-        theirs.stop()
-    text = report(rows_ours, rows_theirs, args, desc)
+        for p in procs.values():
+            p.stop()
+    rows_ours, variants = rows["gptoss"], {"A": rows["A"], "B": rows["B"]}
+    text = report(rows_ours, variants, args, desc)
     print(text)
     if args.write:
         (ROOT / "benchmarks" / "RESULTS_agent_loop.md").write_text(text)
         (ROOT / "benchmarks" / "results_agent_loop.json").write_text(json.dumps(
-            {"gptoss_mac": rows_ours, "mlx_lm": rows_theirs, "args": vars(args)}, indent=1) + "\n")
+            {"gptoss_mac": rows_ours, "mlx_lm_A_exact_history": variants["A"],
+             "mlx_lm_B_openai_harmony_history": variants["B"], "args": vars(args)}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def _check_port(host: str, port: int) -> None:
 def serve(
     model: str = typer.Option(hub.DEFAULT_MODEL, "--model", "-m",
                               help="Hugging Face repo id or local folder; a repo is downloaded on first use."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (another than the loopback needs "
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (any but the loopback needs "
                              "--api-key or --no-auth)."),
     port: int = typer.Option(8000, "--port", callback=_port, help="TCP port."),
     ctx: int | None = typer.Option(None, "--ctx", callback=_positive("8192"),

@@ -12,7 +12,7 @@ import pytest
 import mlx_gptoss
 from mlx_gptoss.server import ServerThread
 from scripted_checkpoint import forget_models, scripted_path
-from server_fixtures import WEATHER_TOOL, client, running
+from server_fixtures import WEATHER_TOOL, client, running, sse_events
 
 KEY = "s3cret-key"
 R, C, X = "/v1/responses", "/v1/chat/completions", "/v1/completions"
@@ -171,6 +171,20 @@ def test_unknown_routes_and_methods(strict):
     assert_error(httpx.get(strict.url + "/v1/responses/resp_nope", headers=h, timeout=10), 404, "response_id",
                  "not_found")
     assert_error(httpx.get(strict.url + "/v1/models/other", headers=h, timeout=10), 404, "model", "model_not_found")
+
+
+def test_a_bug_in_the_engine_is_a_500_error_object_and_the_server_goes_on(strict, monkeypatch):
+    def boom(*a, **k):
+        raise ZeroDivisionError("simulated bug")
+    monkeypatch.setattr(strict.worker.engine, "run", boom)
+    err = assert_error(post(strict, C, {"messages": USER}), 500)
+    assert err["type"] == "server_error" and "ZeroDivisionError: simulated bug" in err["message"]
+    with httpx.stream("POST", strict.url + R, json={"input": "Hi", "stream": True}, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        events = [json.loads(d) for _, d in sse_events(resp.iter_lines())]
+    assert events[-1]["type"] == "error" and "simulated bug" in events[-1]["message"]
+    monkeypatch.undo()
+    assert post(strict, C, {"messages": USER, "max_tokens": 2}).status_code == 200
 
 
 def test_no_auth_and_no_cors_by_default():

@@ -86,3 +86,34 @@ def test_malformed_output_is_content_with_a_warning(script, shown):
         assert shown in a.choices[0].message.content and a.model_extra["warnings"]
         assert "<|" not in a.choices[0].message.content  # no markup leaks
     forget_models()
+
+
+def test_tool_choice_shapes_the_prompt():
+    from mlx_gptoss.server import inputs
+
+    def turn():
+        return inputs.Turn([{"role": "user", "content": "Hi"}], inputs.response_tools([WEATHER_TOOL]))
+
+    assert inputs.apply_tool_choice(turn(), "auto").forced == "" and turn().tools
+    assert inputs.apply_tool_choice(turn(), "none").tools == []  # rendered without the tools
+    assert inputs.apply_tool_choice(turn(), "required").forced == "<|channel|>commentary to=functions."
+    named = inputs.apply_tool_choice(turn(), {"type": "function", "name": "get_weather"})
+    assert named.forced == "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+    chat_named = inputs.apply_tool_choice(turn(), {"type": "function", "function": {"name": "get_weather"}})
+    assert chat_named.forced == named.forced
+
+
+def test_reasoning_effort_reaches_the_system_prompt():
+    from mlx_gptoss import harmony
+
+    with running("reason") as s:
+        enc = harmony.encoding()
+        c = client(s)
+        for effort, expect in (("low", "low"), ("high", "high"), ("minimal", "low")):  # minimal runs as low
+            r = c.responses.create(model="gpt-oss-20b", input="Say hi", reasoning={"effort": effort},
+                                   max_output_tokens=2)
+            assert r.reasoning.effort == expect
+            assert f"Reasoning: {expect}" in enc.decode(s.worker.done[-1].prompt)
+        c.chat.completions.create(model="gpt-oss-20b", messages=[{"role": "user", "content": "Hi"}],
+                                  reasoning_effort="high", max_tokens=2)
+        assert "Reasoning: high" in enc.decode(s.worker.done[-1].prompt)

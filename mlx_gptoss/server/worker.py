@@ -185,24 +185,35 @@ class Worker:
         try:
             if job.cancel.is_set():  # cancelled while queued: never reaches the model
                 job.stats = Stats(prompt_tokens=len(job.prompt), stop_reason="cancelled")
+                self._finish(job, t0)
                 job.emit(Event("done", stats=job.stats))
                 return
             tap = _Tap(job.parser, job)
             for ev in self.engine.run(job.prompt, tap, job.cancel, **job.sampling):
-                if ev.kind == "done":
+                if ev.kind == "done":  # the job is on record before its client hears it is done
                     job.stats = ev.stats
+                    self._finish(job, t0)
                 job.emit(tap.annotate(ev))
         except GptOssError as e:  # e.g. the context filled up in a way the request check could not foresee
+            self._finish(job, t0)
             job.emit(APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None))
         except Exception as e:  # a bug: the client gets its name, the log the traceback
             log.exception("request %s failed", job.id)
+            self._finish(job, t0)
             job.emit(APIError(500, f"internal error: {type(e).__name__}: {e}"))
         finally:
-            self.current = None
-            self._seconds.append(time.perf_counter() - t0)
-            self.done.append(job)
-            job.finished.set()
-            log.info(request_line(job, time.perf_counter() - t0))
+            if not job.finished.is_set():
+                self._finish(job, t0)
+
+    def _finish(self, job: Job, t0: float) -> None:
+        if job.finished.is_set():
+            return
+        self.current = None
+        seconds = time.perf_counter() - t0
+        self._seconds.append(seconds)
+        self.done.append(job)
+        job.finished.set()
+        log.info(request_line(job, seconds))
 
 
 def request_line(job: Job, seconds: float) -> str:
