@@ -119,6 +119,47 @@ def test_reused_cache_gives_the_logits_of_a_fresh_prefill(random_gpt):
     close(logits, fresh(random_gpt, p5))
 
 
+def test_rotating_cache_state_round_trips_its_offsets(random_gpt):
+    """Runner._restore writes RotatingKVCache.state into a cache: that state must carry the offsets (mlx-lm
+    >= 0.32.2; before, a restore silently gave wrong logits). Restored into a fresh cache, it must continue
+    exactly as the original does."""
+    from mlx_lm.models.cache import KVCache
+
+    rng = np.random.default_rng(2)
+    ids = [int(x) for x in rng.integers(0, 199998, 21)]
+    a = random_gpt.make_cache()
+    random_gpt.model(mx.array([ids[:13]]), cache=a)
+    for t in ids[13:20]:  # single steps past the window of 8: the rotating layers wrapped mid-buffer
+        random_gpt.model(mx.array([[t]]), cache=a)
+    mx.eval([c.state for c in a])
+    rotating = [i for i, c in enumerate(a) if not isinstance(c, KVCache)]
+    assert rotating and all(a[i].offset == 20 for i in rotating)
+    b = random_gpt.make_cache()
+    for x, y in zip(a, b):
+        y.state = tuple(mx.array(v) if isinstance(v, mx.array) else v for v in x.state)
+    for i in rotating:
+        assert (b[i].offset, b[i]._idx) == (a[i].offset, a[i]._idx)
+    la = random_gpt.model(mx.array([[ids[20]]]), cache=a)[0, -1]
+    lb = random_gpt.model(mx.array([[ids[20]]]), cache=b)[0, -1]
+    close(lb, np.array(la))
+    close(la[None][0], np.array(random_gpt.model(mx.array([ids]))[0, -1]))
+
+
+def test_dependency_floors_match_the_code():
+    """The floors the code needs: RotatingKVCache.state with offsets (mlx-lm 0.32.2), the cache fixes of mlx
+    0.32.1, openai-harmony 0.0.5's parser API; and the installed versions meet them."""
+    import tomllib
+    from importlib.metadata import version
+
+    deps = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = {"mlx>=0.32.1; sys_platform == 'darwin'", "mlx[cpu]>=0.32.1; sys_platform != 'darwin'",
+              "mlx-lm>=0.32.2", "openai-harmony>=0.0.5"}
+    assert floors <= set(deps), deps
+    as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:3])  # noqa: E731
+    assert as_tuple(version("mlx")) >= (0, 32, 1) and as_tuple(version("mlx-lm")) >= (0, 32, 2)
+    assert as_tuple(version("openai-harmony")) >= (0, 0, 5)
+
+
 def test_an_interrupted_forward_pass_is_repaired(random_gpt):
     rng = np.random.default_rng(1)
     r = Runner(random_gpt)
