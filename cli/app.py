@@ -18,12 +18,23 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: Rich markup mode would eat "[default: ...]" as a tag and show flags as "<bool>".
+    rich_markup_mode=None,
 )
 err = Console(stderr=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        version()
+        raise typer.Exit()
+
+
 @app.callback()
-def root() -> None:
+def root(
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="Print the versions of gptoss-mac and MLX and exit."),
+) -> None:
     """Run OpenAI's gpt-oss-20b and gpt-oss-120b on Apple silicon with MLX."""
 
 
@@ -54,7 +65,7 @@ def main() -> None:
     try:
         app()
     except GptOssError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line, never wrapped
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

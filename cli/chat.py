@@ -9,6 +9,7 @@ on stdout, no colours. The conversation is autosaved as JSON after every reply a
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -63,14 +64,23 @@ def _effort(value: str) -> str:
 
 
 def _temperature(value: float) -> float:
-    if value < 0:
-        raise typer.BadParameter(f"must be 0 (greedy) or more; got {value}")
+    if not math.isfinite(value) or value < 0:
+        raise typer.BadParameter(f"must be 0 (greedy) or a finite number above it, like 1.0; got {value}")
     return value
 
 
 def _top_p(value: float) -> float:
-    if not 0 < value <= 1:
-        raise typer.BadParameter(f"must be in (0, 1]; got {value}")
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise typer.BadParameter(f"must be in (0, 1], like 0.9; got {value}")
+    return value
+
+
+MAX_SEED = 2**64 - 1  # MLX's random seed is an unsigned 64-bit integer
+
+
+def _seed(value: int | None) -> int | None:
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise typer.BadParameter(f"must be a whole number from 0 to {MAX_SEED}; got {value}")
     return value
 
 
@@ -106,7 +116,7 @@ def chat(
     ctx: int | None = typer.Option(None, "--ctx", callback=_positive("8192"),
                                    help="Context length in tokens (default: what fits in memory)."),
     developer: str | None = typer.Option(None, "--developer", help="Developer instructions (system prompt)."),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
+    seed: int | None = typer.Option(None, "--seed", callback=_seed, help="Random seed, for reproducible sampling."),
     memory: str | None = typer.Option(None, "--memory", callback=_memory,
                                       help="Memory budget for the plan, like 16GB (default: this machine's)."),
 ) -> None:

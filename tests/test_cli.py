@@ -37,6 +37,27 @@ def error_text(result) -> str:
     return str(result.exception)
 
 
+# --- help and version ------------------------------------------------------------------------------------
+
+def test_help_shows_defaults_and_flags_as_flags():
+    chat = " ".join(invoke("chat", "--help").output.split())
+    assert "[default: 1.0]" in chat and "[default: medium]" in chat  # not eaten as Rich markup
+    assert "--show-reasoning Stream" in chat  # a flag takes no value: no "<bool>"
+    assert "<bool>" not in chat
+    plan = " ".join(invoke("plan", "--help").output.split())
+    assert "[default: the model's, 131072]" in plan
+
+
+def test_version_on_the_root_command():
+    import mlx.core as mx
+
+    import mlx_gptoss
+
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"gptoss-mac {mlx_gptoss.__version__} (mlx {mx.__version__})"
+
+
 # --- doctor -------------------------------------------------------------------------------------------
 
 def test_doctor_reports_the_machine_and_passes_the_smoke_test():
@@ -251,10 +272,15 @@ def test_download_without_network_is_one_sentence(tmp_path):
     (["--ctx", "0"], ["--ctx", "must be a positive number of tokens", "got 0"]),
     (["--max-tokens", "-5"], ["--max-tokens", "must be a positive number of tokens"]),
     (["--effort", "extreme"], ["--effort", "must be low, medium or high", "extreme"]),
-    (["--temperature", "-1"], ["--temperature", "must be 0 (greedy) or more", "-1"]),
+    (["--temperature", "-1"], ["--temperature", "must be 0 (greedy) or a finite number", "-1"]),
+    (["--temperature", "nan"], ["--temperature", "must be 0 (greedy) or a finite number", "nan"]),
+    (["--temperature", "inf"], ["--temperature", "must be 0 (greedy) or a finite number", "inf"]),
     (["--top-p", "0"], ["--top-p", "must be in (0, 1]"]),
     (["--top-p", "1.5"], ["--top-p", "must be in (0, 1]"]),
+    (["--top-p", "nan"], ["--top-p", "must be in (0, 1]", "nan"]),
     (["--seed", "abc"], ["--seed", "valid integer"]),
+    (["--seed", "-1"], ["--seed", "must be a whole number from 0 to", "got -1"]),
+    (["--seed", str(2**64)], ["--seed", "must be a whole number from 0 to", str(2**64)]),
     (["--memory", "lots"], ["--memory", "not a size", "16GB", "lots"]),
 ])
 def test_chat_rejects_bad_options_in_one_sentence(args, words):
