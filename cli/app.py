@@ -9,6 +9,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mlx_gptoss.errors import GptOssError
 
@@ -65,7 +66,7 @@ def main() -> None:
     try:
         app()
     except GptOssError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line, never wrapped
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # one line, never wrapped
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
