@@ -149,8 +149,8 @@ def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: 
                TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not interactive) as bar:
         task = bar.add_task(model, total=None)
-        gpt = mlx_gptoss.load(model, allow_download=False, progress=lambda done, total: bar.update(
-            task, completed=done, total=total), **kwargs)
+        gpt = mlx_gptoss.load(model, allow_download=False, for_chat=True, **kwargs,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
     line = plan_line(gpt)
     err.print(f"[dim]{line}[/]" if interactive else line, markup=interactive, soft_wrap=not interactive)
     return gpt
