@@ -5,6 +5,7 @@ Errors the user can fix (mlx_gptoss.GptOssError) print as one red sentence and e
 
 from __future__ import annotations
 
+import re
 import sys
 
 import typer
@@ -62,9 +63,24 @@ app.command()(plan)
 app.command()(bench)
 
 
+UNIT = re.compile(r"[kmgt]i?b?", re.IGNORECASE)
+NUMBER = re.compile(r"[0-9]*\.?[0-9]+")
+
+
+def join_sizes(args: list[str]) -> list[str]:
+    """`--memory 16 GB` (unquoted: two arguments) -> `--memory 16GB`."""
+    out = list(args)
+    for i in range(len(out) - 1, 0, -1):
+        value = out[i - 1].removeprefix("--memory=")
+        is_memory = out[i - 1].startswith("--memory=") or (i >= 2 and out[i - 2] == "--memory")
+        if is_memory and NUMBER.fullmatch(value) and UNIT.fullmatch(out[i]):
+            out[i - 1:i + 1] = [out[i - 1] + out[i]]
+    return out
+
+
 def main() -> None:
     try:
-        app()
+        app(args=join_sizes(sys.argv[1:]))
     except GptOssError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # one line, never wrapped
         sys.exit(1)
