@@ -28,6 +28,7 @@ from . import saved
 from .render import ReplyView, stats_line
 
 EFFORTS = saved.EFFORTS
+DTYPES = ("bfloat16", "float16", "float32")
 err = Console(stderr=True, highlight=False)
 
 
@@ -55,6 +56,12 @@ def _memory(value: str | None) -> str | None:
             parse_size(value)
         except GptOssError:
             raise typer.BadParameter(f"not a size: write it like 16GB, 24GiB or 64G; got {value!r}") from None
+    return value
+
+
+def _dtype(value: str | None) -> str | None:
+    if value is not None and value not in DTYPES:
+        raise typer.BadParameter(f"must be bfloat16, float16 or float32; got {value!r}")
     return value
 
 
@@ -120,19 +127,21 @@ def chat(
     seed: int | None = typer.Option(None, "--seed", callback=_seed, help="Random seed, for reproducible sampling."),
     memory: str | None = typer.Option(None, "--memory", callback=_memory,
                                       help="Memory budget for the plan, like 16GB (default: this machine's)."),
+    dtype: str | None = typer.Option(None, "--dtype", callback=_dtype, help="Activation dtype: bfloat16, float16 "
+                                     "or float32 (default: bfloat16 on Metal, float32 on MLX's CPU backend)."),
 ) -> None:
     """Chat with gpt-oss in the terminal (reads one prompt per line when stdin is not a terminal)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     developer = saved.clean(developer)[0] if developer else None  # argv bytes that are not UTF-8
     settings = Settings(effort, show_reasoning, developer, temperature, top_p, max_tokens, seed)
-    gpt = load_model(model, ctx=ctx, memory=memory, interactive=interactive)
+    gpt = load_model(model, ctx=ctx, memory=memory, dtype=dtype, interactive=interactive)
     conv = Conversation(gpt, settings)
     Chat(conv, interactive).run()
 
 
 # --- the model: download on first use, progress bar, memory plan line ----------------------------------
 
-def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: bool):
+def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: bool, dtype: str | None = None):
     import mlx_gptoss
 
     if not Path(model).expanduser().exists() and not hub.looks_like_path(model) and hub.cached(model) is None:
@@ -144,7 +153,10 @@ def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: 
         dl.fetch(plan)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    kwargs = {k: v for k, v in (("ctx", ctx), ("memory", memory)) if v is not None}
+    import mlx.core as mx
+
+    kwargs = {k: v for k, v in (("ctx", ctx), ("memory", memory), ("dtype", dtype and getattr(mx, dtype)))
+              if v is not None}
     columns = (TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
                TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not interactive) as bar:
@@ -163,7 +175,8 @@ def plan_line(gpt) -> str:
     plan = gpt.plan
 
     line = (f"memory plan: weights {gb(plan.weight_bytes)} + KV cache {gb(plan.kv_bytes)} for a context of "
-            f"{plan.context:,} tokens = {gb(plan.needed)} of {gb(plan.budget.usable)} ({plan.budget.source})")
+            f"{plan.context:,} tokens = {gb(plan.needed)} of {gb(plan.budget.usable)} ({plan.budget.source}), "
+            f"{plan.dtype} activations")
     if plan.status == "smaller context":
         line += f"; the context is reduced from {plan.requested_context:,} to fit"
     return line

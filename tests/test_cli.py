@@ -282,6 +282,7 @@ def test_download_without_network_is_one_sentence(tmp_path):
     (["--seed", "-1"], ["--seed", "must be a whole number from 0 to", "got -1"]),
     (["--seed", str(2**64)], ["--seed", "must be a whole number from 0 to", str(2**64)]),
     (["--memory", "lots"], ["--memory", "not a size", "16GB", "lots"]),
+    (["--dtype", "int8"], ["--dtype", "must be bfloat16, float16 or float32", "int8"]),
 ])
 def test_chat_rejects_bad_options_in_one_sentence(args, words):
     result = invoke("chat", "--model", "./never-loaded", *args)
@@ -363,10 +364,12 @@ def test_piped_chat_prints_only_the_final_answers(state):
 
 def test_chat_options_reach_the_session(state):
     result = chat_piped("reason", "--effort", "low", "--developer", "Answer briefly.", "--seed", "3",
-                        "--top-p", "0.9", "--ctx", "4096", "--memory", "64GB", input="Say hi\n")
+                        "--top-p", "0.9", "--ctx", "4096", "--memory", "64GB", "--dtype", "bfloat16",
+                        input="Say hi\n")
     assert result.exit_code == 0, result.output
     assert result.stdout == "Hello there!\n"
     assert "context of 4,096 tokens" in result.stderr and "(--memory 64GB)" in result.stderr
+    assert "bfloat16 activations" in result.stderr
     session = saved(state)["session"]
     assert session["reasoning_effort"] == "low" and session["developer"] == "Answer briefly."
 
