@@ -387,9 +387,9 @@ class Chat:
 
     def turn(self, text: str) -> None:
         view = ReplyView(self.out, show_reasoning=self.conv.settings.show_reasoning, plain=not self.interactive)
-        stats, t0 = None, time.perf_counter()
-        events = self.conv.send(text)
+        stats, t0, events = None, time.perf_counter(), None
         try:
+            events = self.conv.send(text)
             with view:
                 for ev in events:
                     if ev.kind == "done":
@@ -397,14 +397,16 @@ class Chat:
                     else:
                         view.event(ev)
         except KeyboardInterrupt:
-            events.close()  # the session restores its cache and keeps the answer so far
+            if events is not None:
+                events.close()  # the session restores its cache and keeps the answer so far
             self._count(view, None, t0)
             self.out.print("[dim]stopped; the conversation is kept, with the answer so far.[/]")
             self.conv.archive_dropped()
             self._autosave()
             return
         except GptOssError as e:
-            events.close()
+            if events is not None:
+                events.close()
             self.failed += 1
             self.conv.archive_dropped()  # whatever the session let go of to try to fit it stays in the saves
             kept = ("your message is kept in the history: press Up to edit it" if self.interactive

@@ -20,11 +20,12 @@ from rich.text import Text
 
 
 class ReplyView:
-    """Feed it the engine's events (kind "reasoning" / "content" / "tool_call" / "done") as they come."""
+    """Feed it the engine's events (kind "reasoning" / "preamble" / "content" / "tool_call" / "done") as they come."""
 
     def __init__(self, console: Console, *, show_reasoning: bool, plain: bool):
         self.console, self.show_reasoning, self.plain = console, show_reasoning, plain
         self.reasoning_text, self.content_text = "", ""
+        self.preamble_text = ""  # what the model tells the user before a tool call: shown dimmed
         self.reasoning_tokens = 0
         self.tokens = 0  # reasoning and answer pieces seen (one per token): counts an interrupted reply too
         self.started = time.perf_counter()
@@ -62,6 +63,9 @@ class ReplyView:
             self.reasoning_text += text
             self.reasoning_tokens += 1
             self.tokens += 1
+        elif kind == "preamble":
+            self.preamble_text += text
+            self.tokens += 1
         elif kind == "content":
             self.content_text += text
             self.tokens += 1
@@ -79,6 +83,8 @@ class ReplyView:
             label = f"thinking… {n} token{'s' if n != 1 else ''}" if n else "thinking…"
             self.spinner.update(text=Text(f"{label} · {time.perf_counter() - self.started:.1f} s", style="dim"))
             parts.append(self.spinner)
+        if self.preamble_text:
+            parts.append(Text(self.preamble_text.strip(), style="dim"))
         if self.content_text:
             parts.append(Markdown(self.content_text))
         for note in self.notes:

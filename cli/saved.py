@@ -18,7 +18,8 @@ FORMAT = "gptoss-mac chat"
 VERSION = 1
 EFFORTS = ("low", "medium", "high")
 SESSION_KEYS = {"reasoning_effort", "developer", "date", "messages"}
-ROLES = ("user", "assistant", "tool", "developer")
+ROLES = ("user", "assistant", "tool", "developer", "system")
+PART_KEYS = ("channel", "content", "recipient", "content_type", "id")  # mlx_gptoss.chat's assistant "parts"
 
 
 def clean(text: str) -> tuple[str, bool]:
@@ -95,22 +96,27 @@ def read(path: Path) -> dict:
 
 
 def _bad_message(m) -> str | None:
-    """Why m is not a message this chat wrote (None if it is one)."""
+    """Why m is not a message the chat engine writes (None if it is one; see mlx_gptoss.chat's docstring)."""
     if not isinstance(m, dict):
         return "must be an object with a \"role\""
     role = m.get("role")
     if role not in ROLES:
         return f"role {role!r}: must be one of {', '.join(ROLES)}"
-    for key in ("content", "reasoning", "name"):
+    for key in ("content", "reasoning", "name", "tool_call_id"):
         if key in m and not isinstance(m[key], str):
             return f"{key!r} must be a string"
-    calls = m.get("tool_calls")
+    calls, parts = m.get("tool_calls"), m.get("parts")
     if calls is not None:
         if role != "assistant" or not isinstance(calls, list) or not all(
                 isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("arguments"), str)
                 for c in calls):
             return "\"tool_calls\" must be a list of {\"name\", \"arguments\"} strings, on an assistant message"
-    if "content" not in m and not (role == "assistant" and calls):
+    if parts is not None:
+        if role != "assistant" or not isinstance(parts, list) or not all(
+                isinstance(p, dict) and isinstance(p.get("content"), str)
+                and all(p.get(k) is None or isinstance(p[k], str) for k in PART_KEYS) for p in parts):
+            return "\"parts\" must be a list of {\"channel\", \"content\", ...} strings, on an assistant message"
+    if "content" not in m and not (role == "assistant" and (calls or parts)):
         return f"a {role} message needs its \"content\""
     if role == "tool" and not m.get("name"):
         return "a tool message needs the \"name\" of the tool it answers"
