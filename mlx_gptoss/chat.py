@@ -328,6 +328,8 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
 
     def sample(logits):  # [V] -> [1], lazy
         logits = logits[None]
+        if temperature == 0:  # greedy: the normalization cannot change the argmax (and costs ~1 ms on a CPU)
+            return mx.argmax(logits, axis=-1)
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
     # Pipelined like mlx-lm's generate_step: the forward pass of token i and the sampling of token i+1 are
