@@ -328,6 +328,8 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
 
     def sample(logits):  # [V] -> [1], lazy
         logits = logits[None]
+        if temperature == 0:  # greedy: normalizing cannot change the argmax (and is a pass over the vocabulary)
+            return mx.argmax(logits, axis=-1)
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
     # Pipelined like mlx-lm's generate_step: the forward pass of token i and the sampling of token i+1 are
@@ -410,6 +412,7 @@ class Session:
         self.dropped = 0
         self._cancel = threading.Event()
         self._busy, self._pending, self._active, self._parser = False, [], None, None
+        self._exact: dict[tuple, list[int]] = {}  # harmony.part_key -> the ids the model generated for it
         self.render()  # validate settings and messages now, not at the first send
 
     # -- settings
@@ -429,6 +432,7 @@ class Session:
             self._active.close()
             self._active = None
         self.messages = []
+        self._exact = {}
         self.runner.reset()
 
     def cancel(self) -> None:
@@ -469,7 +473,7 @@ class Session:
     def render(self, messages: list[dict] | None = None) -> list[int]:
         return harmony.render(self.messages if messages is None else messages, model_path=self.gpt.path,
                               reasoning_effort=self.effort, tools=self.tools, developer=self.developer,
-                              date=self.date)
+                              date=self.date, exact=lambda p: self._exact.get(harmony.part_key(p)))
 
     def _fit(self, reserve: int) -> tuple[list[int], int]:
         """The prompt ids, dropping the oldest whole turns while it leaves less than `reserve` tokens for the
@@ -555,6 +559,8 @@ class Session:
                 self._busy = False
                 if parser.stopped or (done is not None and done.stats.stop_reason != "cancelled"):
                     self.messages.append(assistant_message(parser))
+                    self._exact.update((harmony.part_key(p), ids) for p, ids in zip(parser.parts, parser.part_ids)
+                                       if ids)
                 elif keep_partial:
                     parser.finish("cancelled")  # closes the message that was streaming
                     if parser.content:
