@@ -8,7 +8,6 @@ on stdout, no colours. The conversation is autosaved as JSON after every reply a
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
