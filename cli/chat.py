@@ -8,7 +8,6 @@ on stdout, no colours. The conversation is autosaved as JSON after every reply a
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -30,6 +29,11 @@ from .render import ReplyView, stats_line
 EFFORTS = saved.EFFORTS
 DTYPES = ("bfloat16", "float16", "float32")
 err = Console(stderr=True, highlight=False)
+
+
+def error(text: str) -> None:
+    """One red line on stderr, never wrapped; text is printed as it is (no Rich markup)."""
+    err.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)
 
 
 def state_dir() -> Path:
@@ -374,12 +378,12 @@ class Chat:
                 self.turn(line)
         except Exception as e:  # a crash never loses the conversation
             path = state_dir() / f"crash-{time.strftime('%Y%m%d-%H%M%S')}.json"
-            err.print(f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))}", soft_wrap=True)
+            error(f"{type(e).__name__}: {e}")
             try:
                 where = self.conv.save(path)
                 err.print(f"the conversation is saved in {where}; /load it in a new chat to continue", soft_wrap=True)
             except Exception as save_error:
-                err.print(f"[bold red]and the conversation could not be saved:[/] {escape(str(save_error))}", soft_wrap=True)
+                error(f"the conversation could not be saved: {save_error}")
             raise typer.Exit(1)
         if self.failed and not self.interactive:
             err.print(f"{self.failed} of the prompts got no reply (see above)", soft_wrap=True)
@@ -411,7 +415,7 @@ class Chat:
             self.conv.archive_dropped()  # whatever the session let go of to try to fit it stays in the saves
             kept = ("your message is kept in the history: press Up to edit it" if self.interactive
                     else f"input line {self.line_no} was not answered")
-            err.print(f"[bold red]error:[/] {escape(str(e))} ({escape(kept)})", soft_wrap=True)
+            error(f"{e} ({kept})")
             return
         self._count(view, stats, t0)
         for note in notes(stats, self.conv.settings, self.conv.archive_dropped()):
@@ -480,13 +484,13 @@ class Chat:
                 try:
                     say(f"saved to {self.conv.save(Path(arg))}")
                 except OSError as e:
-                    err.print(f"[bold red]error:[/] /save {escape(arg)}: {escape(str(e))}", soft_wrap=True)
+                    error(f"/save {arg}: {e}")
             else:
                 try:
                     say(f"loaded {self.conv.load(Path(arg))} messages from {arg}")
                     self._fresh = True
                 except GptOssError as e:
-                    err.print(f"[bold red]error:[/] /load: {escape(str(e))} (the current conversation is kept)", soft_wrap=True)
+                    error(f"/load: {e} (the current conversation is kept)")
         elif name == "/stats":
             self.stats()
         else:

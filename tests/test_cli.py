@@ -483,6 +483,9 @@ def test_a_tool_call_in_piped_mode_is_a_note_on_stderr(state):
     assert result.stdout == ""
     assert "note: the model called a tool, functions.get_weather({\"city\": \"Paris\"}), but this chat has no " \
            "tools" in " ".join(result.stderr.split())
+    # the reply (a tool call, no answer) is saved in the engine's own shape, and loads again
+    result = chat_piped("tool", input=f"/load {state / 'autosave.json'}\n/stats\n")
+    assert f"loaded 2 messages from {state / 'autosave.json'}" in result.stderr, result.stderr
 
 
 def test_dropped_turns_are_said_and_kept_in_the_saved_conversation(state):
