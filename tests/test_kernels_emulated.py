@@ -127,7 +127,7 @@ def test_metal_backend_rejects_bad_input_in_one_sentence(emulated):
     ids = mx.zeros((1, 2), dtype=mx.uint32)
     with pytest.raises(ValueError, match="expected mxfp4 weights"):
         kernels.moe_gate_up_swiglu(mx.zeros((1, 96)), w, s, b, ids, backend="metal")
-    with pytest.raises(ValueError, match="float32, float16 or bfloat16 activations"):
+    with pytest.raises(ValueError, match="x must be float32, float16 or bfloat16"):
         kernels.moe_gate_up_swiglu(mx.zeros((1, 64), dtype=mx.int32), w, s, b, ids, backend="metal")
     with pytest.raises(ValueError, match="backend must be"):
         kernels.moe_gate_up_swiglu(mx.zeros((1, 64)), w, s, b, ids, backend="cuda")
