@@ -242,3 +242,20 @@ def test_expert_id_out_of_range_gives_nan_not_a_bad_read(emulated):
     assert not np.isnan(np.array(h[0, 0])).any() and np.isnan(np.array(h[0, 1])).all()
     y = kernels.moe_down(mx.ones((1, 2, I)), wd, sd, bd, ids, mx.full((1, 2), 0.5), backend="metal")
     assert np.isnan(np.array(y)).all()
+
+
+@pytest.mark.parametrize("cxx", COMPILERS)
+def test_kernels_need_only_element_alignment(emulated, cxx):
+    """Every buffer placed only as aligned as its element type (a uint32 array at 4 mod 16, as a sliced MLX
+    array may be): the 16-byte weight loads are packed_uint4, so nothing traps and the results hold."""
+    E, H, I = 3, 96, 64
+    wg, sg, bg = mxfp4(E, 2 * I, H, seed=24)
+    wd, sd, bd = mxfp4(E, H, I, seed=25)
+    x = mx.array(np.random.default_rng(26).standard_normal((2, H)).astype(np.float32))
+    ids = mx.array([[2, 0, 1, 2], [1, 1, 0, 2]], dtype=mx.uint32)
+    weights = mx.full((2, 4), 0.25)
+    with emu.compiler(cxx), emu.alignment("element"):
+        h = kernels.moe_gate_up_swiglu(x, wg, sg, bg, ids, backend="metal")
+        y = kernels.moe_down(h, wd, sd, bd, ids, weights, backend="metal")
+    assert rel_err(h, kernels.moe_gate_up_swiglu(x, wg, sg, bg, ids, backend="builtin")) <= TOL[mx.float32]
+    assert rel_err(y, kernels.moe_down(h, wd, sd, bd, ids, weights, backend="builtin")) <= TOL[mx.float32]

@@ -81,6 +81,22 @@ def compiler(cxx: str):
         _settings.cxx = old
 
 
+@contextlib.contextmanager
+def alignment(mode: str):
+    """Buffer placement inside the block: "end" (the default: each buffer ends exactly at a guard page, so a
+    read one element past the end faults) or "element" (each buffer starts only as aligned as its element
+    type, at an address = element size mod 16, as a sliced MLX array may: a uint2 / uint4 load that assumes
+    more traps; the end guard is then up to 15 bytes away)."""
+    if mode not in ("end", "element"):
+        raise ValueError(f"alignment mode {mode!r}")
+    old = getattr(_settings, "alignment", "end")
+    _settings.alignment = mode
+    try:
+        yield
+    finally:
+        _settings.alignment = old
+
+
 def available_compilers() -> list[str]:
     return [c for c in ("g++", "clang++") if shutil.which(c)]
 
@@ -224,7 +240,8 @@ def check_types(kname: str, text: str) -> bool:
     if key in _checked or marker.exists():
         _checked.add(key)
         return True
-    r = subprocess.run([clang, LANGUAGE, "-fsyntax-only", "-fno-exceptions", "-fno-rtti", "-Wno-unknown-attributes",
+    r = subprocess.run([clang, LANGUAGE, "-Werror=c++17-extensions", "-fsyntax-only", "-fno-exceptions", "-fno-rtti",
+                        "-Wno-unknown-attributes",
                         "-Wno-ignored-attributes", "-include", str(header), "-x", "c++", "-"],
                        input=src, capture_output=True, text=True, timeout=120)
     if r.returncode:
@@ -303,17 +320,21 @@ def launch(kname, text, invoke, arrays, output_shapes, output_dtypes, grid, thre
     if order is None:
         order, seed = getattr(_settings, "order", ("forward", 0))
     fn, statics, _ = compile_kernel(kname, text, invoke, cxx or _default_cxx())
-    host = []
+    host, esize = [], []
     for a, (shape_needed, strides_needed, ndim_needed) in arrays:
         host.append(np.ascontiguousarray(_to_host(a)).reshape(-1).view(np.uint8))
+        esize.append(a.dtype.size)
         if a.ndim > 0:
             if shape_needed:
                 host.append(np.array(a.shape, dtype=np.int32).view(np.uint8))
+                esize.append(4)
             if strides_needed:
                 strides = np.cumprod((list(a.shape[1:]) + [1])[::-1])[::-1]
                 host.append(np.array(strides, dtype=np.int64).view(np.uint8))
+                esize.append(8)
             if ndim_needed:
                 host.append(np.array([a.ndim], dtype=np.int32).view(np.uint8))
+                esize.append(4)
     n_in = len(host)
     outs = []
     for shape, dtype in zip(output_shapes, output_dtypes):
@@ -323,7 +344,10 @@ def launch(kname, text, invoke, arrays, output_shapes, output_dtypes, grid, thre
         else:
             buf = _to_host(mx.full((size,), init_value, dtype=dtype)).view(np.uint8).copy()
         outs.append(buf)
+        esize.append(dtype.size)
     host += outs
+    element = getattr(_settings, "alignment", "end") == "element"
+    base_mod = (ctypes.c_int * len(host))(*[(e % 16 if element else -1) for e in esize])
     n = len(host)
     ptrs = (ctypes.c_void_p * n)(*[h.ctypes.data for h in host])
     nbytes = (ctypes.c_uint64 * n)(*[h.nbytes for h in host])
@@ -333,7 +357,7 @@ def launch(kname, text, invoke, arrays, output_shapes, output_dtypes, grid, thre
     offs = (ctypes.c_int64 * max(1, len(statics)))(*[o for o, _ in statics])
     sizes = (ctypes.c_int64 * max(1, len(statics)))(*[s for _, s in statics])
     err = ctypes.create_string_buffer(4096)
-    rc = fn(n, ptrs, nbytes, writable, g, t, ORDERS[order], ctypes.c_uint64(seed), len(statics), offs, sizes,
+    rc = fn(n, ptrs, nbytes, writable, base_mod, g, t, ORDERS[order], ctypes.c_uint64(seed), len(statics), offs, sizes,
             ctypes.c_double(time_limit or TIME_LIMIT), err, len(err))
     if rc:
         raise EmulatorError(f"{kname}: {err.value.decode(errors='replace')}")

@@ -104,6 +104,9 @@ template <class T> struct alignas(sizeof(T) * 2) vec<T, 2> {
     union { T v[2]; struct { T x, y; }; struct { T r, g; }; EMU_SW2(T, 2) };
     vec() = default;
     vec(T s) : v{s, s} {}
+    // User-provided, so that copying from a pointer binds a reference the alignment sanitizer checks.
+    vec(const vec& o) : v{o.v[0], o.v[1]} {}
+    vec& operator=(const vec& o) { for (int i = 0; i < 2; ++i) v[i] = o.v[i]; return *this; }
     vec(T a, T b) : v{a, b} {}
     template <class U> explicit vec(const vec<U, 2>& o) : v{T(o[0]), T(o[1])} {}
     T& operator[](int i) { return v[i]; }
@@ -114,6 +117,9 @@ template <class T> struct alignas(sizeof(T) * 4) vec<T, 3> {
             detail::swizzle<T, 3, 1, 2> yz; detail::swizzle<T, 3, 0, 1, 2> xyz; detail::swizzle<T, 3, 2, 1, 0> zyx; };
     vec() = default;
     vec(T s) : v{s, s, s} {}
+    // User-provided, so that copying from a pointer binds a reference the alignment sanitizer checks.
+    vec(const vec& o) : v{o.v[0], o.v[1], o.v[2]} {}
+    vec& operator=(const vec& o) { for (int i = 0; i < 3; ++i) v[i] = o.v[i]; return *this; }
     vec(T a, T b, T c) : v{a, b, c} {}
     vec(vec<T, 2> a, T c) : v{a[0], a[1], c} {}
     template <class U> explicit vec(const vec<U, 3>& o) : v{T(o[0]), T(o[1]), T(o[2])} {}
@@ -126,6 +132,9 @@ template <class T> struct alignas(sizeof(T) * 4) vec<T, 4> {
             detail::swizzle<T, 4, 3, 2, 1, 0> wzyx; detail::swizzle<T, 4, 0, 1, 2, 3> xyzw; };
     vec() = default;
     vec(T s) : v{s, s, s, s} {}
+    // User-provided, so that copying from a pointer binds a reference the alignment sanitizer checks.
+    vec(const vec& o) : v{o.v[0], o.v[1], o.v[2], o.v[3]} {}
+    vec& operator=(const vec& o) { for (int i = 0; i < 4; ++i) v[i] = o.v[i]; return *this; }
     vec(T a, T b, T c, T d) : v{a, b, c, d} {}
     vec(vec<T, 2> a, vec<T, 2> b) : v{a[0], a[1], b[0], b[1]} {}
     vec(vec<T, 3> a, T d) : v{a[0], a[1], a[2], d} {}

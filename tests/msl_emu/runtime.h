@@ -188,7 +188,8 @@ static void on_signal(int sig, siginfo_t* info, void*) {
 // Runs the kernel over the grid. args[i] are host copies (inputs, then outputs, in MLX's buffer order);
 // tg_offsets are the threadgroup statics' addresses relative to emu_run. Returns 0, or 1 with err filled.
 extern "C" __attribute__((visibility("default"))) int emu_run(
-    int nargs, void** host, const uint64_t* nbytes, const int* writable, const int64_t* grid, const int64_t* group,
+    int nargs, void** host, const uint64_t* nbytes, const int* writable, const int* base_mod, const int64_t* grid,
+    const int64_t* group,
     int order, uint64_t seed, int ntg, const int64_t* tg_offsets, const int64_t* tg_sizes, double time_limit,
     char* err, int errlen) {
     using namespace emu;
@@ -207,14 +208,18 @@ extern "C" __attribute__((visibility("default"))) int emu_run(
              std::to_string(kMaxThreadsPerThreadgroup));
     if (!R.error.empty()) { std::snprintf(err, errlen, "%s", R.error.c_str()); run_ = nullptr; return 1; }
 
-    // Guarded device buffers: the data ends exactly at a PROT_NONE page; another guards the start.
+    // Guarded device buffers: the data ends exactly at a PROT_NONE page; another guards the start. With
+    // base_mod[b] >= 0 the start is moved down (by < 16 bytes) to an address = base_mod[b] (mod 16) instead:
+    // only as aligned as its element type, to expose loads that assume more.
     std::vector<void*> args(nargs);
     for (int b = 0; b < nargs; ++b) {
-        size_t data_pages = (nbytes[b] + page - 1) / page;
+        const size_t slack = base_mod[b] >= 0 ? 16 : 0;
+        size_t data_pages = (nbytes[b] + slack + page - 1) / page;
         size_t bytes = (data_pages + 2) * page;
         auto* region = static_cast<unsigned char*>(mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
                                                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
         unsigned char* data = region + (data_pages + 1) * page - nbytes[b];
+        if (base_mod[b] >= 0) data -= (uintptr_t(data) - uintptr_t(base_mod[b])) % 16;
         std::memcpy(data, host[b], nbytes[b]);
         mprotect(region, page, PROT_NONE);
         mprotect(region + (data_pages + 1) * page, page, PROT_NONE);
