@@ -7,11 +7,17 @@ test can monkeypatch `mx.fast.metal_kernel` with it. Each call:
    inputs as `const device T*` (`const constant T*` under 8 elements, `const constant T&` when 0-d), each
    followed by `x_shape`/`x_strides`/`x_ndim` only if the body names them, outputs `device T*`, then the thread
    attributes whose names occur in the body, the body, and the explicit instantiation line;
-2. compiles it with msl_shim.h in front and runtime.h behind. The one textual change: the attribute lists on
-   the explicit instantiation line are dropped (C++ forbids attributes there); every other attribute is an
+2. when clang is installed, type-checks that text as Metal would (msl_check.h: C++14, MSL's dialect, with
+   device / constant / threadgroup / thread kept as clang address spaces, so mixing them up does not
+   compile; no double; no C++17);
+3. compiles it as C++14 with msl_shim.h in front and runtime.h behind (address spaces erased, an alignment
+   sanitizer that traps on misaligned vector loads). The one textual change: the attribute lists on the
+   explicit instantiation line are dropped (C++ forbids attributes there); every other attribute is an
    unknown attribute the compiler ignores;
-3. runs the grid with runtime.h's scheduler in the chosen thread order and returns the outputs.
-Compiled libraries are cached per source text and compiler (in-process and as .so files in a temp dir).
+4. runs the grid with runtime.h's scheduler in the chosen thread order (thread_order) and buffer placement
+   (alignment) and returns the outputs.
+Compiled libraries and passed type checks are cached per source text and compiler (in-process and as files
+in a temp dir, $MSL_EMU_CACHE).
 """
 
 from __future__ import annotations

@@ -381,7 +381,8 @@ using namespace metal;  // as MLX's utils.h does
 #define simd_any(...) simd_any_at(EMU_SITE, __VA_ARGS__)
 #define simd_all(...) simd_all_at(EMU_SITE, __VA_ARGS__)
 
-// Address-space qualifiers disappear; threadgroup variables become function statics, shared by all the
+// Address-space qualifiers disappear here (msl_check.h, clang's type check, keeps and checks them);
+// threadgroup variables become function statics, shared by all the
 // fibers of the one threadgroup that runs at a time (runtime.h finds them in the symbol table, poisons
 // them before each threadgroup and checks their total size).
 #define device
