@@ -109,18 +109,23 @@ def chat(
     seed: int | None = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
     memory: str | None = typer.Option(None, "--memory", callback=_memory,
                                       help="Memory budget for the plan, like 16GB (default: this machine's)."),
+    offload: str = typer.Option("auto", "--offload", help="auto: stream experts / 8-bit weights only when the "
+                                "model does not fit; none: never; experts: stream experts anyway."),
+    kv_bits: int | None = typer.Option(None, "--kv-bits", help="KV cache of the full-attention layers: 8 or 16 "
+                                       "bits [default: the plan's choice]."),
 ) -> None:
     """Chat with gpt-oss in the terminal (reads one prompt per line when stdin is not a terminal)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     settings = Settings(effort, show_reasoning, developer, temperature, top_p, max_tokens, seed)
-    gpt = load_model(model, ctx=ctx, memory=memory, interactive=interactive)
+    gpt = load_model(model, ctx=ctx, memory=memory, interactive=interactive, offload=offload, kv_bits=kv_bits)
     conv = Conversation(gpt, settings)
     Chat(conv, interactive).run()
 
 
 # --- the model: download on first use, progress bar, memory plan line ----------------------------------
 
-def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: bool):
+def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: bool, offload: str = "auto",
+               kv_bits: int | None = None):
     import mlx_gptoss
 
     if not Path(model).expanduser().exists() and not hub.looks_like_path(model) and hub.cached(model) is None:
@@ -132,7 +137,8 @@ def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: 
         dl.fetch(plan)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    kwargs = {k: v for k, v in (("ctx", ctx), ("memory", memory)) if v is not None}
+    kwargs = {k: v for k, v in (("ctx", ctx), ("memory", memory), ("kv_bits", kv_bits)) if v is not None}
+    kwargs["offload"] = offload
     columns = (TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
                TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not interactive) as bar:
@@ -154,6 +160,8 @@ def plan_line(gpt) -> str:
             f"{plan.context:,} tokens = {gb(plan.needed)} of {gb(plan.budget.usable)} ({plan.budget.source})")
     if plan.status == "smaller context":
         line += f"; the context is reduced from {plan.requested_context:,} to fit"
+    if hasattr(plan, "lever_notes") and plan.levers.active:
+        line += "; levers: " + "; ".join(plan.lever_notes())
     return line
 
 

@@ -23,9 +23,15 @@ def plan(
                                           "e.g. 16GB (10^9 bytes) or 16GiB."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Activation dtype [default: bfloat16 on Metal, "
                                         "float32 on MLX's CPU backend]."),
+    offload: str = typer.Option("auto", "--offload", help="auto: stream experts / 8-bit weights only when the "
+                                "model does not fit; none: never; experts: stream experts anyway."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="KV cache of the full-attention layers: 8 or "
+                                          "16 bits [default: the plan's choice]."),
 ) -> None:
     """Show the memory a model needs (from its safetensors headers) and whether it fits. Loads nothing."""
-    p = memory.plan(model, context=ctx, memory=memory_, dtype=dtype)
+    from mlx_gptoss.offload import plan as offload_plan
+
+    p = offload_plan.plan(model, context=ctx, memory_=memory_, dtype=dtype, offload=offload, kv_bits=kv_bits)
     console.print(plan_table(p))
     console.print(p.message, style=STYLE[p.status], highlight=False)
     if not p.fits:
@@ -54,6 +60,10 @@ def plan_table(p: memory.Plan) -> Table:
               f"{len(p.config.layer_types) - n_full} layers, window {p.config.sliding_window} + one chunk")
     t.add_row("activations", "", gb(p.activations), f"peak of one {p.prefill_chunk}-token prefill chunk")
     t.add_row("MLX, Python, tokenizer", "", gb(p.overhead), "reserve")
+    if getattr(p, "stream_buffer", 0):
+        t.add_row("expert streaming buffer", "", gb(p.stream_buffer), "one prefill step's experts of one layer")
+    for note in p.lever_notes() if hasattr(p, "lever_notes") else ():
+        t.add_row("lever", "", "", note)
     if p.fits:
         t.add_row("needed", "", gb(p.needed), f"at a context of {p.context:,} tokens", style="bold")
     else:

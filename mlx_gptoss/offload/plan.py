@@ -92,11 +92,18 @@ class OffloadPlan(Plan):
 
     @property
     def message(self) -> str:
-        if not self.levers.active or not self.fits:
+        if not self.levers.active:
             return super().message
-        return (f"{self.checkpoint} fits with offloading at a context of {self.context:,} tokens: "
-                f"{gb(self.needed)} needed, {gb(self.budget.usable)} available ({self.budget.source}). "
-                "Levers, cheapest first: " + "; ".join(self.lever_notes()) + ".")
+        levers = "; ".join(self.lever_notes())
+        if not self.fits:
+            return (f"{self.checkpoint} does not fit even with offloading ({levers}): it needs "
+                    f"{gb(self.min_needed)} at a context of {self.requested_context:,} tokens, and "
+                    f"{gb(self.budget.usable)} is available ({self.budget.source}). " + " ".join(self.remedies)).strip()
+        head = f"{self.checkpoint} fits with offloading at a context of {self.context:,} tokens"
+        if self.status == "smaller context":
+            head += f" (not the {self.requested_context:,} asked for: run with --ctx {self.context})"
+        return (f"{head}: {gb(self.needed)} needed, {gb(self.budget.usable)} available ({self.budget.source}). "
+                f"Levers, cheapest first: {levers}.")
 
 
 def check_options(offload: str, kv_bits: int | None) -> None:
@@ -184,7 +191,7 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
         fits = s["needed"] <= budget.usable
         p = OffloadPlan(ckpt.name, ckpt.source, ckpt.config, base.dtype, metal, ckpt.file_bytes(), s["weights"],
                         s["kv_per_token"], s["kv_sliding"], s["prefill_chunk"], s["activations"], s["overhead"],
-                        budget, base.requested_context, ctx if fits else 0, "fits" if fits else "does not fit",
+                        budget, ctx, ctx if fits else 0, "fits" if fits else "does not fit",
                         levers=lv, resident_weights=ckpt.loaded_bytes(act), stream_buffer=s["stream_buffer"],
                         expert_bytes=s["expert_bytes"], streamed_per_token=s["streamed_per_token"])
         p.min_needed = s["needed"]
@@ -232,22 +239,30 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
         target = None  # the 8-bit cache is asked for to hold more context: the largest that fits
     else:  # as much context as resident would get, or a usual chat's when it does not fit resident
         target = base.context if base.fits else min(OFFLOAD_CONTEXT, full)
-    if target is not None:
-        p = choose(target)
-    else:
-        ctx = full // memory.CONTEXT_STEP * memory.CONTEXT_STEP or full
-        p = choose(ctx)
-        while not p.fits and ctx - memory.CONTEXT_STEP >= memory.MIN_CONTEXT:
-            ctx -= memory.CONTEXT_STEP
-            p = choose(ctx)
-        target = ctx
+    if target is None:
+        target = full // memory.CONTEXT_STEP * memory.CONTEXT_STEP or full
+    p = choose(target)
     if p.fits:
         return p
     if base.fits and offload == "auto" and kv_bits is None:
         return base  # the levers cannot reach the context asked for; a smaller one fits resident
+    ctx = target // memory.CONTEXT_STEP * memory.CONTEXT_STEP
+    if ctx == target:
+        ctx -= memory.CONTEXT_STEP
+    while ctx >= memory.MIN_CONTEXT:  # as memory.make_plan: the largest context that fits, in steps
+        p = choose(ctx)
+        if p.fits:
+            p.status, p.requested_context = "smaller context", target
+            return p
+        ctx -= memory.CONTEXT_STEP
     p.status, p.context = "does not fit", 0
-    p.remedies = [f"Even with every lever ({', '.join(LEVERS)}: embedding in the file, 8-bit KV cache and "
-                  f"weights, experts streamed with none resident) it needs {gb(p.min_needed)} at a context of "
-                  f"{target:,} "
-                  "tokens."] + base.remedies
+    p.remedies = [r for r in base.remedies if "--ctx" not in r]
     return p
+
+
+def plan(model, *, context: int | None = None, memory_: str | int | None = None, dtype=None, offload: str = "auto",
+         kv_bits: int | None = None) -> Plan:
+    """memory.plan() with the levers: the plan for a model folder or hub repo id on this machine."""
+    check_options(offload, kv_bits)
+    return make_offload_plan(memory.read_checkpoint(model), context=context, memory_=memory_, dtype=dtype,
+                             offload=offload, kv_bits=kv_bits)
