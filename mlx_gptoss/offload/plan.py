@@ -10,7 +10,7 @@ Levers, in order of cost (what the user gives up):
   4. experts: expert streaming (offload.experts) with as many experts resident as still fit. Exact, but
      every miss reads an expert from the SSD: the cost is speed, and it grows as the resident share falls.
 The plan takes levers in this order until the model fits, and for the last one keeps as many experts
-resident as the budget allows. Everything is arithmetic on the safetensors headers (memory.py's model of
+resident as the budget allows, but at least MIN_RESIDENT_SHARE of them (--offload experts goes below). Everything is arithmetic on the safetensors headers (memory.py's model of
 weights, KV cache, activations and reserve), plus the streaming buffer: one step's experts of one layer.
 """
 
@@ -29,6 +29,9 @@ from .quantized import BITS, GROUP, quantized_bytes
 
 OFFLOAD_MODES = ("auto", "none", "experts")
 KV_BITS = (8, 16)
+# "auto" keeps at least this share of each layer's experts resident: below it most routed experts come
+# from the SSD every token (gpt-oss-120b on a 16 GB Mac: ~1.7 GB per token). --offload experts goes lower.
+MIN_RESIDENT_SHARE = 0.25
 OFFLOAD_CONTEXT = 8192  # the context levers are chosen for when none was asked for and the model does not fit
 LEVERS = ("embedding", "kv8", "attention8", "experts")
 
@@ -95,6 +98,11 @@ class OffloadPlan(Plan):
         if not self.levers.active:
             return super().message
         levers = "; ".join(self.lever_notes())
+        if not self.fits and self.min_needed <= self.budget.usable:  # only under MIN_RESIDENT_SHARE
+            return (f"{self.checkpoint} does not fit well: even with every lever ({levers}) only "
+                    f"{self.resident_share:.0%} of its experts stay resident at a context of "
+                    f"{self.requested_context:,} tokens (auto wants at least {MIN_RESIDENT_SHARE:.0%}). "
+                    + " ".join(self.remedies)).strip()
         if not self.fits:
             return (f"{self.checkpoint} does not fit even with offloading ({levers}): it needs "
                     f"{gb(self.min_needed)} at a context of {self.requested_context:,} tokens, and "
@@ -209,12 +217,15 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
             lo, hi = (mid, hi) if build(replace(lv, expert_slots=mid), ctx).fits else (lo, mid - 1)
         return build(replace(lv, expert_slots=lo), ctx)
 
+    # kv_bits=8 on a model that fits resident, no context asked for: the 8-bit cache alone, for more context
+    only_kv = context is None and kv_bits == 8 and not forced_stream and base.status != "does not fit"
+
     def choose(ctx: int) -> OffloadPlan:
         lv = Levers(kv_bits=kv_bits or 16)
         if forced_stream:
             return with_experts(lv, ctx)
         p = build(lv, ctx)
-        if p.fits or offload == "none":
+        if p.fits or offload == "none" or only_kv:
             return p
         for name in LEVERS:
             if name == "embedding":
@@ -226,7 +237,13 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
             elif name == "experts":
                 if not _is_mxfp4(ckpt):
                     break
-                return with_experts(lv, ctx)
+                p = with_experts(lv, ctx)
+                if p.fits and p.levers.expert_slots < math.ceil(MIN_RESIDENT_SHARE * E):
+                    p.status, p.context = "does not fit", 0
+                    p.remedies = [f"Streaming could run it with {p.resident_share:.0%} of the experts resident, "
+                                  f"reading ~{gb(p.streamed_per_token)} per token from the SSD (slow); "
+                                  "`--offload experts` does that."]
+                return p
             p = build(lv, ctx)
             if p.fits:
                 return p
@@ -235,8 +252,8 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
     full = ckpt.config.context_length
     if context is not None:
         target = base.requested_context
-    elif kv_bits == 8 and not forced_stream and base.status != "does not fit":
-        target = None  # the 8-bit cache is asked for to hold more context: the largest that fits
+    elif only_kv:
+        target = None  # the largest context that fits
     else:  # as much context as resident would get, or a usual chat's when it does not fit resident
         target = base.context if base.fits else min(OFFLOAD_CONTEXT, full)
     if target is None:
@@ -256,7 +273,7 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
             return p
         ctx -= memory.CONTEXT_STEP
     p.status, p.context = "does not fit", 0
-    p.remedies = [r for r in base.remedies if "--ctx" not in r]
+    p.remedies += [r for r in base.remedies if "--ctx" not in r]
     return p
 
 
