@@ -13,7 +13,7 @@ from .config import GptOssConfig
 from .hub import resolve
 from .memory import Plan, apply as apply_plan, bounded_cache, check_context, local_checkpoint
 from .model import Transformer
-from .offload import make_offload_plan, prepare
+from .offload import Levers, make_offload_plan, prepare
 
 
 def default_dtype() -> mx.Dtype:
@@ -78,7 +78,7 @@ class GptOss:
 
 def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bool = True,
          progress: Callable[[int, int], None] | None = None, memory: str | int | None = None,
-         ctx: int | None = None, offload: str = "auto", kv_bits: int | None = None,
+         ctx: int | None = None, offload: "str | Levers" = "auto", kv_bits: int | None = None,
          resident_experts: float | None = None) -> GptOss:
     """Load a gpt-oss checkpoint from a local folder or a Hugging Face repo id (downloaded if needed).
 
@@ -87,7 +87,8 @@ def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bo
     (default: the model's full context, reduced to what fits). A plan that does not fit raises GptOssError.
     When the model does not fit resident, offload="auto" lets the plan pick levers (mlx_gptoss.offload:
     expert streaming, 8-bit weights and KV cache); "none" refuses instead, "experts" streams experts anyway
-    (resident_experts: the share kept resident). kv_bits=8|16 fixes the full-attention KV cache's width."""
+    (resident_experts: the share kept resident), a mlx_gptoss.offload.Levers takes exactly those levers.
+    kv_bits=8|16 fixes the full-attention KV cache's width."""
     path = resolve(str(model), allow_download=allow_download)
     ckpt = local_checkpoint(path, check_size=True)  # config + every header, checked before any data is read
     cfg = ckpt.config

@@ -114,7 +114,11 @@ class OffloadPlan(Plan):
                 f"Levers, cheapest first: {levers}.")
 
 
-def check_options(offload: str, kv_bits: int | None) -> None:
+def check_options(offload, kv_bits: int | None) -> None:
+    if isinstance(offload, Levers):
+        if offload.kv_bits not in KV_BITS or offload.weight_bits not in KV_BITS:
+            raise GptOssError(f"{offload}: kv_bits and weight_bits are 8 or 16")
+        return
     if offload not in OFFLOAD_MODES:
         raise GptOssError(f"--offload {offload!r}: use one of {', '.join(OFFLOAD_MODES)}")
     if kv_bits is not None and kv_bits not in KV_BITS:
@@ -172,7 +176,7 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
                       budget: Budget | None = None, dtype=None, metal: bool | None = None, offload: str = "auto",
                       kv_bits: int | None = None, resident_experts: float | None = None) -> Plan:
     """The plan load() applies. offload: "auto" (levers only when the model does not fit resident),
-    "none" (never), "experts" (stream experts even if they fit). kv_bits: 8 or 16 forces the KV cache
+    "none" (never), "experts" (stream experts even if they fit), or a Levers (exactly those). kv_bits: 8 or 16 forces the KV cache
     width (None: the plan's choice). resident_experts: the share of each layer's experts kept resident
     when streaming (default: as many as fit)."""
     check_options(offload, kv_bits)
@@ -180,7 +184,7 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
         raise GptOssError(f"resident_experts={resident_experts}: a share between 0 and 1")
     budget = budget or memory.machine_budget(memory_)
     base = memory.make_plan(ckpt, context=context, budget=budget, dtype=dtype, metal=metal)
-    forced_stream = offload == "experts"
+    forced_stream = offload == "experts" or isinstance(offload, Levers) and offload.expert_slots is not None
     if forced_stream and not _is_mxfp4(ckpt):
         raise GptOssError(f"--offload experts: {ckpt.name} has unquantized (bf16) experts; streaming reads MXFP4 "
                           "experts as stored. Use an MXFP4 checkpoint (the openai/gpt-oss-* repos are)")
@@ -203,6 +207,13 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
                         levers=lv, resident_weights=ckpt.loaded_bytes(act), stream_buffer=s["stream_buffer"],
                         expert_bytes=s["expert_bytes"], streamed_per_token=s["streamed_per_token"])
         p.min_needed = s["needed"]
+        return p
+
+    if isinstance(offload, Levers):  # chosen by the caller (benchmarks, experiments): only checked
+        p = build(offload, base.requested_context if context is not None else base.context or
+                  min(OFFLOAD_CONTEXT, ckpt.config.context_length))
+        if not p.fits:
+            p.status, p.context = "does not fit", 0
         return p
 
     def with_experts(lv: Levers, ctx: int) -> OffloadPlan:
