@@ -186,3 +186,26 @@ def test_options_are_checked(tiny_ckpt):
         mlx_gptoss.load(tiny_ckpt, kv_bits=4)
     with pytest.raises(GptOssError, match="resident_experts"):
         mlx_gptoss.load(tiny_ckpt, offload="experts", resident_experts=1.5)
+
+
+def test_cli_options(tiny_ckpt):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mlx_gptoss.cli.app import app
+
+    def run(*args):
+        return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+
+    r = run("plan", "--model", str(tiny_ckpt), "--ctx", "4096", "--offload", "experts")
+    assert r.exit_code == 0, r.output
+    assert "expert streaming buffer" in r.output and "experts: 100% resident" in r.output
+    r = run("plan", "--model", str(tiny_ckpt), "--kv-bits", "4")
+    assert isinstance(r.exception, GptOssError) and str(r.exception) == "--kv-bits 4: use 8 or 16"  # printed as is
+    r = run("bench", "--model", str(tiny_ckpt), "-p", "16", "-n", "4", "-r", "1", "--ctx", "1024",
+            "--bandwidth-bytes", "1000000", "--offload", "experts", "--kv-bits", "8", "--json")
+    assert r.exit_code == 0, r.output
+    off = json.loads(r.stdout)["offload"]
+    assert off["levers"] == ["kv8", "experts"] and set(off["streaming"]) == {"pp16", "tg4"}
+    assert off["streaming"]["tg4"]["hit_rate"] == 1.0 and off["streaming"]["tg4"]["bytes_per_token"] == 0
