@@ -34,6 +34,10 @@ def bench(
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context to plan for [default: the model's, or what fits]."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Activation dtype [default: bfloat16 on Metal, "
                                         "float32 on the CPU]."),
+    offload: str = typer.Option("auto", "--offload", help="auto: stream experts / 8-bit weights only when the "
+                                "model does not fit; none: never; experts: stream experts anyway."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="KV cache of the full-attention layers: 8 or "
+                                          "16 bits [default: the plan's choice]."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole result as JSON."),
     as_csv: bool = typer.Option(False, "--csv", help="Print one CSV row per test."),
     bandwidth_bytes: int = typer.Option(1 << 30, "--bandwidth-bytes", hidden=True,
@@ -50,6 +54,7 @@ def bench(
     with err.status("starting") as status:
         result = B.run(model, n_prompt=n_prompt, n_gen=n_gen, depth=depth, repetitions=repetitions,
                        kernels=kernels, memory=memory, ctx=ctx, dtype=dt, bandwidth_bytes=bandwidth_bytes,
+                       offload=offload, kv_bits=kv_bits,
                        progress=None if quiet and not sys.stderr.isatty() else status.update)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -92,6 +97,12 @@ def show(result: dict) -> None:
     console.print(f"load {result['load_seconds']:.2f} s, peak memory {gb(result['peak_memory_bytes'])}; "
                   f"memory bandwidth (1 GiB): read {bw['best_read']:.1f} GB/s, copy {bw['numpy_copy']:.1f} GB/s",
                   highlight=False)
+    off = result.get("offload")
+    if off:
+        console.print(f"offload: {'; '.join(off['lever_notes'])}", highlight=False)
+        for test, st in off["streaming"].items():
+            console.print(f"streaming {test}: expert hit rate {st['hit_rate']:.0%}, "
+                          f"{st['bytes_per_token'] / 1e9:.3f} GB streamed per token", highlight=False)
     for r in result["roofline"]:
         console.print(f"roofline {r['test']} [{r['kernels']}]: {gb(r['bytes_per_token'])} read per token x "
                       f"{r['achieved_gbps'] * 1e9 / r['bytes_per_token']:.1f} tok/s = {r['achieved_gbps']:.1f} GB/s, "

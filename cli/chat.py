@@ -133,19 +133,25 @@ def chat(
                                       help="Memory budget for the plan, like 16GB (default: this machine's)."),
     dtype: str | None = typer.Option(None, "--dtype", callback=_dtype, help="Activation dtype: bfloat16, float16 "
                                      "or float32 (default: bfloat16 on Metal, float32 on MLX's CPU backend)."),
+    offload: str = typer.Option("auto", "--offload", help="auto: stream experts / 8-bit weights only when the "
+                                "model does not fit; none: never; experts: stream experts anyway."),
+    kv_bits: int | None = typer.Option(None, "--kv-bits", help="KV cache of the full-attention layers: 8 or 16 "
+                                       "bits [default: the plan's choice]."),
 ) -> None:
     """Chat with gpt-oss in the terminal (reads one prompt per line when stdin is not a terminal)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     developer = saved.clean(developer)[0] if developer else None  # argv bytes that are not UTF-8
     settings = Settings(effort, show_reasoning, developer, temperature, top_p, max_tokens, seed)
-    gpt = load_model(model, ctx=ctx, memory=memory, dtype=dtype, interactive=interactive)
+    gpt = load_model(model, ctx=ctx, memory=memory, dtype=dtype, interactive=interactive, offload=offload,
+                     kv_bits=kv_bits)
     conv = Conversation(gpt, settings)
     Chat(conv, interactive).run()
 
 
 # --- the model: download on first use, progress bar, memory plan line ----------------------------------
 
-def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: bool, dtype: str | None = None):
+def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: bool, dtype: str | None = None,
+               offload: str = "auto", kv_bits: int | None = None):
     import mlx_gptoss
 
     if not Path(model).expanduser().exists() and not hub.looks_like_path(model) and hub.cached(model) is None:
@@ -159,8 +165,9 @@ def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: 
 
     import mlx.core as mx
 
-    kwargs = {k: v for k, v in (("ctx", ctx), ("memory", memory), ("dtype", dtype and getattr(mx, dtype)))
-              if v is not None}
+    kwargs = {k: v for k, v in (("ctx", ctx), ("memory", memory), ("dtype", dtype and getattr(mx, dtype)),
+                                ("kv_bits", kv_bits)) if v is not None}
+    kwargs["offload"] = offload
     columns = (TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
                TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not interactive) as bar:
@@ -183,6 +190,8 @@ def plan_line(gpt) -> str:
             f"{plan.dtype} activations")
     if plan.status == "smaller context":
         line += f"; the context is reduced from {plan.requested_context:,} to fit"
+    if hasattr(plan, "lever_notes") and plan.levers.active:
+        line += "; levers: " + "; ".join(plan.lever_notes())
     return line
 
 

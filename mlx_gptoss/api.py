@@ -12,8 +12,9 @@ from .checkpoint import load_weights
 from .config import GptOssConfig
 from .errors import ConfigError
 from .hub import resolve
-from .memory import Plan, apply as apply_plan, bounded_cache, check_context, local_checkpoint, make_plan
+from .memory import Plan, apply as apply_plan, bounded_cache, check_context, local_checkpoint
 from .model import Transformer
+from .offload import Levers, make_offload_plan, prepare
 
 
 def check_chat_vocabulary(cfg: GptOssConfig, where: str | Path) -> None:
@@ -43,6 +44,7 @@ class GptOss:
     dtype: mx.Dtype
     plan: "Plan | None" = None  # the memory plan load() applied (mlx_gptoss.memory)
     max_context: int = 0  # the most tokens a cache may hold under that plan (0: unbounded)
+    offload: "object | None" = None  # mlx_gptoss.offload.Offloaded when the plan chose levers (.stats)
 
     def make_cache(self) -> list:
         """model.make_cache(), refusing (ContextLengthError) to grow past max_context tokens."""
@@ -95,7 +97,8 @@ class GptOss:
 
 def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bool = True,
          progress: Callable[[int, int], None] | None = None, memory: str | int | None = None,
-         ctx: int | None = None, for_chat: bool = False) -> GptOss:
+         ctx: int | None = None, for_chat: bool = False, offload: "str | Levers" = "auto",
+         kv_bits: int | None = None, resident_experts: float | None = None) -> GptOss:
     """Load a gpt-oss checkpoint from a local folder or a Hugging Face repo id (downloaded if needed).
 
     progress(done, total) is called as the layers are read, for a progress bar. Before any weight is read
@@ -104,27 +107,41 @@ def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bo
 
     A model whose vocabulary cannot hold the harmony tokens (a test or pruned checkpoint) loads for raw
     forward passes; its chat(), session() and encode_chat() raise ConfigError. for_chat=True refuses it
-    here instead, before any weight is read."""
+    here instead, before any weight is read.
+
+    When the model does not fit resident, offload="auto" lets the plan pick levers (mlx_gptoss.offload:
+    expert streaming, 8-bit weights and KV cache); "none" refuses instead, "experts" streams experts anyway
+    (resident_experts: the share kept resident), a mlx_gptoss.offload.Levers takes exactly those levers.
+    kv_bits=8|16 fixes the full-attention KV cache's width."""
     path = resolve(str(model), allow_download=allow_download)
     ckpt = local_checkpoint(path, check_size=True)  # config + every header, checked before any data is read
     cfg = ckpt.config
     if for_chat:
         check_chat_vocabulary(cfg, path / "config.json")
     dtype = dtype or default_dtype()
-    plan = make_plan(ckpt, context=ctx, memory=memory, dtype=dtype)
+    plan = make_offload_plan(ckpt, context=ctx, memory_=memory, dtype=dtype, offload=offload, kv_bits=kv_bits,
+                             resident_experts=resident_experts)
     apply_plan(plan)
     net = Transformer(cfg)
     net.set_dtype(dtype)
-    weights = load_weights(ckpt.tensors, dtype)
+    levers = getattr(plan, "levers", None)
+    offloaded, extra = prepare(net, ckpt, levers, dtype) if levers and levers.active else (None, [])
+    weights = [(n, a) for n, a in load_weights(ckpt.tensors, dtype) if not offloaded or offloaded.keeps(n)]
     # Evaluate layer by layer so peak memory stays near the checkpoint's size.
-    net.load_weights(weights, strict=True)
+    net.load_weights(weights + extra, strict=True)
+    del weights, extra  # the module holds what it needs; replaced arrays must be freed
     layers = net.model.layers
     for i, layer in enumerate(layers):
         mx.eval(layer.parameters())
+        if offloaded:
+            offloaded.finish_layer(layer)
         if progress:
             progress(i + 1, len(layers) + 1)
     mx.eval(net.parameters())
     if progress:
         progress(len(layers) + 1, len(layers) + 1)
     net.eval()
-    return GptOss(model=net, config=cfg, path=path, dtype=dtype, plan=plan, max_context=plan.context)
+    if offloaded:
+        offloaded.reset_counts()
+    return GptOss(model=net, config=cfg, path=path, dtype=dtype, plan=plan, max_context=plan.context,
+                  offload=offloaded)

@@ -251,7 +251,8 @@ PREFILL_PROBE = 512  # tokens in a prefill call, to ask which kernels prefill us
 
 def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int = 5, kernels: str = "auto",
         memory: str | None = None, ctx: int | None = None, dtype=None, warmup: bool = True, seed: int = 0,
-        bandwidth_bytes: int = 1 << 30, progress=None) -> dict:
+        bandwidth_bytes: int = 1 << 30, progress=None, offload: str = "auto", kv_bits: int | None = None,
+        resident_experts: float | None = None) -> dict:
     """Load model, run every test, return the whole result as a JSON-ready dict."""
     import mlx_gptoss
 
@@ -263,7 +264,8 @@ def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int =
     mx.reset_peak_memory()
     say(f"loading {model}")
     t0 = time.perf_counter()
-    gpt = mlx_gptoss.load(model, memory=memory, ctx=ctx, dtype=dtype, allow_download=False)
+    gpt = mlx_gptoss.load(model, memory=memory, ctx=ctx, dtype=dtype, allow_download=False, offload=offload,
+                          kv_bits=kv_bits, resident_experts=resident_experts)
     load_s = time.perf_counter() - t0
     load_peak = mx.get_peak_memory()
     net = gpt.model
@@ -274,11 +276,11 @@ def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int =
             raise GptOssError(f"--depth {d} + {'--n-prompt ' + str(p) if p else '--n-gen ' + str(g)}: "
                               f"{d + p + g} tokens, more than the planned context of {gpt.max_context}")
     backends, notes = parse_kernels(kernels)
-    results = []
+    results, streamed = [], {}
     for backend in backends:
         net.set_moe_backend(backend)
         for p, g, d in tests:
-            results.append(_measure(gpt, backend, p, g, d, repetitions, warmup, seed, say))
+            results.append(_measure(gpt, backend, p, g, d, repetitions, warmup, seed, say, streamed))
     net.set_moe_backend(backends[0])
     roofline = []
     for r in results:
@@ -310,13 +312,17 @@ def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int =
         "comparison": compare(results),
         "notes": notes,
         "roofline": roofline,
+        "offload": None if gpt.offload is None else {
+            "levers": gpt.plan.levers.names(), "lever_notes": gpt.plan.lever_notes(),
+            "resident_experts": gpt.plan.resident_share, "streaming": streamed},
         "settings": {"repetitions": repetitions, "warmup": warmup, "seed": seed, "memory": memory, "ctx": ctx,
-                     "prompt": "random tokens"},
+                     "prompt": "random tokens", "offload": offload, "kv_bits": kv_bits},
     }
 
 
-def _measure(gpt, backend, p, g, d, repetitions, warmup, seed, say) -> TestResult:
-    """One test (pp or tg, at depth d) on one MoE backend: a warm-up, then the timed repetitions."""
+def _measure(gpt, backend, p, g, d, repetitions, warmup, seed, say, streamed: dict) -> TestResult:
+    """One test (pp or tg, at depth d) on one MoE backend: a warm-up, then the timed repetitions.
+    With streamed experts, streamed[label] gets the hit rate and bytes per token of the timed runs."""
     cfg = gpt.config
     name = (f"pp{p}" if p else f"tg{g}") + (f" @ d{d}" if d else "")
     label = f"{name} [{backend}]"
@@ -331,9 +337,13 @@ def _measure(gpt, backend, p, g, d, repetitions, warmup, seed, say) -> TestResul
     if warmup:
         once(seed + 1000)
     secs = []
+    before = gpt.offload.stats.copy() if gpt.offload else None
     for r in range(repetitions):
         say(f"{label}: {r + 1}/{repetitions}")
         secs.append(once(seed + r))
+    if before is not None:  # streamed experts during the timed runs (depth prefill included)
+        s = gpt.offload.stats - before
+        streamed[label] = {"hit_rate": s.hit_rate, "bytes_per_token": s.bytes_per_token}
     tps = [(p or g) / s for s in secs]
     return TestResult(name, p, g, d, repetitions, statistics.fmean(tps),
                       statistics.stdev(tps) if len(tps) > 1 else 0.0, tps, statistics.fmean(secs),

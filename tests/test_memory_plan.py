@@ -293,7 +293,7 @@ def test_plan_command(ckpt20, ckpt120):
     r = CliRunner().invoke(app, ["plan", "--model", str(ckpt20), "--memory", "24GB"], env={"COLUMNS": "150"})
     assert r.exit_code == 0, r.output
     assert "experts" in r.output and "fits" in r.output and "13.8 GB" in r.output
-    r = CliRunner().invoke(app, ["plan", "--model", str(ckpt120), "--memory", "32GB", "--ctx", "8192"],
+    r = CliRunner().invoke(app, ["plan", "--model", str(ckpt120), "--memory", "32GB", "--ctx", "8192", "--offload", "none"],
                            env={"COLUMNS": "150"})
     assert r.exit_code == 1 and "does not fit" in r.output and "20b" in r.output
     r = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli.app", "plan", "--model", str(ckpt20), "--memory",
