@@ -283,3 +283,13 @@ def test_benchmark_script_tables_every_kernel_dtype_and_size(fake_mac):
     rows = [line for line in script.table().splitlines() if line.startswith("| moe_")]
     assert len(rows) == 2 * 3 * 2  # kernels x dtypes x T
     assert rows[0].startswith("| moe_gate_up_swiglu | float32 | 1 | yes (") and rows[0].endswith("| 1000.000 | 1500.000 | 1.50x | yes |")  # ms
+
+
+def test_claim_stores_pending_once_and_ignores_a_damaged_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    selftest_record.write("setup", "k/float32", {"garbage": 1})  # neither a result nor pending: test again
+    assert selftest_record.claim("setup", "k/float32") is None
+    second = selftest_record.claim("setup", "k/float32")  # what a second process starting now sees
+    assert second["state"] == "pending" and second["pid"] == os.getpid()
+    selftest_record.cache_file().write_text("{not json")  # a corrupt file is a missing one
+    assert selftest_record.claim("setup", "k/float32") is None
