@@ -299,9 +299,10 @@ def build_report(rows: list[Row], kernel_dtypes, model: str, n_prompt: int, n_ge
 
 def _report_bench(model: str, n_prompt: int, n_gen: int, repetitions: int, bandwidth_bytes: int) -> dict:
     """bench ppN/tgN with metal and builtin (builtin only, said so, without Metal); skipped without the model."""
-    from mlx_gptoss import bench
+    from mlx_gptoss import bench, hub
 
     try:
+        hub.resolve(model, allow_download=False)  # a missing model is said at once, before any measurement
         return bench.run(model, n_prompt=str(n_prompt), n_gen=str(n_gen), repetitions=repetitions,
                          kernels="metal,builtin", bandwidth_bytes=bandwidth_bytes)
     except Exception as e:  # the model not downloaded, too big for this machine, ...

@@ -24,8 +24,9 @@ call of that name; it is rendered as authored by that call's recipient, on that 
 What the history keeps (mlx_gptoss.harmony.render): the reasoning of a turn is dropped once a final answer
 follows it, and at the next user message unless the turn ended with a tool result (a reply cut by max_tokens,
 or whose call nobody answered, loses it). A turn without a final answer yet is rendered exactly as the model
-wrote it (a call's channel before its recipient, as gpt-oss writes it): in a tool loop every model call after
-the first prefills only the tool results it adds, and a user message after an answered call only itself and
+wrote it: a Session renders the very ids it generated; from message dicts alone (a server) the text is
+re-encoded in the model's header order (a call's channel before its recipient). In a tool loop every model
+call after the first prefills only the tool results it adds, and a user message after an answered call only itself and
 the results. After a final answer the next turn re-prefills that turn from its user message on (its reasoning
 is gone, so the cache diverges there); `<|return|>` is stored as `<|end|>`.
 

@@ -1,12 +1,17 @@
-"""The harmony format through openai-harmony: the offline vocabulary, prompt rendering, tools, stream parsing.
+"""The harmony format: the offline vocabulary, prompt rendering, tools, stream parsing.
 
-openai-harmony (OpenAI's reference library for the format) renders and parses; this module only adapts it:
+openai-harmony (OpenAI's reference library for the format) renders the system, developer, user, tool and
+finished assistant messages; this module adapts it and adds what it does not do:
 - the vocabulary: openai-harmony reads o200k_base.tiktoken from $TIKTOKEN_ENCODINGS_BASE or downloads it.
   We derive that file from the model snapshot's tokenizer.json (the same byte-level BPE ranks), check its
   sha256 and point TIKTOKEN_ENCODINGS_BASE at our cache folder, so chat works with no network;
-- messages as plain dicts (see mlx_gptoss.chat) -> a harmony Conversation -> prompt token ids;
+- render(): message dicts (see mlx_gptoss.chat) -> prompt token ids, applying harmony's history rules, with
+  the messages of an unfinished turn exactly as the model wrote them (openai-harmony would put a call's
+  recipient before its channel, so a tool loop's cache would diverge every round);
 - Python functions as tools (JSON schema from signature, type hints and docstring);
-- StreamParser: generated tokens -> reasoning / content / tool-call pieces, never raising on bad output.
+- StreamParser: generated tokens -> reasoning / preamble / content / tool-call pieces and the ordered parts,
+  strictly by the format, never raising (openai-harmony's StreamableParser either raises on bad output or,
+  not strict, lets text without a channel through as if it were an answer).
 """
 
 from __future__ import annotations

@@ -79,11 +79,6 @@ def _store(data: dict) -> None:
         pass
 
 
-def read(key: str, name: str) -> dict | None:
-    record = _load().get(key, {}).get(name)
-    return record if isinstance(record, dict) else None
-
-
 def write(key: str, name: str, record: dict | None) -> None:
     """Store record under key/name (None removes it)."""
     with _locked():
@@ -96,8 +91,17 @@ def write(key: str, name: str, record: dict | None) -> None:
         _store(data)
 
 
-def mark_pending(key: str, name: str) -> None:
-    write(key, name, {"state": "pending", "pid": os.getpid(), "started": time.time()})
+def claim(key: str, name: str) -> dict | None:
+    """The stored record, if any; else None, after storing this process's pending record in the same locked
+    step, so that of two processes starting at once only one runs the test (the other sees it pending)."""
+    with _locked():
+        data = _load()
+        record = data.get(key, {}).get(name)
+        if isinstance(record, dict) and ("passed" in record or record.get("state") == "pending"):
+            return record
+        data.setdefault(key, {})[name] = {"state": "pending", "pid": os.getpid(), "started": time.time()}
+        _store(data)
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -115,7 +119,7 @@ def settle(record: dict | None, key: str, name: str) -> dict | None:
     record as is, a pending one as {"state": "busy"} while its process runs the test now, else (its process
     died mid-test) as a failure, which is stored."""
     if record is None or record.get("state") != "pending":
-        return record if record is None or "passed" in record else None
+        return record
     pid, started = int(record.get("pid", -1)), float(record.get("started", 0))
     if pid != os.getpid() and _alive(pid) and time.time() - started < PENDING_STALE_SECONDS:
         return {"state": "busy", "pid": pid}

@@ -269,3 +269,27 @@ def test_full_size_case_passes_in_the_emulator(monkeypatch, tmp_path):
     for spec in kernels.SPECS:
         record = metal_selftest.run(spec, mx.float32, dict(metal_selftest.CASE, tokens=(1,)))
         assert record["passed"] and record["enabled"] and record["error"] < 1e-5, record
+
+
+def test_benchmark_script_tables_every_kernel_dtype_and_size(fake_mac):
+    """benchmarks/metal_kernels.py (a Mac's side-by-side table), with the emulator and the fake clock."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "metal_kernels.py"
+    spec = importlib.util.spec_from_file_location("metal_kernels_bench", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = [line for line in script.table().splitlines() if line.startswith("| moe_")]
+    assert len(rows) == 2 * 3 * 2  # kernels x dtypes x T
+    assert rows[0].startswith("| moe_gate_up_swiglu | float32 | 1 | yes (") and rows[0].endswith("| 1000.000 | 1500.000 | 1.50x | yes |")  # ms
+
+
+def test_claim_stores_pending_once_and_ignores_a_damaged_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    selftest_record.write("setup", "k/float32", {"garbage": 1})  # neither a result nor pending: test again
+    assert selftest_record.claim("setup", "k/float32") is None
+    second = selftest_record.claim("setup", "k/float32")  # what a second process starting now sees
+    assert second["state"] == "pending" and second["pid"] == os.getpid()
+    selftest_record.cache_file().write_text("{not json")  # a corrupt file is a missing one
+    assert selftest_record.claim("setup", "k/float32") is None

@@ -5,6 +5,7 @@ memory, early return before a barrier, unwritten output) is caught. Also static 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -252,7 +253,7 @@ def test_broken_kernel_is_caught(bug, cxx):
 
 # ---- what the Metal compiler would reject: address spaces, the C++14 dialect; misaligned vector loads ------
 
-HAS_CLANG = emu.shutil.which("clang++") is not None
+HAS_CLANG = shutil.which("clang++") is not None
 TYPE_BUGS = {
     "device pointer passed as a thread pointer": (
         "inline float first(thread const float* p) { return p[0]; }\n",
