@@ -30,6 +30,7 @@ class GptOss:
     dtype: mx.Dtype
     plan: "Plan | None" = None  # the memory plan load() applied (mlx_gptoss.memory)
     max_context: int = 0  # the most tokens a cache may hold under that plan (0: unbounded)
+    group: object = None  # the mx.distributed group this rank's share belongs to (mlx_gptoss.distributed)
 
     def make_cache(self) -> list:
         """model.make_cache(), refusing (ContextLengthError) to grow past max_context tokens."""
@@ -55,11 +56,11 @@ class GptOss:
              max_context: int | None = None, date: str | None = None):
         """Stream one assistant reply to `messages` as Events (mlx_gptoss.chat): reasoning, content,
         tool_call, then done with the Stats. A prompt over the context cap raises GptOssError."""
-        from .chat import Runner, _context_cap, generate_events
+        from .chat import _context_cap, generate_events, runner_for
 
         prompt = self.encode_chat(messages, reasoning_effort=reasoning_effort, tools=tools, developer=developer,
                                   date=date)
-        return generate_events(Runner(self), prompt, cap=_context_cap(self, max_context), max_tokens=max_tokens,
+        return generate_events(runner_for(self), prompt, cap=_context_cap(self, max_context), max_tokens=max_tokens,
                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
 
     def generate(self, prompt: str, **kw) -> str:
@@ -76,16 +77,28 @@ class GptOss:
 
 def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bool = True,
          progress: Callable[[int, int], None] | None = None, memory: str | int | None = None,
-         ctx: int | None = None) -> GptOss:
+         ctx: int | None = None, group=None) -> GptOss:
     """Load a gpt-oss checkpoint from a local folder or a Hugging Face repo id (downloaded if needed).
 
     progress(done, total) is called as the layers are read, for a progress bar. Before any weight is read
     the memory plan (mlx_gptoss.memory) must fit: memory= overrides the budget ("16GB"), ctx= the context
-    (default: the model's full context, reduced to what fits). A plan that does not fit raises GptOssError."""
+    (default: the model's full context, reduced to what fits). A plan that does not fit raises GptOssError.
+    group: a mx.distributed group, or "auto" (the one mlx.launch started, if any): each rank then reads and
+    holds only its share, and every rank calls the model (mlx_gptoss.distributed.lead_or_follow instead
+    lets rank 0 alone run the program)."""
     path = resolve(str(model), allow_download=allow_download)
     ckpt = local_checkpoint(path, check_size=True)  # config + every header, checked before any data is read
     cfg = ckpt.config
     dtype = dtype or default_dtype()
+    if group is not None:
+        from .distributed import join
+        from .distributed.loading import load_rank
+
+        group = join(group)
+        if group is not None:
+            net, plan, _ = load_rank(ckpt, group, dtype=dtype, memory=memory, ctx=ctx, progress=progress)
+            return GptOss(model=net, config=cfg, path=path, dtype=dtype, plan=plan, max_context=plan.context,
+                          group=group)
     plan = make_plan(ckpt, context=ctx, memory=memory, dtype=dtype)
     apply_plan(plan)
     net = Transformer(cfg)

@@ -1,0 +1,208 @@
+"""Rank 0 leads, the other ranks follow: every model call and KV-cache operation of rank 0 is replayed on them.
+
+Rank 0 runs the program (chat, bench, serve, a script) on a LeaderModel in place of the model. Before each
+forward pass it broadcasts a fixed-size header (what to do, on which cache, how many tokens), then the token
+ids themselves (lazily: a token sampled on rank 0 and not yet known to Python is broadcast inside the same
+graph, so pipelined decoding stays pipelined). Followers block on the next header, replay the operation on
+their own shard and caches, and loop until QUIT. Sampling happens on rank 0 only; followers just run the
+tokens they receive, so every rank runs exactly the same tokens.
+
+Broadcast is an all_sum where the followers contribute zeros (MLX has no broadcast collective). Every
+collective must run on every rank in the same order: rank 0 builds a forward pass's graph first (so a
+refusal, such as the context cap, happens before anything is sent), then sends, then schedules the final
+layer's summed output (shard.last_output), which depends on every all_sum of the pass, whatever part of the
+result the caller evaluates.
+
+Failure: a rank that dies closes its sockets; the others' pending collective raises within seconds
+("[ring] connection to a peer was lost"), and mlx.launch terminates the remaining ranks when one exits
+non-zero. Followers report that on stderr and exit 1; rank 0 sends QUIT when its program ends (atexit).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import signal
+import sys
+import weakref
+
+import mlx.core as mx
+
+from ..chat import Runner, restore_cache, sliding_state
+from ..errors import GptOssError
+from ..memory import check_context
+from .shard import last_output
+
+HEADER = 16
+FORWARD, NEW_CACHE, FREE, SNAPSHOT, RESTORE, BACKEND, QUIT = range(1, 8)
+BACKENDS = ("auto", "builtin", "metal")
+MAX_KEPT = HEADER - 5  # snapshot positions a header carries (chat.MAX_SNAPSHOTS is 8)
+
+
+class Link:
+    """Rank 0's broadcasts (header, then payload) to the group; followers receive them in the same order."""
+
+    def __init__(self, group):
+        self.group = group
+        self.leader = group.rank() == 0
+        self.freed: list[int] = []  # caches rank 0 dropped: freed on the followers with the next message
+        self.closed = False
+
+    def bcast(self, a: mx.array) -> mx.array:
+        return mx.distributed.all_sum(a if self.leader else mx.zeros_like(a), group=self.group)
+
+    def send(self, op: int, *args: int, kept: list[int] = ()) -> None:
+        if self.closed:
+            raise GptOssError("the distributed group was closed (QUIT sent): the other ranks have exited")
+        if len(kept) > MAX_KEPT:
+            raise ValueError(f"at most {MAX_KEPT} snapshots can be mirrored, got {len(kept)}")
+        while self.freed and op != QUIT:
+            self._send(FREE, self.freed.pop())
+        self._send(op, *args, len(kept), *kept)
+
+    def _send(self, op, *fields) -> None:
+        h = [op, *fields]
+        mx.async_eval(self.bcast(mx.array(h + [0] * (HEADER - len(h)), dtype=mx.int32)))
+
+    def recv(self) -> list[int]:
+        h = self.bcast(mx.zeros((HEADER,), dtype=mx.int32))
+        mx.eval(h)
+        return h.tolist()
+
+
+class Mirrored(list):
+    """rank 0's per-layer caches, with the key the followers know them by."""
+
+    key = 0
+
+
+class LeaderModel:
+    """Stands for the sharded model on rank 0: a forward pass or a new cache is mirrored on every rank.
+    Anything else (parameters, layers, config) is the model's own."""
+
+    def __init__(self, net, link: Link):
+        self.net, self.link = net, link
+        self._keys = itertools.count(1)
+
+    def __call__(self, tokens: mx.array, cache=None) -> mx.array:
+        key = 0
+        if cache is not None:
+            key = getattr(cache, "key", 0)
+            if not key:
+                raise GptOssError("under mlx.launch, caches must come from make_cache() so every rank has one")
+            cap = getattr(cache[0], "max_context", 0)
+            check_context(cache[0].offset + tokens.shape[-1], cap)
+        B, T = tokens.shape
+        out = self.net(tokens, cache=cache)  # graph only: nothing has run yet, nothing is sent yet
+        self.link.send(FORWARD, key, B, T)
+        mx.async_eval(self.link.bcast(tokens.astype(mx.int32).reshape(-1)))
+        mx.async_eval(last_output(self.net))
+        return out
+
+    def make_cache(self) -> list:
+        cache = Mirrored(self.net.make_cache())
+        cache.key = next(self._keys)
+        self.link.send(NEW_CACHE, cache.key)
+        weakref.finalize(cache, self.link.freed.append, cache.key)
+        return cache
+
+    def set_moe_backend(self, backend: str) -> None:
+        self.net.set_moe_backend(backend)
+        self.link.send(BACKEND, BACKENDS.index(backend))
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+
+class LeaderRunner(Runner):
+    """chat.Runner on rank 0: its cache snapshots and restores are mirrored too (by prompt position)."""
+
+    def _snapshot(self, logits) -> None:
+        super()._snapshot(logits)
+        self.gpt.model.link.send(SNAPSHOT, self.cache.key, len(self.ids), kept=[s.n for s in self.snapshots])
+
+    def _restore(self, s) -> None:
+        super()._restore(s)
+        self.gpt.model.link.send(RESTORE, self.cache.key, s.n, kept=[t.n for t in self.snapshots])
+
+
+def lead(gpt, group):
+    """Rank 0: route gpt's model calls through the group; QUIT is sent when the program ends."""
+    link = Link(group)
+    gpt.model = LeaderModel(gpt.model, link)
+    gpt.runner_class = LeaderRunner
+    atexit.register(quit_followers, link)
+    return gpt
+
+
+def quit_followers(link: Link) -> None:
+    if link.closed:
+        return
+    try:
+        link.send(QUIT)
+        mx.eval(mx.array(0))
+        mx.synchronize()
+    except RuntimeError:  # a follower is already gone: nothing to tell it
+        pass
+    link.closed = True
+
+
+def follow(net, group) -> None:
+    """A follower rank: replay rank 0's operations on this rank's shard until QUIT."""
+    link = Link(group)
+    caches: dict[int, list | None] = {0: None}
+    snaps: dict[int, dict[int, dict]] = {}
+    while True:
+        op, key, a, b, k, *rest = link.recv()
+        kept = set(rest[:k])
+        if op == FORWARD:
+            tokens = link.bcast(mx.zeros((a * b,), dtype=mx.int32)).reshape(a, b)
+            net(tokens, cache=caches[key])
+            mx.async_eval(last_output(net), [c.state for c in caches[key] or []])
+        elif op == NEW_CACHE:
+            caches[key], snaps[key] = net.make_cache(), {}
+        elif op == FREE:
+            caches.pop(key, None), snaps.pop(key, None)
+        elif op == SNAPSHOT:
+            snaps[key][a] = sliding_state(caches[key])
+            snaps[key] = {n: s for n, s in snaps[key].items() if n in kept}
+        elif op == RESTORE:
+            restore_cache(caches[key], snaps[key][a], a)
+            snaps[key] = {n: s for n, s in snaps[key].items() if n in kept}
+        elif op == BACKEND:
+            net.set_moe_backend(BACKENDS[key])
+        elif op == QUIT:
+            mx.synchronize()
+            return
+        else:
+            raise GptOssError(f"follower: unknown operation {op} from rank 0 (different gptoss-mac versions?)")
+
+
+def follow_and_exit(net, group) -> None:
+    """Run follow(); exit 0 at QUIT, 1 with one clear line when rank 0 or another rank is gone."""
+    rank = group.rank()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle (it stops the reply)
+    try:
+        follow(net, group)
+    except RuntimeError as e:
+        print(f"gptoss-mac rank {rank}: stopping: {peer_lost_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+def peer_lost_message(e: BaseException) -> str:
+    text = str(e)
+    if "peer" in text or "[ring]" in text or "[jaccl]" in text or "[mpi]" in text:
+        return f"another rank of the mlx.launch group is gone ({text}); all ranks stop"
+    return text
+
+
+def on_sigterm(rank: int) -> None:
+    """mlx.launch ends the other ranks with SIGTERM when one exits with an error: say so, then exit."""
+
+    def handler(signum, frame):
+        print(f"gptoss-mac rank {rank}: stopped by mlx.launch (another rank exited with an error)",
+              file=sys.stderr, flush=True)
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, handler)
