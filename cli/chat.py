@@ -122,6 +122,7 @@ def chat(
 
 def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: bool):
     import mlx_gptoss
+    from mlx_gptoss.distributed import lead_or_follow
 
     if not Path(model).expanduser().exists() and not hub.looks_like_path(model) and hub.cached(model) is None:
         plan = hub.plan_download(model)
@@ -138,7 +139,8 @@ def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: 
     with Progress(*columns, console=err, transient=True, disable=not interactive) as bar:
         task = bar.add_task(model, total=None)
         gpt = mlx_gptoss.load(model, allow_download=False, progress=lambda done, total: bar.update(
-            task, completed=done, total=total), **kwargs)
+            task, completed=done, total=total), group="auto", **kwargs)
+    gpt = lead_or_follow(gpt)  # under mlx.launch: ranks other than 0 replay rank 0's model calls, then exit
     line = plan_line(gpt)
     err.print(f"[dim]{line}[/]" if interactive else line, markup=interactive, soft_wrap=not interactive)
     return gpt

@@ -8,6 +8,12 @@ Each rank writes OUT_DIR/rank{R}.json; the test reads and checks them.
 from __future__ import annotations
 
 import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +26,50 @@ from mlx_gptoss.distributed.loading import load_rank
 from mlx_gptoss.memory import local_checkpoint
 
 PROMPT = [5, 17, 3, 99, 250, 7, 7, 1, 300, 42, 11, 13, 400, 2, 8, 64, 128, 255, 31, 77]  # > 2 sliding windows
+
+
+def free_ports(n: int) -> int:
+    """A port p with p .. p+n-1 free on the loopback (mlx.launch's ring listens on consecutive ports)."""
+    for _ in range(200):
+        p = random.randrange(20000, 60000 - n)
+        try:
+            socks = []
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p + i))
+            return p
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def launch(n: int, argv: list[str], *, timeout: float, input: str | None = None, env: dict | None = None,
+           on_start=None) -> subprocess.CompletedProcess:
+    """`mlx.launch -n n --backend ring` over the loopback, bounded in time; on timeout the whole process
+    group (launcher and ranks) is killed, so nothing is left behind. on_start(proc) runs once started."""
+    exe = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or "mlx.launch"
+    cmd = [exe, "-n", str(n), "--backend", "ring", "--starting-port", str(free_ports(n)),
+           "--python", sys.executable, *argv]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        if on_start:
+            on_start(proc)
+        out, err = proc.communicate(input, timeout=timeout)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything a rank left running
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def greedy(model, cache, prompt, n):
@@ -35,6 +85,48 @@ def greedy(model, cache, prompt, n):
 def decode_logits(model, cache, tokens):
     """Logits of each token fed one at a time through the cache (cached decode)."""
     return mx.concatenate([model(mx.array([[t]]), cache=cache)[0] for t in tokens])
+
+
+def scripted_two_rank_checkpoint(folder: Path, name: str) -> Path:
+    """scripted_checkpoint's model `name` with its one attention head split in two (each head carries half
+    of the codes, so both ranks' heads matter) and a second, all-zero MXFP4 block of intermediate units:
+    the same function, shardable over 2 ranks."""
+    import numpy as np
+    from scripted_checkpoint import CODES, _episodes, offline_harmony, scripted_config, scripted_weights
+    from tiny_checkpoint import from_bf16, to_bf16, write_hub_checkpoint
+
+    tok = offline_harmony()
+    cfg = scripted_config()
+    w = scripted_weights(cfg, _episodes(name))
+    D, half = cfg["head_dim"], CODES // 2
+    wide = dict(cfg, num_attention_heads=2, num_key_value_heads=2, intermediate_size=2 * cfg["intermediate_size"])
+    out = {}
+    for k, a in w.items():
+        leaf = k.rsplit(".", 2)[-2:]
+        if ".self_attn." in k:
+            f = from_bf16(a)
+            if leaf[0] in ("q_proj", "k_proj", "v_proj"):  # rows of head 0 keep codes < half, head 1 the rest
+                lo, hi = f.copy(), f.copy()
+                lo[half:], hi[:half] = 0, 0
+                f = np.concatenate([lo, hi]) if leaf[0] == "v_proj" else np.concatenate([f, f])
+            elif leaf == ["o_proj", "weight"]:
+                lo, hi = f.copy(), f.copy()
+                lo[:, half:], hi[:, :half] = 0, 0
+                f = np.concatenate([lo, hi], axis=1)
+            elif leaf[-1] == "sinks":
+                f = np.concatenate([f, f])
+            out[k] = to_bf16(f)
+        elif "gate_up_proj" in k:  # zero codes, scale 2^0, zero bias for the new rows
+            out[k] = np.concatenate([a, np.zeros_like(a) if a.dtype == np.uint16 or k.endswith("_blocks")
+                                     else np.full_like(a, 127)], axis=1)
+        elif k.endswith(("down_proj_blocks", "down_proj_scales")):
+            out[k] = np.concatenate([a, np.zeros_like(a) if k.endswith("_blocks") else np.full_like(a, 127)],
+                                    axis=2)
+        else:
+            out[k] = a
+    folder = write_hub_checkpoint(folder, wide, out, shards=1)
+    (folder / "tokenizer.json").write_bytes((tok / "tokenizer.json").read_bytes())
+    return folder
 
 
 def parity(ckpt: str, out: Path) -> None:

@@ -1,0 +1,161 @@
+"""gpt-oss sharded over 2 and 4 local processes (mlx.launch, ring backend over the loopback).
+
+Every multi-process test is bounded by a timeout that kills the launcher and all its ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distributed_worker import launch, scripted_two_rank_checkpoint
+from tiny_checkpoint import hub_config, random_weights, write_hub_checkpoint
+
+import mlx_gptoss
+from mlx_gptoss.distributed.layout import check_ranks, intermediate, split
+from mlx_gptoss.config import GptOssConfig
+from mlx_gptoss.errors import GptOssError
+
+WORKER = str(Path(__file__).with_name("distributed_worker.py"))
+GPTOSS = os.path.join(os.path.dirname(sys.executable), "gptoss-mac")
+
+
+def proportional_cfg() -> dict:
+    """gpt-oss-120b's proportions scaled down: 64 query / 8 KV heads, alternating sliding and full
+    attention, MXFP4 experts (4 of 8 per token), an intermediate size of 5 MXFP4 blocks (uneven shares)."""
+    return hub_config(num_hidden_layers=4, num_attention_heads=64, num_key_value_heads=8, head_dim=8,
+                      hidden_size=128, intermediate_size=160, num_local_experts=8, num_experts_per_tok=4,
+                      vocab_size=512, sliding_window=8)
+
+
+@pytest.fixture(scope="module")
+def prop_ckpt(tmp_path_factory):
+    cfg = proportional_cfg()
+    return write_hub_checkpoint(tmp_path_factory.mktemp("prop") / "ckpt", cfg, random_weights(cfg, seed=3), shards=2)
+
+
+# --- the split itself (one process) ---------------------------------------------------------------------
+
+def test_intermediate_split_keeps_whole_blocks_larger_shares_first():
+    cfg = GptOssConfig.from_dict(proportional_cfg())
+    assert split(5, 2) == [(0, 3), (3, 5)] and split(5, 4) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert [intermediate(cfg, r, 4) for r in range(4)] == [(0, 64), (64, 96), (96, 128), (128, 160)]
+    assert [intermediate(cfg, r, 2) for r in range(2)] == [(0, 96), (96, 160)]
+
+
+def test_rank_counts_that_do_not_divide_the_heads_are_refused():
+    cfg = GptOssConfig.from_dict(proportional_cfg())
+    for n in (3, 16):
+        with pytest.raises(GptOssError, match=f"over {n} ranks.*use 1, 2, 4 ranks"):
+            check_ranks(cfg, n)
+
+
+def test_group_auto_alone_loads_the_whole_model(prop_ckpt):
+    gpt = mlx_gptoss.load(prop_ckpt, allow_download=False, group="auto", memory="8GB", ctx=4096)
+    assert gpt.group is None and gpt.model.model.layers[0].self_attn.n_heads == 64
+
+
+def test_bad_group_value_is_one_clear_error(prop_ckpt):
+    with pytest.raises(GptOssError, match="group='two'"):
+        mlx_gptoss.load(prop_ckpt, allow_download=False, group="two")
+
+
+# --- parity, memory, reads (2 and 4 processes) ----------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [2, 4])
+def test_sharded_model_matches_the_single_process_model(prop_ckpt, tmp_path, n):
+    r = launch(n, [WORKER, "parity", str(prop_ckpt), str(tmp_path)], timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(n)]
+    for res in ranks:
+        # logits within 1e-4 of max |logit|: a full prefill, and decoding through the caches past the window
+        assert res["prefill_rel"] < 1e-4 and res["decode_rel"] < 1e-4, res
+        assert res["gen_sharded"] == res["gen_whole"]  # greedy generation token for token
+        # each rank holds its slices and the replicated part, nothing else: 1/N of the sharded part (the
+        # intermediate splits unevenly: 5 blocks over N ranks) plus zeros for the biases rank 0 adds
+        assert res["param_replicated"] == res["whole_replicated"]
+        share = res["whole_sharded"] / n
+        assert 0.7 * share < res["param_sharded"] < 1.35 * share, res
+        assert res["param_sharded"] + res["param_replicated"] == res["plan_weights"]  # the plan knew
+        assert res["plan_kv_per_token"] * n == res["whole_plan_kv_per_token"]  # KV heads split too
+        # peak memory of the sharded load: its own parameters plus at most one tensor in flight
+        assert res["peak_load"] < res["plan_weights"] + 0.25 * res["whole_sharded"] / n + 300_000, res
+        # every byte kept is this rank's (read by offset); the files hold N times the sharded part
+        assert res["kept"] == res["kept_expected"] and res["read"] < res["file_bytes"]
+    assert sum(r["param_sharded"] for r in ranks) > ranks[0]["whole_sharded"]  # zeros for rank-0 biases
+
+
+# --- the CLI under mlx.launch ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_rank_final(tmp_path_factory):
+    return scripted_two_rank_checkpoint(tmp_path_factory.mktemp("scripted2") / "final", "final")
+
+
+def chat_env(tmp_path) -> dict:
+    return {"COLUMNS": "200", "XDG_STATE_HOME": str(tmp_path / "state")}
+
+
+@pytest.mark.slow
+def test_piped_chat_under_mlx_launch_gives_the_scripted_answer(two_rank_final, tmp_path):
+    # mlx.launch never passes end-of-input on to the ranks: a piped session ends with /exit
+    r = launch(2, [GPTOSS, "chat", "--model", str(two_rank_final), "--temperature", "0"], timeout=240,
+               input="Say hi\nWhat is MXFP4?\n/exit\n", env=chat_env(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == "Just the answer.\nJust the answer.\n"  # rank 0 alone writes the answers
+    assert "Traceback" not in r.stderr
+    msgs = json.loads((tmp_path / "state" / "gptoss-mac" / "autosave.json").read_text())["session"]["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """MLX_RANK -> pid of the ranks mlx.launch started (their process group is the launcher's)."""
+    out = {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            if os.getpgid(int(p)) != launcher_pid or int(p) == launcher_pid:
+                continue
+            env = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+        except (OSError, ProcessLookupError):
+            continue
+        rank = [e for e in env if e.startswith(b"MLX_RANK=")]
+        if rank and b"gptoss-mac" in cmd and b"python" in cmd.split(b"\0")[0]:
+            out[int(rank[0].split(b"=")[1])] = int(p)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_rank_killed_mid_run_ends_the_others_with_a_clear_error(tmp_path, victim):
+    folder = scripted_two_rank_checkpoint(tmp_path / "loop", "loop")  # generates until stopped
+    killed = {}
+
+    def kill_when_generating(proc):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(pids := rank_pids(proc.pid)) < 2:
+            time.sleep(0.2)
+        assert len(pids) == 2, "the ranks did not start"
+        time.sleep(12)  # loaded and generating by now (a tiny model; the reply never ends)
+        os.kill(pids[victim], 9)
+        killed["at"], killed["pids"] = time.monotonic(), pids
+
+    r = launch(2, [GPTOSS, "chat", "--model", str(folder), "--temperature", "0", "--max-tokens", "100000"],
+               timeout=200, input="Say hi\n", env=chat_env(tmp_path), on_start=kill_when_generating)
+    elapsed = time.monotonic() - killed["at"]
+    assert elapsed < 20, f"the surviving rank took {elapsed:.0f} s to stop"
+    assert r.returncode != 0
+    survivor = 1 - victim
+    assert ("another rank" in r.stderr or "connection to a peer was lost" in r.stderr), r.stderr[-3000:]
+    if survivor == 1:
+        assert "gptoss-mac rank 1: stop" in r.stderr, r.stderr[-3000:]
+    for pid in killed["pids"].values():  # nothing left behind
+        assert not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes()
