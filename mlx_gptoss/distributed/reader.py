@@ -3,7 +3,7 @@
 A slice along axis a of a C-ordered tensor is `outer` runs of contiguous bytes, one per index of the axes
 before a, `stride` bytes apart. Long runs are read one pread each; short runs (the down projection's blocks:
 720 bytes of every 1440 for gpt-oss-120b on 2 ranks) are read a bounded span of whole rows at a time and
-cut in memory, since the disk reads whole pages anyway; the process never holds more than SPAN_BYTES of
+cut in memory, since the disk reads those whole pages anyway; the process never holds more than SPAN_BYTES of
 bytes it does not keep.
 """
 
@@ -20,7 +20,7 @@ from ..safetensors_header import DTYPE_BYTES, TensorInfo
 from .layout import Slice
 
 SPAN_BYTES = 8 << 20  # the most bytes of other ranks' slices held at once
-LONG_RUN = 64 << 10  # runs at least this long are read one by one
+LONG_RUN = 4096  # runs of a page or more are read one by one; shorter ones share their pages with other ranks
 NUMPY = {"U8": np.uint8, "I8": np.int8, "F16": np.float16, "BF16": np.uint16, "F32": np.float32,
          "U32": np.uint32, "I32": np.int32, "I64": np.int64}
 
