@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -50,26 +51,31 @@ def free_ports(n: int) -> int:
 def launch(n: int, argv: list[str], *, timeout: float, input: str | None = None, env: dict | None = None,
            on_start=None) -> subprocess.CompletedProcess:
     """`mlx.launch -n n --backend ring` over the loopback, bounded in time; on timeout the whole process
-    group (launcher and ranks) is killed, so nothing is left behind. on_start(proc) runs once started."""
+    group (launcher and ranks) is killed, so nothing is left behind. on_start(proc, stderr_file) runs once
+    started. (mlx.launch exits 0 even when a rank failed: check the output, not returncode.)"""
     exe = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or "mlx.launch"
     cmd = [exe, "-n", str(n), "--backend", "ring", "--starting-port", str(free_ports(n)),
            "--python", sys.executable, *argv]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
-    try:
-        if on_start:
-            on_start(proc)
-        out, err = proc.communicate(input, timeout=timeout)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    finally:
+    with tempfile.TemporaryDirectory() as tmp:
+        out_f, err_f = Path(tmp) / "out", Path(tmp) / "err"
+        with open(out_f, "w") as out, open(err_f, "w") as err:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, text=True,
+                                    env={**os.environ, **(env or {})}, start_new_session=True)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything a rank left running
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+            if input:
+                proc.stdin.write(input)
+                proc.stdin.flush()
+            if on_start:
+                on_start(proc, err_f)
+            proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # on timeout or error; and anything a rank left running
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            proc.stdin.close()
+        return subprocess.CompletedProcess(cmd, proc.returncode, out_f.read_text(), err_f.read_text())
 
 
 def greedy(model, cache, prompt, n):

@@ -15,7 +15,7 @@ plan.py      `gptoss-mac plan --ranks N` and the "shard it over N Macs" remedy
 from __future__ import annotations
 
 from .loading import join
-from .mirror import follow_and_exit, lead, on_sigterm
+from .mirror import follow_and_exit, lead
 
 
 def lead_or_follow(gpt):
@@ -25,7 +25,6 @@ def lead_or_follow(gpt):
     group = getattr(gpt, "group", None)
     if group is None:
         return gpt
-    on_sigterm(group.rank())
     if group.rank() == 0:
         return lead(gpt, group)
     follow_and_exit(gpt.model, group)

@@ -11,6 +11,7 @@ import mlx.core as mx
 from ..errors import GptOssError
 from ..memory import apply as apply_plan, make_plan
 from .layout import check_ranks, rank_view
+from .mirror import on_sigterm
 from .reader import ReadStats
 from .shard import build
 
@@ -31,7 +32,10 @@ def join(group):
         if not mx.distributed.is_available():
             raise GptOssError("started by a launcher, but this MLX build has no distributed backend")
         group = mx.distributed.init(backend="any")
-    return group if group.size() > 1 else None
+    if group.size() < 2:
+        return None
+    on_sigterm(group.rank())
+    return group
 
 
 def rank_plan(ckpt, group, *, dtype, memory=None, ctx=None):

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import os
 import signal
 import sys
+import threading
 import weakref
 
 import mlx.core as mx
@@ -135,16 +137,23 @@ def lead(gpt, group):
     return gpt
 
 
-def quit_followers(link: Link) -> None:
+def quit_followers(link: Link, timeout: float = 10.0) -> None:
+    """Tell the followers to exit. If a rank is gone the collective may never finish: the process then
+    exits anyway after `timeout` seconds rather than hang at exit."""
     if link.closed:
         return
+    link.closed = True
+    guard = threading.Timer(timeout, os._exit, args=(1,))
+    guard.daemon = True
+    guard.start()
     try:
+        link.closed = False
         link.send(QUIT)
-        mx.eval(mx.array(0))
+        link.closed = True
         mx.synchronize()
     except RuntimeError:  # a follower is already gone: nothing to tell it
         pass
-    link.closed = True
+    guard.cancel()
 
 
 def follow(net, group) -> None:
@@ -198,11 +207,32 @@ def peer_lost_message(e: BaseException) -> str:
 
 
 def on_sigterm(rank: int) -> None:
-    """mlx.launch ends the other ranks with SIGTERM when one exits with an error: say so, then exit."""
+    """mlx.launch ends the other ranks with SIGTERM when one exits with an error or is killed. A rank may then
+    be blocked inside a collective that does not return (MLX fails the pending tasks of a lost ring, but an
+    eval can be left waiting), where Python's signal handlers, which run on the main thread, never run. So
+    the signal also wakes a watcher thread (signal.set_wakeup_fd), and whichever sees it first says why
+    and exits."""
+    if threading.current_thread() is not threading.main_thread() or _WATCHING:
+        return
+    _WATCHING.append(rank)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
 
-    def handler(signum, frame):
-        print(f"gptoss-mac rank {rank}: stopped by mlx.launch (another rank exited with an error)",
+    def stop(*_):
+        print(f"gptoss-mac rank {rank}: stopped by mlx.launch: another rank exited with an error or was killed",
               file=sys.stderr, flush=True)
-        sys.exit(143)
+        os._exit(143)
 
-    signal.signal(signal.SIGTERM, handler)
+    def watch():
+        while True:
+            got = os.read(read_fd, 64)
+            if not got or signal.SIGTERM in got:
+                break
+        stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=watch, name="gptoss-sigterm", daemon=True).start()
+
+
+_WATCHING: list[int] = []
