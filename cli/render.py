@@ -17,11 +17,12 @@ from rich.text import Text
 
 
 class ReplyView:
-    """Feed it the engine's events (kind "reasoning" / "content" / "tool_call" / "done") as they come."""
+    """Feed it the engine's events (kind "reasoning" / "preamble" / "content" / "tool_call" / "done") as they come."""
 
     def __init__(self, console: Console, *, show_reasoning: bool, plain: bool):
         self.console, self.show_reasoning, self.plain = console, show_reasoning, plain
         self.reasoning_text, self.content_text = "", ""
+        self.preamble_text = ""  # what the model tells the user before a tool call: shown dimmed
         self.reasoning_tokens = 0
         self.notes: list[str] = []
         self.interrupted = False
@@ -52,6 +53,8 @@ class ReplyView:
         if kind == "reasoning":
             self.reasoning_text += text
             self.reasoning_tokens += 1
+        elif kind == "preamble":
+            self.preamble_text += text
         elif kind == "content":
             self.content_text += text
         elif kind == "tool_call":
@@ -68,6 +71,8 @@ class ReplyView:
             n = self.reasoning_tokens
             label = f"thinking… {n} token{'s' if n != 1 else ''}" if n else "thinking…"
             parts.append(Spinner("dots", text=Text(label, style="dim")))
+        if self.preamble_text:
+            parts.append(Text(self.preamble_text.strip(), style="dim"))
         if self.content_text:
             parts.append(Markdown(self.content_text))
         for note in self.notes:

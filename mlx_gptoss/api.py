@@ -54,10 +54,13 @@ class GptOss:
              developer: str | None = None, max_tokens: int | None = None, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
              max_context: int | None = None, date: str | None = None):
-        """Stream one assistant reply to `messages` as Events (mlx_gptoss.chat): reasoning, content,
-        tool_call, then done with the Stats. A prompt over the context cap raises GptOssError."""
-        from .chat import _context_cap, generate_events, runner_for
+        """Stream one assistant reply to `messages` as Events (mlx_gptoss.chat): reasoning, preamble, content,
+        tool_call, then done with the Stats. A bad option raises GptOssError here; a prompt over the context
+        cap (or a model whose output is NaN) raises it at the first next()."""
+        from .chat import _context_cap, check_sampling, generate_events, runner_for
 
+        check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                       max_tokens=max_tokens)
         prompt = self.encode_chat(messages, reasoning_effort=reasoning_effort, tools=tools, developer=developer,
                                   date=date)
         return generate_events(runner_for(self), prompt, cap=_context_cap(self, max_context), max_tokens=max_tokens,

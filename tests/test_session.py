@@ -26,6 +26,15 @@ def run(events):
     return evs, evs[-1].stats
 
 
+def part(channel, content, recipient=None, content_type=None, id=None):
+    return {"channel": channel, "content": content, "recipient": recipient, "content_type": content_type, "id": id}
+
+
+def summary(m):
+    """A message dict without its ordered parts."""
+    return {k: v for k, v in m.items() if k != "parts"}
+
+
 def answer(evs):
     return "".join(e.text for e in evs if e.kind == "content")
 
@@ -46,7 +55,8 @@ def test_five_turns_prefill_only_what_is_new():
             assert stats.prefilled_tokens < 30
         prev = stats.prompt_tokens
     assert [m["role"] for m in s.messages] == ["user", "assistant"] * 5
-    assert s.messages[1] == {"role": "assistant", "reasoning": "The user greets.", "content": "Hello there!"}
+    assert s.messages[1] == {"role": "assistant", "reasoning": "The user greets.", "content": "Hello there!",
+                             "parts": [part("analysis", "The user greets."), part("final", "Hello there!")]}
 
 
 def test_final_only_turns_are_incremental_too():
@@ -149,17 +159,22 @@ def test_random_model_session_never_raises(random_gpt):
 def test_tool_call_answered_by_hand():
     gpt = scripted_model("tool")
     s = gpt.session(tools=[get_weather])
-    calls = []
+    calls, ids = [], []
     for ev in s.send("What's the weather in Paris?", temperature=0):
-        if ev.kind == "tool_call":  # answered while the reply is still streaming
+        if ev.kind == "tool_call":  # answered while the reply is still streaming (its id found by name)
             calls.append((ev.name, ev.arguments))
+            ids.append(ev.id)
             s.add_tool_result(ev.name, get_weather(**json.loads(ev.arguments)))
     assert calls == [("get_weather", '{"city": "Paris"}')]
     assert [m["role"] for m in s.messages] == ["user", "assistant", "tool"]
     evs, stats = run(s.send(None, temperature=0))
     assert answer(evs) == "It is sunny and 21 C."
-    assert s.messages[-1] == {"role": "assistant", "content": "It is sunny and 21 C."}
-    assert s.messages[1]["tool_calls"] == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    assert summary(s.messages[-1]) == {"role": "assistant", "content": "It is sunny and 21 C."}
+    (call,) = s.messages[1]["tool_calls"]
+    assert call == {"id": ids[0], "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert re.fullmatch(r"call_[0-9a-f]{24}", call["id"])
+    assert s.messages[2] == {"role": "tool", "name": "get_weather", "tool_call_id": call["id"],
+                             "content": json.dumps(get_weather("Paris"))}
     assert stats.cached_tokens > 0 and stats.prefilled_tokens < 80
 
 
@@ -245,7 +260,8 @@ def test_keep_partial_and_cancel():
         if ev.kind == "content":
             s.cancel()  # e.g. from another thread
     assert evs[-1].kind == "done" and evs[-1].stats.stop_reason == "cancelled"
-    assert s.messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert s.messages[0] == {"role": "user", "content": "Hi"} and len(s.messages) == 2
+    assert summary(s.messages[1]) == {"role": "assistant", "reasoning": "The user greets.", "content": "Hello"}
     assert s.last_stats.stop_reason == "cancelled"
     evs, stats = run(s.send("More", temperature=0))  # the cancel flag does not stick
     assert stats.stop_reason == "return"

@@ -35,10 +35,9 @@ from ..errors import GptOssError
 from ..memory import check_context
 from .shard import last_output
 
-HEADER = 16
+HEADER = 5  # op, cache key, two arguments, how many snapshot positions follow
 FORWARD, NEW_CACHE, FREE, SNAPSHOT, RESTORE, BACKEND, QUIT = range(1, 8)
 BACKENDS = ("auto", "builtin", "metal")
-MAX_KEPT = HEADER - 5  # snapshot positions a header carries (chat.MAX_SNAPSHOTS is 8)
 
 
 class Link:
@@ -53,21 +52,21 @@ class Link:
     def bcast(self, a: mx.array) -> mx.array:
         return mx.distributed.all_sum(a if self.leader else mx.zeros_like(a), group=self.group)
 
-    def send(self, op: int, *args: int, kept: list[int] = ()) -> None:
+    def send(self, op: int, key: int = 0, a: int = 0, b: int = 0, kept: list[int] = ()) -> None:
+        """Header [op, key, a, b, len(kept)], then the kept snapshot positions, if any."""
         if self.closed:
             raise GptOssError("the distributed group was closed (QUIT sent): the other ranks have exited")
-        if len(kept) > MAX_KEPT:
-            raise ValueError(f"at most {MAX_KEPT} snapshots can be mirrored, got {len(kept)}")
         while self.freed and op != QUIT:
-            self._send(FREE, self.freed.pop())
-        self._send(op, *args, len(kept), *kept)
+            self._send([FREE, self.freed.pop(), 0, 0, 0])
+        self._send([op, key, a, b, len(kept)])
+        if kept:
+            self._send(list(kept))
 
-    def _send(self, op, *fields) -> None:
-        h = [op, *fields]
-        mx.async_eval(self.bcast(mx.array(h + [0] * (HEADER - len(h)), dtype=mx.int32)))
+    def _send(self, values: list[int]) -> None:
+        mx.async_eval(self.bcast(mx.array(values, dtype=mx.int32)))
 
-    def recv(self) -> list[int]:
-        h = self.bcast(mx.zeros((HEADER,), dtype=mx.int32))
+    def recv(self, n: int = HEADER) -> list[int]:
+        h = self.bcast(mx.zeros((n,), dtype=mx.int32))
         mx.eval(h)
         return h.tolist()
 
@@ -162,8 +161,8 @@ def follow(net, group) -> None:
     caches: dict[int, list | None] = {0: None}
     snaps: dict[int, dict[int, dict]] = {}
     while True:
-        op, key, a, b, k, *rest = link.recv()
-        kept = set(rest[:k])
+        op, key, a, b, k = link.recv()
+        kept = set(link.recv(k)) if k else set()
         if op == FORWARD:
             tokens = link.bcast(mx.zeros((a * b,), dtype=mx.int32)).reshape(a, b)
             net(tokens, cache=caches[key])
