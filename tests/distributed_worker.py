@@ -178,5 +178,43 @@ def parity(ckpt: str, out: Path) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
+def mirror(ckpt: str, out: Path) -> None:
+    """Rank 0 drives chat.Runner (prefill with prefix reuse, snapshots and restores, pipelined steps, reset,
+    dropped caches) on the leader while the followers replay it; every logit is compared with a
+    single-process model fed the same operations."""
+    import gc
+
+    from mlx_gptoss.chat import Runner, runner_for
+    from mlx_gptoss.distributed import lead_or_follow
+
+    kw = dict(dtype=mx.float32, allow_download=False, memory="8GB", ctx=4096)
+    gpt = lead_or_follow(mlx_gptoss.load(ckpt, group="auto", **kw))  # followers replay and exit here
+    whole = mlx_gptoss.load(ckpt, **kw)
+    worst = 0.0
+
+    def check(a, b):
+        nonlocal worst
+        worst = max(worst, float(mx.max(mx.abs(a - b)).item() / mx.max(mx.abs(b)).item()))
+
+    a, b = runner_for(gpt), Runner(whole)
+    assert type(a).__name__ == "LeaderRunner"
+    p1 = PROMPT + [9, 10, 11]
+    p2 = PROMPT + [9, 12, 13, 14]  # shares a prefix with p1: restored from p1's snapshots
+    for prompt in (p1, p1 + [5, 6], p2, p1, PROMPT[:5]):
+        (la, _), (lb, _) = a.prefill(prompt), b.prefill(prompt)
+        check(la, lb)
+        for t in (3, 4, 5):
+            check(a.step_lazy(mx.array([t])), b.step_lazy(mx.array([t])))
+            a.set_last(t), b.set_last(t)
+    for _ in range(3):  # runners dropped: their caches are freed on the followers too
+        r = runner_for(gpt)
+        r.prefill(p1)
+        del r
+        gc.collect()
+    a.reset(), b.reset()
+    check(a.prefill(p2)[0], b.prefill(p2)[0])
+    (out / "mirror.json").write_text(json.dumps({"worst": worst, "freed": len(gpt.model.link.freed)}))
+
+
 if __name__ == "__main__":
-    {"parity": parity}[sys.argv[1]](*sys.argv[2:-1], Path(sys.argv[-1]))
+    {"parity": parity, "mirror": mirror}[sys.argv[1]](*sys.argv[2:-1], Path(sys.argv[-1]))

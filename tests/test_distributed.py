@@ -90,6 +90,15 @@ def test_sharded_model_matches_the_single_process_model(prop_ckpt, tmp_path, n):
     assert sum(r["param_sharded"] for r in ranks) > ranks[0]["whole_sharded"]  # zeros for rank-0 biases
 
 
+@pytest.mark.slow
+def test_followers_replay_the_runner_of_rank_0(prop_ckpt, tmp_path):
+    r = launch(2, [WORKER, "mirror", str(prop_ckpt), str(tmp_path)], timeout=240)
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    res = json.loads((tmp_path / "mirror.json").read_text())
+    assert res["worst"] < 1e-4, res
+    assert "Node with rank" not in r.stderr  # both ranks exited 0: rank 0 sent QUIT at exit
+
+
 # --- the CLI under mlx.launch ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
