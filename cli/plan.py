@@ -23,9 +23,15 @@ def plan(
                                           "e.g. 16GB (10^9 bytes) or 16GiB."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Activation dtype [default: bfloat16 on Metal, "
                                         "float32 on MLX's CPU backend]."),
+    ranks: int = typer.Option(1, "--ranks", help="Plan one Mac of N sharing the model under mlx.launch."),
 ) -> None:
     """Show the memory a model needs (from its safetensors headers) and whether it fits. Loads nothing."""
-    p = memory.plan(model, context=ctx, memory=memory_, dtype=dtype)
+    if ranks > 1:
+        from mlx_gptoss.distributed.plan import plan_ranks
+
+        p = plan_ranks(model, ranks, context=ctx, memory=memory_, dtype=dtype)
+    else:
+        p = memory.plan(model, context=ctx, memory=memory_, dtype=dtype)
     console.print(plan_table(p))
     console.print(p.message, style=STYLE[p.status], highlight=False)
     if not p.fits:

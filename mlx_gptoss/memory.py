@@ -289,7 +289,7 @@ class Plan:
 
 def make_plan(ckpt: Checkpoint, *, context: int | None = None, budget: Budget | None = None,
               memory: str | int | None = None, dtype: mx.Dtype | str | None = None,
-              metal: bool | None = None) -> Plan:
+              metal: bool | None = None, ranks_remedy: bool = True) -> Plan:
     """The plan for ckpt at `context` tokens (default: the model's full context) within the budget.
     metal: plan for the Metal backend (fused attention; default bf16) rather than MLX's CPU backend."""
     cfg = ckpt.config
@@ -336,7 +336,20 @@ def make_plan(ckpt: Checkpoint, *, context: int | None = None, budget: Budget | 
         plan.kv_sliding, plan.activations, plan.prefill_chunk = sliding, acts, chunk
     if status != "fits":
         plan.remedies = remedies(plan, at)
+    if status == "does not fit" and ranks_remedy:
+        plan.remedies += _ranks_remedy(ckpt, context=context, budget=budget, dtype=dtype, metal=metal)
     return plan
+
+
+def _ranks_remedy(ckpt: Checkpoint, **kw) -> list[str]:
+    """Sharding over several Macs (mlx_gptoss.distributed): the fewest whose per-Mac plan fits this budget."""
+    from .distributed.layout import fewest_ranks
+
+    n = fewest_ranks(ckpt, lambda view: make_plan(view, ranks_remedy=False, **kw).fits)
+    if n is None:
+        return []
+    return [f"Or split it over {n} such Macs with mlx.launch (README: Two Macs); `gptoss-mac plan --ranks {n}` "
+            "shows what each needs."]
 
 
 def plan(model: str | Path, *, context: int | None = None, memory: str | int | None = None,

@@ -128,3 +128,16 @@ def rank_view(ckpt, rank: int, n: int):
         nbytes = math.prod(shape) * DTYPE_BYTES[t.dtype]
         tensors[name] = TensorInfo(t.name, t.dtype, shape, t.file, t.start, t.start + nbytes)
     return dataclasses.replace(ckpt, config=rank_config(cfg, rank, n), tensors=tensors)
+
+
+def fewest_ranks(ckpt, fits, counts=(2, 4, 8)) -> int | None:
+    """The smallest rank count in `counts` this model splits into whose rank-0 share (the largest)
+    satisfies fits(rank_view), or None."""
+    for n in counts:
+        try:
+            check_ranks(ckpt.config, n)
+        except GptOssError:
+            continue
+        if fits(rank_view(ckpt, 0, n)):
+            return n
+    return None
