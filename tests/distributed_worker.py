@@ -55,7 +55,7 @@ def launch(n: int, argv: list[str], *, timeout: float, input: str | None = None,
     started. (mlx.launch exits 0 even when a rank failed: check the output, not returncode.)"""
     exe = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or "mlx.launch"
     cmd = [exe, "-n", str(n), "--backend", "ring", "--starting-port", str(free_ports(n)),
-           "--python", sys.executable, *argv]
+           "--python", sys.executable, "--", *argv]  # "--": the command's own -n, -p are not mlx.launch's
     with tempfile.TemporaryDirectory() as tmp:
         out_f, err_f = Path(tmp) / "out", Path(tmp) / "err"
         with open(out_f, "w") as out, open(err_f, "w") as err:

@@ -122,6 +122,28 @@ def test_piped_chat_under_mlx_launch_gives_the_scripted_answer(two_rank_final, t
     assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
 
 
+@pytest.mark.slow
+def test_bench_under_mlx_launch_reports_communication_and_the_per_rank_roofline(prop_ckpt):
+    r = launch(2, [GPTOSS, "bench", "-m", str(prop_ckpt), "-p", "16", "-n", "4", "-r", "1", "--json",
+                   "--bandwidth-bytes", "1000000", "--ctx", "4096", "--memory", "8GB"], timeout=240)
+    assert "Node with rank" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    res = json.loads(r.stdout)  # rank 0 alone prints
+    d = res["distributed"]
+    cfg = proportional_cfg()
+    assert d["ranks"] == 2 and d["all_sums_per_token"] == 2 * cfg["num_hidden_layers"]
+    assert d["payload_bytes_per_token"] == 2 * cfg["num_hidden_layers"] * cfg["hidden_size"] * 4  # float32
+    assert d["sent_bytes_per_token_per_rank"] == d["payload_bytes_per_token"]  # 2 (N-1)/N = 1 for N = 2
+    assert 0 < d["seconds_per_token"] < 5
+    # the roofline counts this rank's share: half the attention, the KV heads, the experts read per token
+    whole = mlx_gptoss.load(prop_ckpt, allow_download=False, memory="8GB", ctx=4096)
+    from mlx_gptoss.bench import decode_bytes
+
+    full = decode_bytes(whole.model, 4 // 2)
+    mine = res["roofline"][0]["bytes_by_part"]
+    assert mine["attention"] < 0.6 * full["attention"] and mine["kv"] * 2 == full["kv"]
+    assert mine["unembedding"] == full["unembedding"]
+
+
 def rank_pids(launcher_pid: int) -> dict[int, int]:
     """MLX_RANK -> pid of the ranks mlx.launch started (their process group is the launcher's)."""
     out = {}

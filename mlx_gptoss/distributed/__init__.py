@@ -15,7 +15,7 @@ plan.py      `gptoss-mac plan --ranks N` and the "shard it over N Macs" remedy
 from __future__ import annotations
 
 from .loading import join
-from .mirror import follow_and_exit, lead
+from .mirror import follow_and_exit, lead, time_comm
 
 
 def lead_or_follow(gpt):
@@ -30,4 +30,4 @@ def lead_or_follow(gpt):
     follow_and_exit(gpt.model, group)
 
 
-__all__ = ["join", "lead_or_follow"]
+__all__ = ["join", "lead_or_follow", "time_comm"]

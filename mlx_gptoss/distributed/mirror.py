@@ -24,8 +24,10 @@ import atexit
 import itertools
 import os
 import signal
+import statistics
 import sys
 import threading
+import time
 import weakref
 
 import mlx.core as mx
@@ -36,7 +38,8 @@ from ..memory import check_context
 from .shard import last_output
 
 HEADER = 5  # op, cache key, two arguments, how many snapshot positions follow
-FORWARD, NEW_CACHE, FREE, SNAPSHOT, RESTORE, BACKEND, QUIT = range(1, 8)
+FORWARD, NEW_CACHE, FREE, SNAPSHOT, RESTORE, BACKEND, QUIT, COMM = range(1, 9)
+DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 BACKENDS = ("auto", "builtin", "metal")
 
 
@@ -115,6 +118,35 @@ class LeaderModel:
         return getattr(self.net, name)
 
 
+def comm_chain(group, count: int, size: int, dtype) -> mx.array:
+    """`count` dependent all_sums of `size` values: the collectives of one decoded token, alone."""
+    x = mx.zeros((1, size), dtype=dtype)
+    for _ in range(count):
+        x = mx.distributed.all_sum(x, group=group)
+    return x
+
+
+def time_comm(gpt, repetitions: int = 20) -> dict:
+    """Rank 0 of a leading gpt: the all_sums one decoded token needs (two per layer, of hidden_size
+    activations), timed alone on every rank, and the bytes they carry."""
+    net, link = gpt.model.net, gpt.model.link
+    cfg, n = net.config, link.group.size()
+    count, size, dtype = 2 * cfg.num_hidden_layers, cfg.hidden_size, net.model.norm.weight.dtype
+    secs = []
+    for _ in range(repetitions + 1):  # the first one warms up
+        t0 = time.perf_counter()
+        link.send(COMM, DTYPES.index(dtype), count, size)
+        mx.eval(comm_chain(link.group, count, size, dtype))
+        secs.append(time.perf_counter() - t0)
+    payload = count * size * dtype.size
+    return {"ranks": n, "all_sums_per_token": count, "bytes_per_all_sum": size * dtype.size,
+            "payload_bytes_per_token": payload,
+            # a ring all_sum sends 2 (N-1)/N of the buffer from each rank (reduce-scatter + all-gather)
+            "sent_bytes_per_token_per_rank": payload * 2 * (n - 1) // n,
+            "seconds_per_token": statistics.median(secs[1:]),
+            "seconds_per_all_sum": statistics.median(secs[1:]) / count}
+
+
 class LeaderRunner(Runner):
     """chat.Runner on rank 0: its cache snapshots and restores are mirrored too (by prompt position)."""
 
@@ -179,6 +211,8 @@ def follow(net, group) -> None:
             snaps[key] = {n: s for n, s in snaps[key].items() if n in kept}
         elif op == BACKEND:
             net.set_moe_backend(BACKENDS[key])
+        elif op == COMM:
+            mx.eval(comm_chain(link.group, a, b, DTYPES[key]))
         elif op == QUIT:
             mx.synchronize()
             return
