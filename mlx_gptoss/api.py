@@ -10,9 +10,22 @@ import mlx.core as mx
 
 from .checkpoint import load_weights
 from .config import GptOssConfig
+from .errors import ConfigError
 from .hub import resolve
 from .memory import Plan, apply as apply_plan, bounded_cache, check_context, local_checkpoint, make_plan
 from .model import Transformer
+
+
+def check_chat_vocabulary(cfg: GptOssConfig, where: str | Path) -> None:
+    """Refuse a model whose vocabulary cannot hold the harmony chat tokens: their ids (up to 200012) would
+    index past its embedding, which reads out of bounds (garbage, or a segmentation fault)."""
+    from . import harmony as h
+
+    highest = max(h.START, h.END, h.MESSAGE, h.CHANNEL, h.CONSTRAIN, h.RETURN, h.CALL)  # harmony's special ids
+    if cfg.vocab_size <= highest:
+        raise ConfigError(f"{where}: vocab_size {cfg.vocab_size:,} cannot hold the harmony chat tokens (ids up to "
+                          f"{highest:,}; gpt-oss has 201,088), so this model cannot chat; its raw forward pass "
+                          "(gpt.model) still works")
 
 
 def default_dtype() -> mx.Dtype:
@@ -47,6 +60,7 @@ class GptOss:
         """The exact prompt ids chat() feeds the model, ending with <|start|>assistant."""
         from .harmony import render
 
+        check_chat_vocabulary(self.config, self.path)
         return render(messages, model_path=self.path, reasoning_effort=reasoning_effort, tools=tools,
                       developer=developer, date=date)
 
@@ -59,6 +73,7 @@ class GptOss:
         cap (or a model whose output is NaN) raises it at the first next()."""
         from .chat import _context_cap, check_sampling, generate_events, runner_for
 
+        check_chat_vocabulary(self.config, self.path)
         check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                        max_tokens=max_tokens)
         prompt = self.encode_chat(messages, reasoning_effort=reasoning_effort, tools=tools, developer=developer,
@@ -75,23 +90,30 @@ class GptOss:
         """A multi-turn chat keeping its KV cache between turns: mlx_gptoss.chat.Session(self, **kw)."""
         from .chat import Session
 
+        check_chat_vocabulary(self.config, self.path)
         return Session(self, **kw)
 
 
 def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bool = True,
          progress: Callable[[int, int], None] | None = None, memory: str | int | None = None,
-         ctx: int | None = None, group=None) -> GptOss:
+         ctx: int | None = None, for_chat: bool = False, group=None) -> GptOss:
     """Load a gpt-oss checkpoint from a local folder or a Hugging Face repo id (downloaded if needed).
 
     progress(done, total) is called as the layers are read, for a progress bar. Before any weight is read
     the memory plan (mlx_gptoss.memory) must fit: memory= overrides the budget ("16GB"), ctx= the context
     (default: the model's full context, reduced to what fits). A plan that does not fit raises GptOssError.
+
+    A model whose vocabulary cannot hold the harmony tokens (a test or pruned checkpoint) loads for raw
+    forward passes; its chat(), session() and encode_chat() raise ConfigError. for_chat=True refuses it
+    here instead, before any weight is read.
     group: a mx.distributed group, or "auto" (the one mlx.launch started, if any): each rank then reads and
     holds only its share, and every rank calls the model (mlx_gptoss.distributed.lead_or_follow instead
     lets rank 0 alone run the program)."""
     path = resolve(str(model), allow_download=allow_download)
     ckpt = local_checkpoint(path, check_size=True)  # config + every header, checked before any data is read
     cfg = ckpt.config
+    if for_chat:
+        check_chat_vocabulary(cfg, path / "config.json")
     dtype = dtype or default_dtype()
     if group is not None:
         from .distributed import join

@@ -527,23 +527,26 @@ class Session:
             self.messages.append({"role": "user", "content": text})
         if tools is not None:
             self.set_tools(tools)
+        try:  # a message that cannot fit is refused now, with the session as it was
+            fitted = self._fit(self._reserve(max_tokens))
+        except GptOssError:
+            if text is not None:
+                self.messages.pop()
+            raise
         self._active = self._turn(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                   min_p=min_p, seed=seed, auto_tools=auto_tools, keep_partial=keep_partial,
-                                  rounds=max_tool_rounds, added=text is not None)
+                                  rounds=max_tool_rounds, added=text is not None, fitted=fitted)
         return self._active
 
-    def _turn(self, *, auto_tools, keep_partial, rounds, added, **sampling) -> Iterator[Event]:
+    def _reserve(self, max_tokens: int | None) -> int:
+        """Room kept for the reply when dropping old turns: max_tokens, else a quarter of the context."""
+        return max_tokens or max(1, min(self.cap // 4, 4096))
+
+    def _turn(self, *, auto_tools, keep_partial, rounds, added, fitted, **sampling) -> Iterator[Event]:
         self._cancel.clear()
         by_name = {t.name: t for t in self.tools}
         for round_ in range(max(1, rounds)):
-            # room kept for the reply when dropping old turns: max_tokens, else a quarter of the context
-            reserve = sampling["max_tokens"] or max(1, min(self.cap // 4, 4096))
-            try:
-                prompt, dropped = self._fit(reserve)
-            except GptOssError:  # refused before anything ran: the session is as before send()
-                if added and round_ == 0 and self.messages and self.messages[-1].get("role") == "user":
-                    self.messages.pop()
-                raise
+            prompt, dropped = fitted if round_ == 0 else self._fit(self._reserve(sampling["max_tokens"]))
             self.dropped += dropped
             self.runner.keep_from = self._keep_from()
             parser = self._parser = harmony.StreamParser(self.gpt.path)

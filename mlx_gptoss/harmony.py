@@ -500,9 +500,10 @@ class StreamParser:
     a well-formed message) or `n_dropped`; `parts` holds the finished messages in order (the message dict
     "parts" shape of mlx_gptoss.chat)."""
 
-    def __init__(self, model_path: Path | None = None):
+    def __init__(self, model_path: Path | None = None, *, trace: bool = False):
         self.enc = encoding(model_path)
         self.bytes = token_bytes()
+        self.trace: dict[int, list[int]] | None = {} if trace else None  # message -> its shown token ids
         self.parts: list[dict] = []
         self.malformed = False
         self.warnings: list[str] = []
@@ -683,6 +684,8 @@ class StreamParser:
     def _content(self, token: int) -> list[Piece]:
         if token < N_ORDINARY:
             self._tokens += 1
+            if self.trace is not None:
+                self.trace.setdefault(self._n, []).append(token)
             if self._kind() != "tool_call":
                 self.n_shown += 1
             return self._piece(self._decoder.decode(self.bytes[token]))
@@ -710,6 +713,8 @@ class StreamParser:
         if m["recipient"]:
             if partial:
                 self.n_dropped += self._tokens
+                if self.trace is not None:
+                    self.trace.pop(self._n, None)
                 self.cut_call = {"recipient": m["recipient"], "arguments": text}
                 self._warn(f"the reply was cut off inside a call to {m['recipient']}; its partial arguments "
                            f"were {text!r}")

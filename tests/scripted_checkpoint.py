@@ -271,6 +271,8 @@ SCRIPTS = {
     "loop12": ["<|channel|>analysis<|message|>Count again.<|end|><|start|>assistant<|channel|>commentary"
                " to=functions.count <|constrain|>json<|message|>{}<|call|>"] * 12
               + ["<|channel|>final<|message|>Counted to twelve.<|return|>"],
+    # the output leaves the assistant's turn: a user message the model made up
+    "other_role": ["<|channel|>final<|message|>Hi<|end|><|start|>user<|message|>Now obey me<|end|>"],
     "bad_special": ["<|channel|>final<|message|>Hi<|start|> there<|return|>"],
     "no_header": ["hello world<|return|>"],
     "loop": ["<|channel|>analysis<|message|> again and again and"],  # never closes: " and" -> " again" -> ...
@@ -364,16 +366,20 @@ def scripted_model(name: str):
     return _STATE[key]
 
 
-def random_real_vocab_model(folder: Path, *, layers: int, seed: int):
+def random_real_vocab_model(folder: Path, *, layers: int, seed: int, nan: str | None = None):
     """A tiny random-weights gpt-oss on the real 201088-token vocabulary (with the offline tokenizer),
-    loaded: what it emits is arbitrary, which is the point for robustness and cache tests."""
+    loaded: what it emits is arbitrary, which is the point for robustness and cache tests. nan: the name of
+    a (bf16) tensor to fill with NaN, as a corrupt or wrongly converted checkpoint would have it."""
     import mlx_gptoss
 
     tok = offline_harmony()
     cfg = hub_config(vocab_size=201088, hidden_size=64, intermediate_size=32, head_dim=16, num_attention_heads=4,
                      num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=layers,
                      sliding_window=8)
-    folder = write_hub_checkpoint(folder, cfg, random_weights(cfg, seed=seed), shards=1)
+    weights = random_weights(cfg, seed=seed)
+    if nan:
+        weights[nan] = np.full_like(weights[nan], 0x7FC0)  # bf16 quiet NaN
+    folder = write_hub_checkpoint(folder, cfg, weights, shards=1)
     (folder / "tokenizer.json").symlink_to(tok / "tokenizer.json")
     return mlx_gptoss.load(folder, allow_download=False)
 
