@@ -14,7 +14,7 @@ plan.py      `gptoss-mac plan --ranks N` and the "shard it over N Macs" remedy
 
 from __future__ import annotations
 
-from .loading import join
+from .loading import join, launched_rank
 from .mirror import follow_and_exit, lead, time_comm
 
 
@@ -30,4 +30,4 @@ def lead_or_follow(gpt):
     follow_and_exit(gpt.model, group)
 
 
-__all__ = ["join", "lead_or_follow", "time_comm"]
+__all__ = ["join", "launched_rank", "lead_or_follow", "time_comm"]

@@ -19,6 +19,15 @@ from .shard import build
 LAUNCH_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
+def launched_rank() -> int | None:
+    """This process's rank when a launcher started it (mlx.launch, mpirun), else None; nothing is connected.
+    A server checks it first: ranks other than 0 load their share and follow, and never serve."""
+    for var in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
+
+
 def join(group):
     """group=None -> None; "auto" -> the group mlx.launch (or mpirun) started, None when run alone;
     a mx.distributed.Group -> itself. A group of one is None (nothing to share)."""

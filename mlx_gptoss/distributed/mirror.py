@@ -223,13 +223,19 @@ def follow(net, group) -> None:
 def follow_and_exit(net, group) -> None:
     """Run follow(); exit 0 at QUIT, 1 with one clear line when rank 0 or another rank is gone."""
     rank = group.rank()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle (it stops the reply)
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle (it stops the reply)
+    code = 0
     try:
         follow(net, group)
     except RuntimeError as e:
         print(f"gptoss-mac rank {rank}: stopping: {peer_lost_message(e)}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    sys.exit(0)
+        code = 1
+    if not main:  # e.g. a server's model thread: the whole process ends, not just this thread
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def peer_lost_message(e: BaseException) -> str:
