@@ -54,6 +54,60 @@ def test_rank_counts_that_do_not_divide_the_heads_are_refused():
             check_ranks(cfg, n)
 
 
+@pytest.mark.parametrize("experts", ["mxfp4", "bf16"])
+def test_each_rank_reads_exactly_its_slice_of_the_loaded_tensors(tmp_path, experts):
+    """Every rank's tensors, read by offset, are the matching slices of the whole model's (bf16 experts are
+    quantized after slicing: the cuts fall on MXFP4 block boundaries, so the blocks are the same)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_gptoss.distributed.layout import heads
+    from mlx_gptoss.distributed.reader import ReadStats
+    from mlx_gptoss.distributed.shard import sharded_weights
+    from mlx_gptoss.memory import local_checkpoint
+
+    cfg = proportional_cfg()
+    folder = write_hub_checkpoint(tmp_path / experts, cfg, random_weights(cfg, seed=5), experts=experts)
+    whole = dict(tree_flatten(mlx_gptoss.load(folder, allow_download=False, memory="8GB", ctx=4096).model.parameters()))
+    ck = local_checkpoint(folder, check_size=True)
+    c = GptOssConfig.from_dict(cfg)
+    D = c.head_dim
+    for n in (2, 4):
+        for r in range(n):
+            stats = ReadStats()
+            mine = dict(sharded_weights(ck.tensors, c, r, n, mx.float32, stats))
+            (q0, q1), (k0, k1) = heads(c, r, n)
+            a, b = intermediate(c, r, n)
+            for name, w in whole.items():
+                got = mine[name]
+                if name.endswith("q_proj.weight"):
+                    want = w[q0 * D:q1 * D]
+                elif name.endswith(("k_proj.bias", "v_proj.weight")):
+                    want = w[k0 * D:k1 * D]
+                elif name.endswith("o_proj.weight"):
+                    want = w[:, q0 * D:q1 * D]
+                elif name.endswith("sinks"):
+                    want = w[q0:q1]
+                elif name.endswith(("o_proj.bias", "down_proj_bias")):
+                    want = w if r == 0 else mx.zeros_like(w)
+                elif ".gate_up_proj" in name:
+                    want = w[:, 2 * a:2 * b]
+                elif name.endswith("down_proj"):
+                    want = w[:, :, a // 8:b // 8]
+                elif name.endswith("down_proj_scales"):
+                    want = w[:, :, a // 32:b // 32]
+                elif ".self_attn." in name and not name.endswith(("q_proj.bias", "k_proj.weight", "v_proj.bias")):
+                    raise AssertionError(f"unchecked attention tensor {name}")
+                elif name.endswith("q_proj.bias"):
+                    want = w[q0 * D:q1 * D]
+                elif name.endswith(("k_proj.weight", "v_proj.bias")):
+                    want = w[k0 * D:k1 * D]
+                else:
+                    want = w
+                assert got.shape == want.shape and mx.array_equal(got, want).item(), (name, r, n)
+            assert stats.kept < sum(t.nbytes for t in ck.tensors.values())
+
+
 def test_group_auto_alone_loads_the_whole_model(prop_ckpt):
     gpt = mlx_gptoss.load(prop_ckpt, allow_download=False, group="auto", memory="8GB", ctx=4096)
     assert gpt.group is None and gpt.model.model.layers[0].self_attn.n_heads == 64
