@@ -232,6 +232,9 @@ def follow_and_exit(net, group) -> None:
     except RuntimeError as e:
         print(f"gptoss-mac rank {rank}: stopping: {peer_lost_message(e)}", file=sys.stderr, flush=True)
         code = 1
+    except Exception as e:  # out of memory, a bad operation...: this rank cannot follow any more
+        print(f"gptoss-mac rank {rank}: stopping: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        code = 1
     if not main:  # e.g. a server's model thread: the whole process ends, not just this thread
         sys.stdout.flush()
         os._exit(code)
