@@ -13,9 +13,10 @@ refusal, such as the context cap, happens before anything is sent), then sends, 
 layer's summed output (shard.last_output), which depends on every all_sum of the pass, whatever part of the
 result the caller evaluates.
 
-Failure: a rank that dies closes its sockets; the others' pending collective raises within seconds
-("[ring] connection to a peer was lost"), and mlx.launch terminates the remaining ranks when one exits
-non-zero. Followers report that on stderr and exit 1; rank 0 sends QUIT when its program ends (atexit).
+Ending: rank 0 sends QUIT when its program ends (atexit; if a rank is gone it gives up after 10 s). A rank
+that dies closes its sockets: the others' collectives fail ("[ring] connection to a peer was lost"), and
+mlx.launch sends SIGTERM to the remaining ranks when one exits non-zero or is killed. on_sigterm() makes
+each of them say so on stderr and exit, even when it is blocked inside a collective that never returns.
 """
 
 from __future__ import annotations
