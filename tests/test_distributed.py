@@ -123,7 +123,7 @@ def test_bad_group_value_is_one_clear_error(prop_ckpt):
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 4])
 def test_sharded_model_matches_the_single_process_model(prop_ckpt, tmp_path, n):
-    r = launch(n, [WORKER, "parity", str(prop_ckpt), str(tmp_path)], timeout=240)
+    r = launch(n, [WORKER, "parity", str(prop_ckpt), str(tmp_path)], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(n)]
     for res in ranks:
@@ -146,7 +146,7 @@ def test_sharded_model_matches_the_single_process_model(prop_ckpt, tmp_path, n):
 
 @pytest.mark.slow
 def test_followers_replay_the_runner_of_rank_0(prop_ckpt, tmp_path):
-    r = launch(2, [WORKER, "mirror", str(prop_ckpt), str(tmp_path)], timeout=240)
+    r = launch(2, [WORKER, "mirror", str(prop_ckpt), str(tmp_path)], timeout=600)
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     res = json.loads((tmp_path / "mirror.json").read_text())
     assert res["worst"] < 1e-4, res
@@ -167,7 +167,7 @@ def chat_env(tmp_path) -> dict:
 @pytest.mark.slow
 def test_piped_chat_under_mlx_launch_gives_the_scripted_answer(two_rank_final, tmp_path):
     # mlx.launch never passes end-of-input on to the ranks: a piped session ends with /exit
-    r = launch(2, [GPTOSS, "chat", "--model", str(two_rank_final), "--temperature", "0"], timeout=240,
+    r = launch(2, [GPTOSS, "chat", "--model", str(two_rank_final), "--temperature", "0"], timeout=600,
                input="Say hi\nWhat is MXFP4?\n/exit\n", env=chat_env(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout == "Just the answer.\nJust the answer.\n"  # rank 0 alone writes the answers
@@ -179,7 +179,7 @@ def test_piped_chat_under_mlx_launch_gives_the_scripted_answer(two_rank_final, t
 @pytest.mark.slow
 def test_bench_under_mlx_launch_reports_communication_and_the_per_rank_roofline(prop_ckpt):
     r = launch(2, [GPTOSS, "bench", "-m", str(prop_ckpt), "-p", "16", "-n", "4", "-r", "1", "--json",
-                   "--bandwidth-bytes", "1000000", "--ctx", "4096", "--memory", "8GB"], timeout=240)
+                   "--bandwidth-bytes", "1000000", "--ctx", "4096", "--memory", "8GB"], timeout=600)
     assert "Node with rank" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
     res = json.loads(r.stdout)  # rank 0 alone prints
     d = res["distributed"]
@@ -225,7 +225,7 @@ def test_a_rank_killed_mid_run_ends_the_others_with_a_clear_error(tmp_path, vict
     killed = {}
 
     def kill_when_generating(proc, stderr):
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 400
         while time.monotonic() < deadline and "memory plan" not in stderr.read_text():
             time.sleep(0.2)
         pids = rank_pids(proc.pid)
@@ -235,7 +235,7 @@ def test_a_rank_killed_mid_run_ends_the_others_with_a_clear_error(tmp_path, vict
         killed["at"], killed["pids"] = time.monotonic(), pids
 
     r = launch(2, [GPTOSS, "chat", "--model", str(folder), "--temperature", "0", "--max-tokens", "100000"],
-               timeout=200, input="Say hi\n", env=chat_env(tmp_path), on_start=kill_when_generating)
+               timeout=600, input="Say hi\n", env=chat_env(tmp_path), on_start=kill_when_generating)
     elapsed = time.monotonic() - killed["at"]
     assert elapsed < 20, f"the surviving rank took {elapsed:.0f} s to stop"
     survivor = 1 - victim
