@@ -114,10 +114,11 @@ def launch(reps: int) -> dict:
     write_checkpoint()
     out = Path("/tmp/gptoss-dist-bench.json")
     out.unlink(missing_ok=True)
+    load_before = os.getloadavg()
     r = run(2, [__file__, "--rank-main", "--reps", str(reps), "--out", str(out)], timeout=3600)
     if not out.is_file():
         sys.exit(f"the ranks failed:\n{r.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "load_average": [load_before, os.getloadavg()]}
 
 
 def machine() -> str:
@@ -139,7 +140,11 @@ def table(res: dict, reps: int) -> str:
         f"**Machine**: {machine()}. Both ranks are processes on this one machine, talking over the loopback "
         "(`mlx.launch -n 2 --backend ring`), sharing its 2 cores with each other and with other jobs: this "
         "compares the two implementations on the same setup; it says nothing of speed on two Macs over "
-        "Thunderbolt, which nobody here has measured.",
+        "Thunderbolt, which nobody here has measured. Load average (1, 5, 15 min) before and after the run: "
+        + " / ".join(", ".join(f"{x:.1f}" for x in la) for la in res["load_average"])
+        + ": the cores were oversubscribed, so absolute figures (and the all_sum time, which includes waiting "
+        "for the other process to be scheduled) are far below what this machine does alone; the ratios compare "
+        "runs that alternate under the same conditions.",
         "",
         "**Checkpoint**: benchmarks/compare_mlx_lm.py's mid-size MXFP4 model (hidden 1024, 8 layers, 16 experts "
         "top-4, vocab 8192, 16 query / 2 KV heads of 64), hub layout, float32 activations for both.",
