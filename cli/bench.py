@@ -54,7 +54,7 @@ def bench(
     with err.status("starting") as status:
         result = B.run(model, n_prompt=n_prompt, n_gen=n_gen, depth=depth, repetitions=repetitions,
                        kernels=kernels, memory=memory, ctx=ctx, dtype=dt, bandwidth_bytes=bandwidth_bytes,
-                       offload=offload, kv_bits=kv_bits,
+                       offload=offload, kv_bits=kv_bits, group="auto",
                        progress=None if quiet and not sys.stderr.isatty() else status.update)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -103,6 +103,12 @@ def show(result: dict) -> None:
         for test, st in off["streaming"].items():
             console.print(f"streaming {test}: expert hit rate {st['hit_rate']:.0%}, "
                           f"{st['bytes_per_token'] / 1e9:.3f} GB streamed per token", highlight=False)
+    dist = result.get("distributed")
+    if dist:
+        console.print(f"{dist['ranks']} ranks (figures per rank): {dist['all_sums_per_token']} all_sums of "
+                      f"{dist['bytes_per_all_sum']:,} B per token, {dist['sent_bytes_per_token_per_rank']:,} B sent "
+                      f"per rank per token; communication alone {dist['seconds_per_token'] * 1e3:.2f} ms per token "
+                      f"({dist['seconds_per_all_sum'] * 1e6:.0f} µs per all_sum)", highlight=False)
     for r in result["roofline"]:
         console.print(f"roofline {r['test']} [{r['kernels']}]: {gb(r['bytes_per_token'])} read per token x "
                       f"{r['achieved_gbps'] * 1e9 / r['bytes_per_token']:.1f} tok/s = {r['achieved_gbps']:.1f} GB/s, "

@@ -153,6 +153,7 @@ def chat(
 def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: bool, dtype: str | None = None,
                offload: str = "auto", kv_bits: int | None = None):
     import mlx_gptoss
+    from mlx_gptoss.distributed import lead_or_follow
 
     if not Path(model).expanduser().exists() and not hub.looks_like_path(model) and hub.cached(model) is None:
         plan = hub.plan_download(model)
@@ -172,8 +173,9 @@ def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: 
                TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not interactive) as bar:
         task = bar.add_task(model, total=None)
-        gpt = mlx_gptoss.load(model, allow_download=False, for_chat=True, **kwargs,
+        gpt = mlx_gptoss.load(model, allow_download=False, for_chat=True, group="auto", **kwargs,
                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    gpt = lead_or_follow(gpt)  # under mlx.launch: ranks other than 0 replay rank 0's model calls, then exit
     line = plan_line(gpt)
     err.print(f"[dim]{line}[/]" if interactive else line, markup=interactive, soft_wrap=not interactive)
     return gpt

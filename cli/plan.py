@@ -31,12 +31,18 @@ def plan(
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="KV cache of the full-attention layers: 8 or "
                                           "16 bits [default: the plan's choice]."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (keys in the README), for scripts."),
+    ranks: int = typer.Option(1, "--ranks", help="Plan one Mac of N sharing the model under mlx.launch."),
 ) -> None:
     """Show the memory a model needs (from its safetensors headers) and whether it fits. Loads nothing."""
-    from mlx_gptoss.offload import plan as offload_plan
+    if ranks > 1:
+        from mlx_gptoss.distributed.plan import plan_ranks
 
-    p = offload_plan.plan(model, context=ctx, memory_=memory_, dtype=dtype, device=device, offload=offload,
-                          kv_bits=kv_bits)
+        p = plan_ranks(model, ranks, context=ctx, memory=memory_, dtype=dtype, device=device)
+    else:
+        from mlx_gptoss.offload import plan as offload_plan
+
+        p = offload_plan.plan(model, context=ctx, memory_=memory_, dtype=dtype, device=device, offload=offload,
+                              kv_bits=kv_bits)
     if as_json:
         print(json.dumps(plan_dict(p), indent=2))
     else:

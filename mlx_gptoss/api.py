@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from .checkpoint import load_weights
 from .config import GptOssConfig
-from .errors import ConfigError
+from .errors import ConfigError, GptOssError
 from .hub import resolve
 from .memory import Plan, apply as apply_plan, bounded_cache, check_context, local_checkpoint
 from .model import Transformer
@@ -45,6 +45,7 @@ class GptOss:
     plan: "Plan | None" = None  # the memory plan load() applied (mlx_gptoss.memory)
     max_context: int = 0  # the most tokens a cache may hold under that plan (0: unbounded)
     offload: "object | None" = None  # mlx_gptoss.offload.Offloaded when the plan chose levers (.stats)
+    group: object = None  # the mx.distributed group this rank's share belongs to (mlx_gptoss.distributed)
 
     def make_cache(self) -> list:
         """model.make_cache(), refusing (ContextLengthError) to grow past max_context tokens."""
@@ -72,14 +73,14 @@ class GptOss:
         """Stream one assistant reply to `messages` as Events (mlx_gptoss.chat): reasoning, preamble, content,
         tool_call, then done with the Stats. A bad option raises GptOssError here; a prompt over the context
         cap (or a model whose output is NaN) raises it at the first next()."""
-        from .chat import Runner, _context_cap, check_sampling, generate_events
+        from .chat import _context_cap, check_sampling, generate_events, runner_for
 
         check_chat_vocabulary(self.config, self.path)
         check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                        max_tokens=max_tokens)
         prompt = self.encode_chat(messages, reasoning_effort=reasoning_effort, tools=tools, developer=developer,
                                   date=date)
-        return generate_events(Runner(self), prompt, cap=_context_cap(self, max_context), max_tokens=max_tokens,
+        return generate_events(runner_for(self), prompt, cap=_context_cap(self, max_context), max_tokens=max_tokens,
                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
 
     def generate(self, prompt: str, **kw) -> str:
@@ -98,7 +99,7 @@ class GptOss:
 def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bool = True,
          progress: Callable[[int, int], None] | None = None, memory: str | int | None = None,
          ctx: int | None = None, for_chat: bool = False, offload: "str | Levers" = "auto",
-         kv_bits: int | None = None, resident_experts: float | None = None) -> GptOss:
+         kv_bits: int | None = None, resident_experts: float | None = None, group=None) -> GptOss:
     """Load a gpt-oss checkpoint from a local folder or a Hugging Face repo id (downloaded if needed).
 
     progress(done, total) is called as the layers are read, for a progress bar. Before any weight is read
@@ -112,13 +113,29 @@ def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bo
     When the model does not fit resident, offload="auto" lets the plan pick levers (mlx_gptoss.offload:
     expert streaming, 8-bit weights and KV cache); "none" refuses instead, "experts" streams experts anyway
     (resident_experts: the share kept resident), a mlx_gptoss.offload.Levers takes exactly those levers.
-    kv_bits=8|16 fixes the full-attention KV cache's width."""
+    kv_bits=8|16 fixes the full-attention KV cache's width.
+    group: a mx.distributed group, or "auto" (the one mlx.launch started, if any): each rank then reads and
+    holds only its share, and every rank calls the model (mlx_gptoss.distributed.lead_or_follow instead
+    lets rank 0 alone run the program). The offload levers are for one machine: a sharded load takes none."""
     path = resolve(str(model), allow_download=allow_download)
     ckpt = local_checkpoint(path, check_size=True)  # config + every header, checked before any data is read
     cfg = ckpt.config
     if for_chat:
         check_chat_vocabulary(cfg, path / "config.json")
     dtype = dtype or default_dtype()
+    if group is not None:
+        from .distributed import join
+        from .distributed.loading import load_rank
+
+        group = join(group)
+        if group is not None:
+            if offload not in ("auto", "none") or kv_bits == 8 or resident_experts is not None:
+                raise GptOssError(f"offload={offload!r}, kv_bits={kv_bits!r}: the offload levers run on one machine; "
+                                  "a model sharded over several ranks is loaded resident (drop these options, or "
+                                  "add a rank: gptoss-mac plan --ranks N)")
+            net, plan, _ = load_rank(ckpt, group, dtype=dtype, memory=memory, ctx=ctx, progress=progress)
+            return GptOss(model=net, config=cfg, path=path, dtype=dtype, plan=plan, max_context=plan.context,
+                          group=group)
     plan = make_offload_plan(ckpt, context=ctx, memory_=memory, dtype=dtype, offload=offload, kv_bits=kv_bits,
                              resident_experts=resident_experts)
     apply_plan(plan)

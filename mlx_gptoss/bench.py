@@ -252,9 +252,11 @@ PREFILL_PROBE = 512  # tokens in a prefill call, to ask which kernels prefill us
 def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int = 5, kernels: str = "auto",
         memory: str | None = None, ctx: int | None = None, dtype=None, warmup: bool = True, seed: int = 0,
         bandwidth_bytes: int = 1 << 30, progress=None, offload: str = "auto", kv_bits: int | None = None,
-        resident_experts: float | None = None) -> dict:
-    """Load model, run every test, return the whole result as a JSON-ready dict."""
+        resident_experts: float | None = None, group=None) -> dict:
+    """Load model, run every test, return the whole result as a JSON-ready dict. group="auto" under
+    mlx.launch: rank 0 runs the tests on the sharded model, the other ranks follow (and exit in load)."""
     import mlx_gptoss
+    from mlx_gptoss.distributed import lead_or_follow, time_comm
 
     prompts, gens, depths = validate(n_prompt=n_prompt, n_gen=n_gen, depth=depth, repetitions=repetitions,
                                      kernels=kernels)
@@ -265,7 +267,8 @@ def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int =
     say(f"loading {model}")
     t0 = time.perf_counter()
     gpt = mlx_gptoss.load(model, memory=memory, ctx=ctx, dtype=dtype, allow_download=False, offload=offload,
-                          kv_bits=kv_bits, resident_experts=resident_experts)
+                          kv_bits=kv_bits, resident_experts=resident_experts, group=group)
+    gpt = lead_or_follow(gpt)  # a rank other than 0 replays rank 0's model calls, then exits
     load_s = time.perf_counter() - t0
     load_peak = mx.get_peak_memory()
     net = gpt.model
@@ -311,10 +314,11 @@ def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int =
         "results": [asdict(r) for r in results],
         "comparison": compare(results),
         "notes": notes,
-        "roofline": roofline,
+        "roofline": roofline,  # per rank when distributed: this rank's share of the bytes
         "offload": None if gpt.offload is None else {
             "levers": gpt.plan.levers.names(), "lever_notes": gpt.plan.lever_notes(),
             "resident_experts": gpt.plan.resident_share, "streaming": streamed},
+        "distributed": time_comm(gpt) if gpt.group is not None else None,
         "settings": {"repetitions": repetitions, "warmup": warmup, "seed": seed, "memory": memory, "ctx": ctx,
                      "prompt": "random tokens", "offload": offload, "kv_bits": kv_bits},
     }

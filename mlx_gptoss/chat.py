@@ -169,6 +169,26 @@ class _Snapshot:
     logits: mx.array | None  # the logits the prompt ended with (None for a mark)
 
 
+def sliding_state(cache: list) -> dict:
+    """Copies of the sliding-window layers' states, by layer index (cheap: one window each)."""
+    return {i: tuple(mx.array(x) if isinstance(x, mx.array) else x for x in c.state)
+            for i, c in enumerate(cache) if not isinstance(c, KVCache)}
+
+
+def restore_cache(cache: list, sliding: dict, n: int) -> None:
+    """Back to n tokens: the sliding layers from sliding_state() copies, the growing layers trimmed."""
+    for i, c in enumerate(cache):
+        if i in sliding:
+            c.state = tuple(mx.array(x) if isinstance(x, mx.array) else x for x in sliding[i])
+        else:
+            c.offset = n  # KVCache.trim: positions past offset are overwritten by the next update
+
+
+def runner_for(gpt) -> "Runner":
+    """gpt's Runner: under mlx.launch rank 0's mirrors its cache operations (mlx_gptoss.distributed)."""
+    return getattr(gpt, "runner_class", Runner)(gpt)
+
+
 class Runner:
     """A model + one KV cache + the ids it holds. prefill(prompt) reuses the longest cached prefix:
     either the cache as it is (when its ids start the prompt), or a snapshot taken at the end of an earlier
@@ -200,8 +220,7 @@ class Runner:
         return logits if want_logits else None
 
     def _snapshot(self, logits) -> None:
-        sliding = {i: tuple(mx.array(x) if isinstance(x, mx.array) else x for x in c.state)
-                   for i, c in enumerate(self.cache) if not isinstance(c, KVCache)}
+        sliding = sliding_state(self.cache)
         snaps = [s for s in self.snapshots if s.n != len(self.ids)] + [_Snapshot(len(self.ids), sliding, logits)]
         kept = lambda s: self.keep_from is not None and s.logits is None and s.n >= self.keep_from  # noqa: E731
         evictable = [s for s in snaps if not kept(s)]
@@ -209,11 +228,7 @@ class Runner:
         self.snapshots = [s for s in snaps if id(s) not in gone]
 
     def _restore(self, s: _Snapshot) -> None:
-        for i, c in enumerate(self.cache):
-            if i in s.sliding:
-                c.state = tuple(mx.array(x) if isinstance(x, mx.array) else x for x in s.sliding[i])
-            else:
-                c.offset = s.n  # KVCache.trim: positions past offset are overwritten by the next update
+        restore_cache(self.cache, s.sliding, s.n)
         self.ids = self.ids[:s.n]
         self.snapshots = [t for t in self.snapshots if t.n <= s.n]
         self.dirty = False
@@ -408,7 +423,7 @@ class Session:
         self.cap = _context_cap(gpt, max_context)
         self.drop_oldest = drop_oldest
         self.messages: list[dict] = copy.deepcopy(list(messages or []))
-        self.runner = Runner(gpt)
+        self.runner = runner_for(gpt)
         self.last_stats: Stats | None = None
         self.dropped = 0
         self._cancel = threading.Event()

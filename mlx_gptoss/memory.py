@@ -346,7 +346,7 @@ class Plan:
 
 def make_plan(ckpt: Checkpoint, *, context: int | None = None, budget: Budget | None = None,
               memory: str | int | None = None, dtype: mx.Dtype | str | None = None,
-              metal: bool | None = None) -> Plan:
+              metal: bool | None = None, ranks_remedy: bool = True) -> Plan:
     """The plan for ckpt at `context` tokens (default: the model's full context) within the budget.
     metal: plan for the Metal backend (fused attention; default bf16) rather than MLX's CPU backend."""
     cfg = ckpt.config
@@ -385,14 +385,28 @@ def make_plan(ckpt: Checkpoint, *, context: int | None = None, budget: Budget | 
     if status != "fits":
         plan.remedies = remedies(plan, at)
         if dtype != mx.bfloat16:  # the Mac's activation dtype: half the bytes for every float tensor and the KV
-            half = make_plan(ckpt, context=requested, budget=budget, dtype=mx.bfloat16, metal=metal)
+            half = make_plan(ckpt, context=requested, budget=budget, dtype=mx.bfloat16, metal=metal,
+                             ranks_remedy=False)
             if half.fits:
                 where = f"at its full {requested:,}-token context" if half.status == "fits" else \
                     f"at a context of {half.context:,} tokens"
                 plan.remedies.insert(0, f"In bfloat16 (`--dtype bfloat16`, the default on a Mac) it fits {where}"
                                      + (" (on MLX's CPU backend bf16 runs several times slower)." if not metal
                                         else "."))
+    if status == "does not fit" and ranks_remedy:
+        plan.remedies += _ranks_remedy(ckpt, context=context, budget=budget, dtype=dtype, metal=metal)
     return plan
+
+
+def _ranks_remedy(ckpt: Checkpoint, **kw) -> list[str]:
+    """Sharding over several Macs (mlx_gptoss.distributed): the fewest whose per-Mac plan fits this budget."""
+    from .distributed.layout import fewest_ranks
+
+    n = fewest_ranks(ckpt, lambda view: make_plan(view, ranks_remedy=False, **kw).fits)
+    if n is None:
+        return []
+    return [f"Or split it over {n} such Macs with mlx.launch (README: Two Macs); `gptoss-mac plan --ranks {n}` "
+            "shows what each needs."]
 
 
 def _sizer(ckpt: Checkpoint, act: int, metal: bool, usable: int):
