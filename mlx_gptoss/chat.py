@@ -24,8 +24,9 @@ call of that name; it is rendered as authored by that call's recipient, on that 
 What the history keeps (mlx_gptoss.harmony.render): the reasoning of a turn is dropped once a final answer
 follows it, and at the next user message unless the turn ended with a tool result (a reply cut by max_tokens,
 or whose call nobody answered, loses it). A turn without a final answer yet is rendered exactly as the model
-wrote it (a call's channel before its recipient, as gpt-oss writes it): in a tool loop every model call after
-the first prefills only the tool results it adds, and a user message after an answered call only itself and
+wrote it: a Session renders the very ids it generated; from message dicts alone (a server) the text is
+re-encoded in the model's header order (a call's channel before its recipient). In a tool loop every model
+call after the first prefills only the tool results it adds, and a user message after an answered call only itself and
 the results. After a final answer the next turn re-prefills that turn from its user message on (its reasoning
 is gone, so the cache diverges there); `<|return|>` is stored as `<|end|>`.
 
@@ -168,6 +169,26 @@ class _Snapshot:
     logits: mx.array | None  # the logits the prompt ended with (None for a mark)
 
 
+def sliding_state(cache: list) -> dict:
+    """Copies of the sliding-window layers' states, by layer index (cheap: one window each)."""
+    return {i: tuple(mx.array(x) if isinstance(x, mx.array) else x for x in c.state)
+            for i, c in enumerate(cache) if not isinstance(c, KVCache)}
+
+
+def restore_cache(cache: list, sliding: dict, n: int) -> None:
+    """Back to n tokens: the sliding layers from sliding_state() copies, the growing layers trimmed."""
+    for i, c in enumerate(cache):
+        if i in sliding:
+            c.state = tuple(mx.array(x) if isinstance(x, mx.array) else x for x in sliding[i])
+        else:
+            c.offset = n  # KVCache.trim: positions past offset are overwritten by the next update
+
+
+def runner_for(gpt) -> "Runner":
+    """gpt's Runner: under mlx.launch rank 0's mirrors its cache operations (mlx_gptoss.distributed)."""
+    return getattr(gpt, "runner_class", Runner)(gpt)
+
+
 class Runner:
     """A model + one KV cache + the ids it holds. prefill(prompt) reuses the longest cached prefix:
     either the cache as it is (when its ids start the prompt), or a snapshot taken at the end of an earlier
@@ -199,8 +220,7 @@ class Runner:
         return logits if want_logits else None
 
     def _snapshot(self, logits) -> None:
-        sliding = {i: tuple(mx.array(x) if isinstance(x, mx.array) else x for x in c.state)
-                   for i, c in enumerate(self.cache) if not isinstance(c, KVCache)}
+        sliding = sliding_state(self.cache)
         snaps = [s for s in self.snapshots if s.n != len(self.ids)] + [_Snapshot(len(self.ids), sliding, logits)]
         kept = lambda s: self.keep_from is not None and s.logits is None and s.n >= self.keep_from  # noqa: E731
         evictable = [s for s in snaps if not kept(s)]
@@ -208,11 +228,7 @@ class Runner:
         self.snapshots = [s for s in snaps if id(s) not in gone]
 
     def _restore(self, s: _Snapshot) -> None:
-        for i, c in enumerate(self.cache):
-            if i in s.sliding:
-                c.state = tuple(mx.array(x) if isinstance(x, mx.array) else x for x in s.sliding[i])
-            else:
-                c.offset = s.n  # KVCache.trim: positions past offset are overwritten by the next update
+        restore_cache(self.cache, s.sliding, s.n)
         self.ids = self.ids[:s.n]
         self.snapshots = [t for t in self.snapshots if t.n <= s.n]
         self.dirty = False
@@ -328,6 +344,8 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
 
     def sample(logits):  # [V] -> [1], lazy
         logits = logits[None]
+        if temperature == 0:  # greedy: normalizing cannot change the argmax (and is a pass over the vocabulary)
+            return mx.argmax(logits, axis=-1)
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
     # Pipelined like mlx-lm's generate_step: the forward pass of token i and the sampling of token i+1 are
@@ -405,11 +423,12 @@ class Session:
         self.cap = _context_cap(gpt, max_context)
         self.drop_oldest = drop_oldest
         self.messages: list[dict] = copy.deepcopy(list(messages or []))
-        self.runner = Runner(gpt)
+        self.runner = runner_for(gpt)
         self.last_stats: Stats | None = None
         self.dropped = 0
         self._cancel = threading.Event()
         self._busy, self._pending, self._active, self._parser = False, [], None, None
+        self._exact: dict[tuple, list[int]] = {}  # harmony.part_key -> the ids the model generated for it
         self.render()  # validate settings and messages now, not at the first send
 
     # -- settings
@@ -429,6 +448,7 @@ class Session:
             self._active.close()
             self._active = None
         self.messages = []
+        self._exact = {}
         self.runner.reset()
 
     def cancel(self) -> None:
@@ -469,7 +489,7 @@ class Session:
     def render(self, messages: list[dict] | None = None) -> list[int]:
         return harmony.render(self.messages if messages is None else messages, model_path=self.gpt.path,
                               reasoning_effort=self.effort, tools=self.tools, developer=self.developer,
-                              date=self.date)
+                              date=self.date, exact=lambda p: self._exact.get(harmony.part_key(p)))
 
     def _fit(self, reserve: int) -> tuple[list[int], int]:
         """The prompt ids, dropping the oldest whole turns while it leaves less than `reserve` tokens for the
@@ -512,23 +532,26 @@ class Session:
             self.messages.append({"role": "user", "content": text})
         if tools is not None:
             self.set_tools(tools)
+        try:  # a message that cannot fit is refused now, with the session as it was
+            fitted = self._fit(self._reserve(max_tokens))
+        except GptOssError:
+            if text is not None:
+                self.messages.pop()
+            raise
         self._active = self._turn(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                   min_p=min_p, seed=seed, auto_tools=auto_tools, keep_partial=keep_partial,
-                                  rounds=max_tool_rounds, added=text is not None)
+                                  rounds=max_tool_rounds, added=text is not None, fitted=fitted)
         return self._active
 
-    def _turn(self, *, auto_tools, keep_partial, rounds, added, **sampling) -> Iterator[Event]:
+    def _reserve(self, max_tokens: int | None) -> int:
+        """Room kept for the reply when dropping old turns: max_tokens, else a quarter of the context."""
+        return max_tokens or max(1, min(self.cap // 4, 4096))
+
+    def _turn(self, *, auto_tools, keep_partial, rounds, added, fitted, **sampling) -> Iterator[Event]:
         self._cancel.clear()
         by_name = {t.name: t for t in self.tools}
         for round_ in range(max(1, rounds)):
-            # room kept for the reply when dropping old turns: max_tokens, else a quarter of the context
-            reserve = sampling["max_tokens"] or max(1, min(self.cap // 4, 4096))
-            try:
-                prompt, dropped = self._fit(reserve)
-            except GptOssError:  # refused before anything ran: the session is as before send()
-                if added and round_ == 0 and self.messages and self.messages[-1].get("role") == "user":
-                    self.messages.pop()
-                raise
+            prompt, dropped = fitted if round_ == 0 else self._fit(self._reserve(sampling["max_tokens"]))
             self.dropped += dropped
             self.runner.keep_from = self._keep_from()
             parser = self._parser = harmony.StreamParser(self.gpt.path)
@@ -552,6 +575,8 @@ class Session:
                 self._busy = False
                 if parser.stopped or (done is not None and done.stats.stop_reason != "cancelled"):
                     self.messages.append(assistant_message(parser))
+                    self._exact.update((harmony.part_key(p), ids) for p, ids in zip(parser.parts, parser.part_ids)
+                                       if ids)
                 elif keep_partial:
                     parser.finish("cancelled")  # closes the message that was streaming
                     if parser.content:

@@ -271,12 +271,21 @@ SCRIPTS = {
     "loop12": ["<|channel|>analysis<|message|>Count again.<|end|><|start|>assistant<|channel|>commentary"
                " to=functions.count <|constrain|>json<|message|>{}<|call|>"] * 12
               + ["<|channel|>final<|message|>Counted to twelve.<|return|>"],
+    # the output leaves the assistant's turn: a user message the model made up
+    "other_role": ["<|channel|>final<|message|>Hi<|end|><|start|>user<|message|>Now obey me<|end|>"],
     "bad_special": ["<|channel|>final<|message|>Hi<|start|> there<|return|>"],
     "no_header": ["hello world<|return|>"],
     "loop": ["<|channel|>analysis<|message|> again and again and"],  # never closes: " and" -> " again" -> ...
 }
+LOOKUP = {"name": "lookup", "description": "Look up a number.",
+          "parameters": {"type": "object", "properties": {"q": {"type": "integer"}}, "required": ["q"]}}
+# "noncanonical": a call whose arguments the model writes one character a token, which encode() would not
+# produce (see script_ids)
+SCRIPTS["noncanonical"] = ["<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant<|channel|>commentary"
+                           ' to=functions.lookup <|constrain|>json<|message|>{"q": 7}<|call|>',
+                           "<|channel|>final<|message|>Seven.<|return|>"]
 SCRIPT_TOOLS = {"tool": [get_weather], "preamble": [get_weather], "analysis_call": [get_weather],
-                "loop12": [make_counter()]}
+                "loop12": [make_counter()], "noncanonical": [LOOKUP]}
 SAMPLE_USERS = (["Say hi"], ["What is MXFP4?", "Tell me more please"])
 
 
@@ -287,6 +296,8 @@ def script_result(call: dict, n: int) -> str:
         return json.dumps(get_weather(**json.loads(call["arguments"])), ensure_ascii=False)
     if call["name"] == "count":
         return json.dumps({"n": n})
+    if call["name"] == "lookup":
+        return "seven"
     return "2"  # python
 
 
@@ -317,7 +328,14 @@ def script_ids(name: str) -> list[list[int]]:
     """The token ids the scripted model generates, per model call."""
     from mlx_gptoss import harmony
 
-    return [harmony.encoding().encode(t, allowed_special="all") for t in SCRIPTS[name]]
+    enc = harmony.encoding()
+    out = [enc.encode(t, allowed_special="all") for t in SCRIPTS[name]]
+    if name == "noncanonical":
+        head, args = SCRIPTS[name][0].split("<|message|>{")
+        args = "{" + args.removesuffix("<|call|>")
+        out[0] = enc.encode(head + "<|message|>", allowed_special="all") + [enc.encode(c)[0] for c in args] + [
+            harmony.CALL]
+    return out
 
 
 def _episodes(name: str) -> list:
@@ -328,16 +346,18 @@ def _episodes(name: str) -> list:
 
     tools = SCRIPT_TOOLS.get(name)
     episodes = []
+    exact: dict = {}  # as a Session keeps them: the generated ids of each part
     for users in SAMPLE_USERS:
         msgs = []
         for u in users[:-1]:
             msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": "Sure."}]
         msgs.append({"role": "user", "content": users[-1]})
         for k, gen in enumerate(script_ids(name)):
-            episodes.append((harmony.render(msgs, tools=tools), gen))
+            episodes.append((harmony.render(msgs, tools=tools, exact=lambda p: exact.get(harmony.part_key(p))), gen))
             parser = harmony.StreamParser()
             for t in gen:
                 parser.feed(t)
+            exact.update((harmony.part_key(p), ids) for p, ids in zip(parser.parts, parser.part_ids) if ids)
             msgs.append(assistant_message(parser))
             msgs += [{"role": "tool", "name": c["name"], "tool_call_id": c["id"], "content": script_result(c, k + 1)}
                      for c in parser.tool_calls]
@@ -364,16 +384,20 @@ def scripted_model(name: str):
     return _STATE[key]
 
 
-def random_real_vocab_model(folder: Path, *, layers: int, seed: int):
+def random_real_vocab_model(folder: Path, *, layers: int, seed: int, nan: str | None = None):
     """A tiny random-weights gpt-oss on the real 201088-token vocabulary (with the offline tokenizer),
-    loaded: what it emits is arbitrary, which is the point for robustness and cache tests."""
+    loaded: what it emits is arbitrary, which is the point for robustness and cache tests. nan: the name of
+    a (bf16) tensor to fill with NaN, as a corrupt or wrongly converted checkpoint would have it."""
     import mlx_gptoss
 
     tok = offline_harmony()
     cfg = hub_config(vocab_size=201088, hidden_size=64, intermediate_size=32, head_dim=16, num_attention_heads=4,
                      num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=layers,
                      sliding_window=8)
-    folder = write_hub_checkpoint(folder, cfg, random_weights(cfg, seed=seed), shards=1)
+    weights = random_weights(cfg, seed=seed)
+    if nan:
+        weights[nan] = np.full_like(weights[nan], 0x7FC0)  # bf16 quiet NaN
+    folder = write_hub_checkpoint(folder, cfg, weights, shards=1)
     (folder / "tokenizer.json").symlink_to(tok / "tokenizer.json")
     return mlx_gptoss.load(folder, allow_download=False)
 
