@@ -55,12 +55,14 @@ from .download import download  # noqa: E402
 from .doctor import doctor  # noqa: E402
 from .plan import plan  # noqa: E402
 from .bench import bench  # noqa: E402
+from .serve import serve  # noqa: E402
 
 app.command()(chat)
 app.command()(download)
 app.command()(doctor)
 app.command()(plan)
 app.command()(bench)
+app.command()(serve)
 
 
 UNIT = re.compile(r"[kmgt]i?b?", re.IGNORECASE)

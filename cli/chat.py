@@ -8,7 +8,6 @@ on stdout, no colours. The conversation is autosaved as JSON after every reply a
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -30,6 +29,11 @@ from .render import ReplyView, stats_line
 EFFORTS = saved.EFFORTS
 DTYPES = ("bfloat16", "float16", "float32")
 err = Console(stderr=True, highlight=False)
+
+
+def error(text: str) -> None:
+    """One red line on stderr, never wrapped; text is printed as it is (no Rich markup)."""
+    err.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)
 
 
 def state_dir() -> Path:
@@ -129,19 +133,25 @@ def chat(
                                       help="Memory budget for the plan, like 16GB (default: this machine's)."),
     dtype: str | None = typer.Option(None, "--dtype", callback=_dtype, help="Activation dtype: bfloat16, float16 "
                                      "or float32 (default: bfloat16 on Metal, float32 on MLX's CPU backend)."),
+    offload: str = typer.Option("auto", "--offload", help="auto: stream experts / 8-bit weights only when the "
+                                "model does not fit; none: never; experts: stream experts anyway."),
+    kv_bits: int | None = typer.Option(None, "--kv-bits", help="KV cache of the full-attention layers: 8 or 16 "
+                                       "bits [default: the plan's choice]."),
 ) -> None:
     """Chat with gpt-oss in the terminal (reads one prompt per line when stdin is not a terminal)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     developer = saved.clean(developer)[0] if developer else None  # argv bytes that are not UTF-8
     settings = Settings(effort, show_reasoning, developer, temperature, top_p, max_tokens, seed)
-    gpt = load_model(model, ctx=ctx, memory=memory, dtype=dtype, interactive=interactive)
+    gpt = load_model(model, ctx=ctx, memory=memory, dtype=dtype, interactive=interactive, offload=offload,
+                     kv_bits=kv_bits)
     conv = Conversation(gpt, settings)
     Chat(conv, interactive).run()
 
 
 # --- the model: download on first use, progress bar, memory plan line ----------------------------------
 
-def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: bool, dtype: str | None = None):
+def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: bool, dtype: str | None = None,
+               offload: str = "auto", kv_bits: int | None = None):
     import mlx_gptoss
     from mlx_gptoss.distributed import lead_or_follow
 
@@ -156,8 +166,9 @@ def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: 
 
     import mlx.core as mx
 
-    kwargs = {k: v for k, v in (("ctx", ctx), ("memory", memory), ("dtype", dtype and getattr(mx, dtype)))
-              if v is not None}
+    kwargs = {k: v for k, v in (("ctx", ctx), ("memory", memory), ("dtype", dtype and getattr(mx, dtype)),
+                                ("kv_bits", kv_bits)) if v is not None}
+    kwargs["offload"] = offload
     columns = (TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
                TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not interactive) as bar:
@@ -181,6 +192,8 @@ def plan_line(gpt) -> str:
             f"{plan.dtype} activations")
     if plan.status == "smaller context":
         line += f"; the context is reduced from {plan.requested_context:,} to fit"
+    if hasattr(plan, "lever_notes") and plan.levers.active:
+        line += "; levers: " + "; ".join(plan.lever_notes())
     return line
 
 
@@ -376,12 +389,12 @@ class Chat:
                 self.turn(line)
         except Exception as e:  # a crash never loses the conversation
             path = state_dir() / f"crash-{time.strftime('%Y%m%d-%H%M%S')}.json"
-            err.print(f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))}", soft_wrap=True)
+            error(f"{type(e).__name__}: {e}")
             try:
                 where = self.conv.save(path)
                 err.print(f"the conversation is saved in {where}; /load it in a new chat to continue", soft_wrap=True)
             except Exception as save_error:
-                err.print(f"[bold red]and the conversation could not be saved:[/] {escape(str(save_error))}", soft_wrap=True)
+                error(f"the conversation could not be saved: {save_error}")
             raise typer.Exit(1)
         if self.failed and not self.interactive:
             err.print(f"{self.failed} of the prompts got no reply (see above)", soft_wrap=True)
@@ -413,7 +426,7 @@ class Chat:
             self.conv.archive_dropped()  # whatever the session let go of to try to fit it stays in the saves
             kept = ("your message is kept in the history: press Up to edit it" if self.interactive
                     else f"input line {self.line_no} was not answered")
-            err.print(f"[bold red]error:[/] {escape(str(e))} ({escape(kept)})", soft_wrap=True)
+            error(f"{e} ({kept})")
             return
         self._count(view, stats, t0)
         for note in notes(stats, self.conv.settings, self.conv.archive_dropped()):
@@ -482,13 +495,13 @@ class Chat:
                 try:
                     say(f"saved to {self.conv.save(Path(arg))}")
                 except OSError as e:
-                    err.print(f"[bold red]error:[/] /save {escape(arg)}: {escape(str(e))}", soft_wrap=True)
+                    error(f"/save {arg}: {e}")
             else:
                 try:
                     say(f"loaded {self.conv.load(Path(arg))} messages from {arg}")
                     self._fresh = True
                 except GptOssError as e:
-                    err.print(f"[bold red]error:[/] /load: {escape(str(e))} (the current conversation is kept)", soft_wrap=True)
+                    error(f"/load: {e} (the current conversation is kept)")
         elif name == "/stats":
             self.stats()
         else:

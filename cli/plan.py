@@ -26,16 +26,23 @@ def plan(
                                         "[default: bfloat16 on Metal, float32 on MLX's CPU backend]."),
     device: str = typer.Option("auto", "--device", help="Plan for: auto (this machine), metal (a Mac: fused "
                                "attention, bf16, the GPU working set of a Mac with --memory) or cpu."),
+    offload: str = typer.Option("auto", "--offload", help="auto: stream experts / 8-bit weights only when the "
+                                "model does not fit; none: never; experts: stream experts anyway."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="KV cache of the full-attention layers: 8 or "
+                                          "16 bits [default: the plan's choice]."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (keys in the README), for scripts."),
     ranks: int = typer.Option(1, "--ranks", help="Plan one Mac of N sharing the model under mlx.launch."),
 ) -> None:
     """Show the memory a model needs (from its safetensors headers) and whether it fits. Loads nothing."""
-    if ranks > 1:
+    if ranks > 1:  # one Mac's share of a model split over several (the offload levers are not combined with it)
         from mlx_gptoss.distributed.plan import plan_ranks
 
         p = plan_ranks(model, ranks, context=ctx, memory=memory_, dtype=dtype, device=device)
     else:
-        p = memory.plan(model, context=ctx, memory=memory_, dtype=dtype, device=device)
+        from mlx_gptoss.offload import plan as offload_plan
+
+        p = offload_plan.plan(model, context=ctx, memory_=memory_, dtype=dtype, device=device, offload=offload,
+                              kv_bits=kv_bits)
     if as_json:
         print(json.dumps(plan_dict(p), indent=2))
     else:
@@ -59,6 +66,8 @@ def plan_dict(p: memory.Plan) -> dict:
         "budget": {"usable": p.budget.usable, "source": p.budget.source, "machine_total": p.budget.total},
         "context": {"requested": p.requested_context, "planned": p.context, "min": memory.MIN_CONTEXT},
         "decision": p.status, "fits": p.fits, "message": p.message, "remedies": p.remedies,
+        "levers": p.levers.names() if hasattr(p, "levers") else [],
+        "lever_notes": p.lever_notes() if hasattr(p, "lever_notes") else [],
     }
 
 
@@ -84,6 +93,10 @@ def plan_table(p: memory.Plan) -> Table:
               f"{len(p.config.layer_types) - n_full} layers, window {p.config.sliding_window} + one chunk")
     t.add_row("activations", "", gb(p.activations), f"peak of one {p.prefill_chunk}-token prefill chunk")
     t.add_row("MLX, Python, tokenizer", "", gb(p.overhead), "reserve")
+    if getattr(p, "stream_buffer", 0):
+        t.add_row("expert streaming buffer", "", gb(p.stream_buffer), "one prefill step's experts of one layer")
+    for note in p.lever_notes() if hasattr(p, "lever_notes") else ():
+        t.add_row("lever", "", "", note)
     if p.fits:
         t.add_row("needed", "", gb(p.needed), f"at a context of {p.context:,} tokens", style="bold")
     else:

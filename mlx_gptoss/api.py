@@ -10,10 +10,11 @@ import mlx.core as mx
 
 from .checkpoint import load_weights
 from .config import GptOssConfig
-from .errors import ConfigError
+from .errors import ConfigError, GptOssError
 from .hub import resolve
-from .memory import Plan, apply as apply_plan, bounded_cache, check_context, local_checkpoint, make_plan
+from .memory import Plan, apply as apply_plan, bounded_cache, check_context, local_checkpoint
 from .model import Transformer
+from .offload import Levers, make_offload_plan, prepare
 
 
 def check_chat_vocabulary(cfg: GptOssConfig, where: str | Path) -> None:
@@ -44,6 +45,7 @@ class GptOss:
     plan: "Plan | None" = None  # the memory plan load() applied (mlx_gptoss.memory)
     max_context: int = 0  # the most tokens a cache may hold under that plan (0: unbounded)
     group: object = None  # the mx.distributed group this rank's share belongs to (mlx_gptoss.distributed)
+    offload: "object | None" = None  # mlx_gptoss.offload.Offloaded when the plan chose levers (.stats)
 
     def make_cache(self) -> list:
         """model.make_cache(), refusing (ContextLengthError) to grow past max_context tokens."""
@@ -96,7 +98,8 @@ class GptOss:
 
 def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bool = True,
          progress: Callable[[int, int], None] | None = None, memory: str | int | None = None,
-         ctx: int | None = None, for_chat: bool = False, group=None) -> GptOss:
+         ctx: int | None = None, for_chat: bool = False, offload: "str | Levers" = "auto",
+         kv_bits: int | None = None, resident_experts: float | None = None, group=None) -> GptOss:
     """Load a gpt-oss checkpoint from a local folder or a Hugging Face repo id (downloaded if needed).
 
     progress(done, total) is called as the layers are read, for a progress bar. Before any weight is read
@@ -106,9 +109,14 @@ def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bo
     A model whose vocabulary cannot hold the harmony tokens (a test or pruned checkpoint) loads for raw
     forward passes; its chat(), session() and encode_chat() raise ConfigError. for_chat=True refuses it
     here instead, before any weight is read.
+
+    When the model does not fit resident, offload="auto" lets the plan pick levers (mlx_gptoss.offload:
+    expert streaming, 8-bit weights and KV cache); "none" refuses instead, "experts" streams experts anyway
+    (resident_experts: the share kept resident), a mlx_gptoss.offload.Levers takes exactly those levers.
+    kv_bits=8|16 fixes the full-attention KV cache's width.
     group: a mx.distributed group, or "auto" (the one mlx.launch started, if any): each rank then reads and
     holds only its share, and every rank calls the model (mlx_gptoss.distributed.lead_or_follow instead
-    lets rank 0 alone run the program)."""
+    lets rank 0 alone run the program); the offload levers are not combined with it."""
     path = resolve(str(model), allow_download=allow_download)
     ckpt = local_checkpoint(path, check_size=True)  # config + every header, checked before any data is read
     cfg = ckpt.config
@@ -121,23 +129,35 @@ def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bo
 
         group = join(group)
         if group is not None:
+            if offload not in ("auto", "none") or kv_bits or resident_experts is not None:
+                raise GptOssError("offload levers (expert streaming, 8-bit weights or KV) cannot be combined "
+                                  "with group= yet: split the model over more Macs instead (gptoss-mac plan --ranks N)")
             net, plan, _ = load_rank(ckpt, group, dtype=dtype, memory=memory, ctx=ctx, progress=progress)
             return GptOss(model=net, config=cfg, path=path, dtype=dtype, plan=plan, max_context=plan.context,
                           group=group)
-    plan = make_plan(ckpt, context=ctx, memory=memory, dtype=dtype)
+    plan = make_offload_plan(ckpt, context=ctx, memory_=memory, dtype=dtype, offload=offload, kv_bits=kv_bits,
+                             resident_experts=resident_experts)
     apply_plan(plan)
     net = Transformer(cfg)
     net.set_dtype(dtype)
-    weights = load_weights(ckpt.tensors, dtype)
+    levers = getattr(plan, "levers", None)
+    offloaded, extra = prepare(net, ckpt, levers, dtype) if levers and levers.active else (None, [])
+    weights = [(n, a) for n, a in load_weights(ckpt.tensors, dtype) if not offloaded or offloaded.keeps(n)]
     # Evaluate layer by layer so peak memory stays near the checkpoint's size.
-    net.load_weights(weights, strict=True)
+    net.load_weights(weights + extra, strict=True)
+    del weights, extra  # the module holds what it needs; replaced arrays must be freed
     layers = net.model.layers
     for i, layer in enumerate(layers):
         mx.eval(layer.parameters())
+        if offloaded:
+            offloaded.finish_layer(layer)
         if progress:
             progress(i + 1, len(layers) + 1)
     mx.eval(net.parameters())
     if progress:
         progress(len(layers) + 1, len(layers) + 1)
     net.eval()
-    return GptOss(model=net, config=cfg, path=path, dtype=dtype, plan=plan, max_context=plan.context)
+    if offloaded:
+        offloaded.reset_counts()
+    return GptOss(model=net, config=cfg, path=path, dtype=dtype, plan=plan, max_context=plan.context,
+                  offload=offloaded)

@@ -24,8 +24,9 @@ call of that name; it is rendered as authored by that call's recipient, on that 
 What the history keeps (mlx_gptoss.harmony.render): the reasoning of a turn is dropped once a final answer
 follows it, and at the next user message unless the turn ended with a tool result (a reply cut by max_tokens,
 or whose call nobody answered, loses it). A turn without a final answer yet is rendered exactly as the model
-wrote it (a call's channel before its recipient, as gpt-oss writes it): in a tool loop every model call after
-the first prefills only the tool results it adds, and a user message after an answered call only itself and
+wrote it: a Session renders the very ids it generated; from message dicts alone (a server) the text is
+re-encoded in the model's header order (a call's channel before its recipient). In a tool loop every model
+call after the first prefills only the tool results it adds, and a user message after an answered call only itself and
 the results. After a final answer the next turn re-prefills that turn from its user message on (its reasoning
 is gone, so the cache diverges there); `<|return|>` is stored as `<|end|>`.
 
@@ -343,6 +344,8 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
 
     def sample(logits):  # [V] -> [1], lazy
         logits = logits[None]
+        if temperature == 0:  # greedy: normalizing cannot change the argmax (and is a pass over the vocabulary)
+            return mx.argmax(logits, axis=-1)
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
     # Pipelined like mlx-lm's generate_step: the forward pass of token i and the sampling of token i+1 are
@@ -425,6 +428,7 @@ class Session:
         self.dropped = 0
         self._cancel = threading.Event()
         self._busy, self._pending, self._active, self._parser = False, [], None, None
+        self._exact: dict[tuple, list[int]] = {}  # harmony.part_key -> the ids the model generated for it
         self.render()  # validate settings and messages now, not at the first send
 
     # -- settings
@@ -444,6 +448,7 @@ class Session:
             self._active.close()
             self._active = None
         self.messages = []
+        self._exact = {}
         self.runner.reset()
 
     def cancel(self) -> None:
@@ -484,7 +489,7 @@ class Session:
     def render(self, messages: list[dict] | None = None) -> list[int]:
         return harmony.render(self.messages if messages is None else messages, model_path=self.gpt.path,
                               reasoning_effort=self.effort, tools=self.tools, developer=self.developer,
-                              date=self.date)
+                              date=self.date, exact=lambda p: self._exact.get(harmony.part_key(p)))
 
     def _fit(self, reserve: int) -> tuple[list[int], int]:
         """The prompt ids, dropping the oldest whole turns while it leaves less than `reserve` tokens for the
@@ -570,6 +575,8 @@ class Session:
                 self._busy = False
                 if parser.stopped or (done is not None and done.stats.stop_reason != "cancelled"):
                     self.messages.append(assistant_message(parser))
+                    self._exact.update((harmony.part_key(p), ids) for p, ids in zip(parser.parts, parser.part_ids)
+                                       if ids)
                 elif keep_partial:
                     parser.finish("cancelled")  # closes the message that was streaming
                     if parser.content:

@@ -1,12 +1,17 @@
-"""The harmony format through openai-harmony: the offline vocabulary, prompt rendering, tools, stream parsing.
+"""The harmony format: the offline vocabulary, prompt rendering, tools, stream parsing.
 
-openai-harmony (OpenAI's reference library for the format) renders and parses; this module only adapts it:
+openai-harmony (OpenAI's reference library for the format) renders the system, developer, user, tool and
+finished assistant messages; this module adapts it and adds what it does not do:
 - the vocabulary: openai-harmony reads o200k_base.tiktoken from $TIKTOKEN_ENCODINGS_BASE or downloads it.
   We derive that file from the model snapshot's tokenizer.json (the same byte-level BPE ranks), check its
   sha256 and point TIKTOKEN_ENCODINGS_BASE at our cache folder, so chat works with no network;
-- messages as plain dicts (see mlx_gptoss.chat) -> a harmony Conversation -> prompt token ids;
+- render(): message dicts (see mlx_gptoss.chat) -> prompt token ids, applying harmony's history rules, with
+  the messages of an unfinished turn exactly as the model wrote them (openai-harmony would put a call's
+  recipient before its channel, so a tool loop's cache would diverge every round);
 - Python functions as tools (JSON schema from signature, type hints and docstring);
-- StreamParser: generated tokens -> reasoning / content / tool-call pieces, never raising on bad output.
+- StreamParser: generated tokens -> reasoning / preamble / content / tool-call pieces and the ordered parts,
+  strictly by the format, never raising (openai-harmony's StreamableParser either raises on bad output or,
+  not strict, lets text without a channel through as if it were an answer).
 """
 
 from __future__ import annotations
@@ -364,9 +369,14 @@ def _as_generated(enc, part: dict) -> list[int]:
             + [MESSAGE] + enc.encode(part["content"], disallowed_special=()) + [CALL])
 
 
+def part_key(part: dict) -> tuple:
+    """What identifies a part's text for render(exact=): channel, recipient, content type, content."""
+    return part["channel"], part["recipient"], part["content_type"], part["content"]
+
+
 def render(messages: list[dict], *, model_path: Path | None = None, reasoning_effort: str = "medium", tools=None,
-           developer: str | None = None, date: str | None = None,
-           knowledge_cutoff: str = KNOWLEDGE_CUTOFF) -> list[int]:
+           developer: str | None = None, date: str | None = None, knowledge_cutoff: str = KNOWLEDGE_CUTOFF,
+           exact: Callable[[dict], list[int] | None] | None = None) -> list[int]:
     """The prompt ids for the assistant's next message, ending with <|start|>assistant.
 
     What the history keeps (harmony's rules, as OpenAI's Responses server applies them):
@@ -375,7 +385,9 @@ def render(messages: list[dict], *, model_path: Path | None = None, reasoning_ef
       call nobody answered, loses it);
     - a turn that has not reached a final answer is rendered exactly as the model wrote it (tool calls with
       the channel before the recipient), so a tool loop's cache never diverges; finished turns render in
-      openai-harmony's canonical form;
+      openai-harmony's canonical form. exact(part) may give the ids the model generated for a part (a
+      Session keeps them): those are used as they are in an unfinished turn, so even a tokenization that
+      encode() would not produce renders back token for token;
     - a tool result is authored by the recipient of the call it answers (found by tool_call_id, else by name)
       on the channel that call used."""
     from openai_harmony import Message, Role
@@ -411,8 +423,10 @@ def render(messages: list[dict], *, model_path: Path | None = None, reasoning_ef
                         continue
                     if p["recipient"]:
                         calls.append(p)
-                        if not finals:  # unfinished turn: the model's own header order, token for token
-                            items.append(_as_generated(enc, p))
+                    if not finals:  # unfinished turn: as the model wrote it, token for token
+                        ids = exact(p) if exact else None
+                        if ids or p["recipient"]:
+                            items.append(list(ids) if ids else _as_generated(enc, p))
                             continue
                     msg = Message.from_role_and_content(Role.ASSISTANT, p["content"]).with_channel(p["channel"])
                     if p["recipient"]:
@@ -520,6 +534,12 @@ class StreamParser:
         self._text: list[str] = []
         self._n = 0  # index of the current message
         self._reasoned = False  # some reasoning was shown (the next analysis message gets a separator)
+        # the ids of each finished part as it stands in a prompt (None if it broke the format): rendering
+        # them back (render(exact=)) keeps a tool loop's cache even where the model's tokenization of a
+        # text is not the one encode() gives
+        self.part_ids: list[list[int] | None] = []
+        self._ids: list[int] = [START] + self.enc.encode("assistant")
+        self._ids_ok = True
 
     # -- state
     @property
@@ -537,6 +557,7 @@ class StreamParser:
 
     def _warn(self, why: str) -> None:
         self.malformed = True
+        self._ids_ok = False  # this message is not rendered back from its ids
         if why not in self.warnings:
             self.warnings.append(why)
 
@@ -551,6 +572,13 @@ class StreamParser:
         if self.halted or self.stopped:
             self.n_dropped += 1
             return []
+        self._ids.append(token)
+        out = self._feed(token)
+        if token == START:  # a message begins (also after a format break)
+            self._ids, self._ids_ok = [START], True
+        return out
+
+    def _feed(self, token: int) -> list[Piece]:
         if self._state == "content":
             return self._content(token)
         if self._state == "between":
@@ -726,6 +754,8 @@ class StreamParser:
                              channel=kind["channel"]))
         if text or m["recipient"]:
             self.parts.append(kind)
+            whole = self._ids_ok and not partial and self._ids[-1] in (END, RETURN, CALL)
+            self.part_ids.append(list(self._ids) if whole else None)
         self._n += 1
         return out
 

@@ -517,7 +517,8 @@ def _twenty_b_needed(p: Plan) -> int:
         tensors[name] = TensorInfo(name, dtypes[0], shape, Path("-"), 0, n)
     ckpt = Checkpoint("openai/gpt-oss-20b", cfg, tensors, "config")
     # usable 0: the smallest prefill chunk, i.e. the least it needs (a larger budget only buys larger chunks)
-    return _sizer(ckpt, _dtype(p.dtype, p.fused_attention).size, p.fused_attention, 0)(min(p.requested_context, 8192))[0]
+    at = _sizer(ckpt, _dtype(p.dtype, p.fused_attention).size, p.fused_attention, 0)
+    return at(min(p.requested_context, 8192))[0]
 
 
 # The hub config of openai/gpt-oss-20b (fields the plan needs), for the "use the 20b model" remedy.

@@ -72,7 +72,9 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=self.sinks)
+        # a quantized KV cache (mlx_gptoss.offload.kv) brings its own attention over its packed keys/values
+        attend = getattr(cache, "attention", None) or mx.fast.scaled_dot_product_attention
+        o = attend(q, k, v, scale=self.scale, mask=mask, sinks=self.sinks)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -88,6 +90,13 @@ class Experts(nn.Module):
         self.down_proj = mx.zeros((E, H, I // 8), dtype=mx.uint32)
         self.down_proj_scales = mx.zeros((E, H, I // 32), dtype=mx.uint8)
         self.down_proj_bias = mx.zeros((E, H))
+
+    def __call__(self, x, expert_ids, expert_weights, *, limit, alpha, backend):
+        """x [T, H] through each token's experts, router-weighted: kernels.moe. mlx_gptoss.offload's
+        StreamedExperts has the same call with its weights fetched per step."""
+        return kernels.moe(x, (self.gate_up_proj, self.gate_up_proj_scales, self.gate_up_proj_bias),
+                           (self.down_proj, self.down_proj_scales, self.down_proj_bias), expert_ids,
+                           expert_weights, limit=limit, alpha=alpha, backend=backend)
 
 
 class MLPBlock(nn.Module):
@@ -106,10 +115,7 @@ class MLPBlock(nn.Module):
         logits = self.router(x)
         ids = mx.argpartition(-logits, kth=self.k - 1, axis=-1)[:, : self.k]
         weights = mx.softmax(mx.take_along_axis(logits, ids, axis=-1), axis=-1, precise=True)
-        e = self.experts
-        y = kernels.moe(x, (e.gate_up_proj, e.gate_up_proj_scales, e.gate_up_proj_bias),
-                        (e.down_proj, e.down_proj_scales, e.down_proj_bias), ids, weights.astype(x.dtype),
-                        limit=self.limit, alpha=self.alpha, backend=self.backend)
+        y = self.experts(x, ids, weights.astype(x.dtype), limit=self.limit, alpha=self.alpha, backend=self.backend)
         return y.reshape(shape)
 
 
@@ -137,6 +143,8 @@ class Backbone(nn.Module):
 class Transformer(nn.Module):
     """tokens [B, T] int32 -> logits [B, T, vocab]. `cache` is make_cache()'s list, updated in place."""
 
+    full_attention_cache = KVCache  # the cache class of full-attention layers (offload.kv swaps in 8-bit)
+
     def __init__(self, cfg: GptOssConfig):
         super().__init__()
         self.config = cfg
@@ -158,7 +166,7 @@ class Transformer(nn.Module):
     def make_cache(self) -> list:
         """RotatingKVCache(window) for sliding layers, a growing KVCache for full-attention layers."""
         return [
-            RotatingKVCache(max_size=layer.self_attn.window) if layer.self_attn.window else KVCache()
+            RotatingKVCache(max_size=layer.self_attn.window) if layer.self_attn.window else self.full_attention_cache()
             for layer in self.model.layers
         ]
 

@@ -277,8 +277,15 @@ SCRIPTS = {
     "no_header": ["hello world<|return|>"],
     "loop": ["<|channel|>analysis<|message|> again and again and"],  # never closes: " and" -> " again" -> ...
 }
+LOOKUP = {"name": "lookup", "description": "Look up a number.",
+          "parameters": {"type": "object", "properties": {"q": {"type": "integer"}}, "required": ["q"]}}
+# "noncanonical": a call whose arguments the model writes one character a token, which encode() would not
+# produce (see script_ids)
+SCRIPTS["noncanonical"] = ["<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant<|channel|>commentary"
+                           ' to=functions.lookup <|constrain|>json<|message|>{"q": 7}<|call|>',
+                           "<|channel|>final<|message|>Seven.<|return|>"]
 SCRIPT_TOOLS = {"tool": [get_weather], "preamble": [get_weather], "analysis_call": [get_weather],
-                "loop12": [make_counter()]}
+                "loop12": [make_counter()], "noncanonical": [LOOKUP]}
 SAMPLE_USERS = (["Say hi"], ["What is MXFP4?", "Tell me more please"])
 
 
@@ -289,6 +296,8 @@ def script_result(call: dict, n: int) -> str:
         return json.dumps(get_weather(**json.loads(call["arguments"])), ensure_ascii=False)
     if call["name"] == "count":
         return json.dumps({"n": n})
+    if call["name"] == "lookup":
+        return "seven"
     return "2"  # python
 
 
@@ -319,7 +328,14 @@ def script_ids(name: str) -> list[list[int]]:
     """The token ids the scripted model generates, per model call."""
     from mlx_gptoss import harmony
 
-    return [harmony.encoding().encode(t, allowed_special="all") for t in SCRIPTS[name]]
+    enc = harmony.encoding()
+    out = [enc.encode(t, allowed_special="all") for t in SCRIPTS[name]]
+    if name == "noncanonical":
+        head, args = SCRIPTS[name][0].split("<|message|>{")
+        args = "{" + args.removesuffix("<|call|>")
+        out[0] = enc.encode(head + "<|message|>", allowed_special="all") + [enc.encode(c)[0] for c in args] + [
+            harmony.CALL]
+    return out
 
 
 def _episodes(name: str) -> list:
@@ -330,16 +346,18 @@ def _episodes(name: str) -> list:
 
     tools = SCRIPT_TOOLS.get(name)
     episodes = []
+    exact: dict = {}  # as a Session keeps them: the generated ids of each part
     for users in SAMPLE_USERS:
         msgs = []
         for u in users[:-1]:
             msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": "Sure."}]
         msgs.append({"role": "user", "content": users[-1]})
         for k, gen in enumerate(script_ids(name)):
-            episodes.append((harmony.render(msgs, tools=tools), gen))
+            episodes.append((harmony.render(msgs, tools=tools, exact=lambda p: exact.get(harmony.part_key(p))), gen))
             parser = harmony.StreamParser()
             for t in gen:
                 parser.feed(t)
+            exact.update((harmony.part_key(p), ids) for p, ids in zip(parser.parts, parser.part_ids) if ids)
             msgs.append(assistant_message(parser))
             msgs += [{"role": "tool", "name": c["name"], "tool_call_id": c["id"], "content": script_result(c, k + 1)}
                      for c in parser.tool_calls]

@@ -293,7 +293,7 @@ def test_plan_command(ckpt20, ckpt120):
     r = CliRunner().invoke(app, ["plan", "--model", str(ckpt20), "--memory", "24GB"], env={"COLUMNS": "150"})
     assert r.exit_code == 0, r.output
     assert "experts" in r.output and "fits" in r.output and "13.8 GB" in r.output
-    r = CliRunner().invoke(app, ["plan", "--model", str(ckpt120), "--memory", "32GB", "--ctx", "8192"],
+    r = CliRunner().invoke(app, ["plan", "--model", str(ckpt120), "--memory", "32GB", "--ctx", "8192", "--offload", "none"],
                            env={"COLUMNS": "150"})
     assert r.exit_code == 1 and "does not fit" in r.output and "20b" in r.output
     r = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli.app", "plan", "--model", str(ckpt20), "--memory",
@@ -383,17 +383,22 @@ def test_plan_json_for_scripts(ckpt20):
     d = json.loads(r.stdout)
     assert set(d) == {"model", "sized_from", "backend", "dtype", "weights", "kv_cache", "activations", "overhead",
                       "needed", "needed_at_min_context", "budget", "context", "decision", "fits", "message",
-                      "remedies"}
+                      "remedies", "levers", "lever_notes"}
     p = make_plan(read_checkpoint(ckpt20), budget=budget(24))
     assert d["weights"]["in_memory"] == p.weights and sum(d["weights"]["on_disk"].values()) == HUB_TOTAL_20B
     assert d["weights"]["total"] == p.weight_bytes and d["kv_cache"]["total"] == p.kv_bytes
     assert d["budget"]["usable"] == 24 * GB and d["budget"]["source"] == "--memory 24GB"
     assert d["context"] == {"requested": 131072, "planned": p.context, "min": memory.MIN_CONTEXT}
     assert d["decision"] == p.status and d["needed"] == p.needed and d["remedies"] == p.remedies
-    r = CliRunner().invoke(app, ["plan", "--model", str(ckpt20), "--memory", "8GB", "--json", "--device", "cpu"])
+    r = CliRunner().invoke(app, ["plan", "--model", str(ckpt20), "--memory", "8GB", "--json", "--device", "cpu",
+                                 "--offload", "none"])
     d = json.loads(r.stdout)
     assert r.exit_code == 1 and d["decision"] == "does not fit" and not d["fits"] and d["needed"] is None
-    assert d["remedies"] and d["needed_at_min_context"] > 8 * GB
+    assert d["remedies"] and d["needed_at_min_context"] > 8 * GB and d["levers"] == []
+    # the default --offload auto streams experts instead, and says so
+    r = CliRunner().invoke(app, ["plan", "--model", str(ckpt20), "--memory", "8GB", "--json", "--device", "cpu"])
+    d = json.loads(r.stdout)
+    assert r.exit_code == 0 and d["fits"] and "experts" in d["levers"] and d["lever_notes"]
 
 
 def test_memory_with_a_space_is_accepted(ckpt20):

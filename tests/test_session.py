@@ -147,7 +147,7 @@ def test_rotating_cache_state_round_trips_its_offsets(random_gpt):
 
 def test_dependency_floors_match_the_code():
     """The floors the code needs: RotatingKVCache.state with offsets (mlx-lm 0.32.2), the cache fixes of mlx
-    0.32.1, openai-harmony 0.0.5's parser API; and the installed versions meet them."""
+    0.32.1, openai-harmony 0.0.5 (the API this code was checked against); the installed versions meet them."""
     import tomllib
     from importlib.metadata import version
 

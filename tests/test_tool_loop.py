@@ -10,7 +10,8 @@ import pytest
 from openai_harmony import Author, Message, Role
 
 from mlx_gptoss import Session, harmony
-from scripted_checkpoint import (SCRIPTS, forget_models, get_weather, make_counter, script_ids, scripted_model)
+from scripted_checkpoint import (LOOKUP, SCRIPTS, forget_models, get_weather, make_counter, script_ids,
+                                 scripted_model)
 
 ASK = "What's the weather in Paris?"
 
@@ -175,6 +176,28 @@ def test_the_next_user_turn_after_a_pending_tool_result_prefills_only_what_it_ad
     assert done.stats.prefilled_tokens == added < 70
 
 
+def test_a_tokenization_encode_would_not_give_still_renders_back_token_for_token():
+    """The model writes the arguments one character a token; the session renders its own ids back."""
+    gpt = scripted_model("noncanonical")
+    enc = harmony.encoding()
+    gen = script_ids("noncanonical")[0]
+    args = gen[gen.index(harmony.MESSAGE, gen.index(harmony.CONSTRAIN)) + 1:-1]
+    assert enc.decode(args) == '{"q": 7}' and args != enc.encode('{"q": 7}')
+    s = gpt.session(tools=[LOOKUP])
+    evs = list(s.send("Look up 7", temperature=0))
+    before = list(s.runner.ids)
+    assert before[-len(gen):] == gen
+    (call,) = [e for e in evs if e.kind == "tool_call"]
+    assert call.arguments == '{"q": 7}'
+    s.add_tool_result("lookup", "seven", tool_call_id=call.id)
+    assert s.render()[:len(before)] == before
+    evs = list(s.send(None, temperature=0))
+    assert merged(evs) == [("content", "Seven.")] and evs[-1].stats.cached_tokens == len(before)
+    # from message dicts alone (no generated ids), the canonical encoding is the fallback
+    plain = harmony.render(s.messages[:3], tools=[LOOKUP], date=s.date)
+    assert plain[:len(before) - len(gen)] == before[:len(before) - len(gen)] and plain[:len(before)] != before
+
+
 # --------------------------------------------------------------------------- what the history keeps
 
 def test_reasoning_of_a_turn_whose_call_nobody_answered_is_dropped_at_the_next_user_message():
@@ -215,7 +238,7 @@ def test_tool_results_are_matched_to_calls_by_id_then_by_name():
 
 def test_scripts_are_what_the_parser_reads():
     """The scripts themselves parse cleanly (a broken script would make the tests above meaningless)."""
-    for name in ("preamble", "analysis_call", "python", "multi_analysis", "loop12"):
+    for name in ("preamble", "analysis_call", "python", "multi_analysis", "loop12", "noncanonical"):
         for ids in script_ids(name):
             p = harmony.StreamParser()
             for t in ids:
