@@ -54,8 +54,8 @@ def bench(
     with err.status("starting") as status:
         result = B.run(model, n_prompt=n_prompt, n_gen=n_gen, depth=depth, repetitions=repetitions,
                        kernels=kernels, memory=memory, ctx=ctx, dtype=dt, bandwidth_bytes=bandwidth_bytes,
-                       offload=offload, kv_bits=kv_bits,
-                       progress=None if quiet and not sys.stderr.isatty() else status.update, group="auto")
+                       offload=offload, kv_bits=kv_bits, group="auto",
+                       progress=None if quiet and not sys.stderr.isatty() else status.update)
     if as_json:
         print(json.dumps(result, indent=2))
     elif as_csv:
@@ -97,18 +97,18 @@ def show(result: dict) -> None:
     console.print(f"load {result['load_seconds']:.2f} s, peak memory {gb(result['peak_memory_bytes'])}; "
                   f"memory bandwidth (1 GiB): read {bw['best_read']:.1f} GB/s, copy {bw['numpy_copy']:.1f} GB/s",
                   highlight=False)
-    dist = result.get("distributed")
-    if dist:
-        console.print(f"{dist['ranks']} ranks (figures per rank): {dist['all_sums_per_token']} all_sums of "
-                      f"{dist['bytes_per_all_sum']:,} B per token, {dist['sent_bytes_per_token_per_rank']:,} B sent "
-                      f"per rank per token; communication alone {dist['seconds_per_token'] * 1e3:.2f} ms per token "
-                      f"({dist['seconds_per_all_sum'] * 1e6:.0f} µs per all_sum)", highlight=False)
     off = result.get("offload")
     if off:
         console.print(f"offload: {'; '.join(off['lever_notes'])}", highlight=False)
         for test, st in off["streaming"].items():
             console.print(f"streaming {test}: expert hit rate {st['hit_rate']:.0%}, "
                           f"{st['bytes_per_token'] / 1e9:.3f} GB streamed per token", highlight=False)
+    dist = result.get("distributed")
+    if dist:
+        console.print(f"{dist['ranks']} ranks (figures per rank): {dist['all_sums_per_token']} all_sums of "
+                      f"{dist['bytes_per_all_sum']:,} B per token, {dist['sent_bytes_per_token_per_rank']:,} B sent "
+                      f"per rank per token; communication alone {dist['seconds_per_token'] * 1e3:.2f} ms per token "
+                      f"({dist['seconds_per_all_sum'] * 1e6:.0f} µs per all_sum)", highlight=False)
     for r in result["roofline"]:
         console.print(f"roofline {r['test']} [{r['kernels']}]: {gb(r['bytes_per_token'])} read per token x "
                       f"{r['achieved_gbps'] * 1e9 / r['bytes_per_token']:.1f} tok/s = {r['achieved_gbps']:.1f} GB/s, "

@@ -34,7 +34,7 @@ def plan(
     ranks: int = typer.Option(1, "--ranks", help="Plan one Mac of N sharing the model under mlx.launch."),
 ) -> None:
     """Show the memory a model needs (from its safetensors headers) and whether it fits. Loads nothing."""
-    if ranks > 1:  # one Mac's share of a model split over several (the offload levers are not combined with it)
+    if ranks > 1:
         from mlx_gptoss.distributed.plan import plan_ranks
 
         p = plan_ranks(model, ranks, context=ctx, memory=memory_, dtype=dtype, device=device)

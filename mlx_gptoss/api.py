@@ -44,8 +44,8 @@ class GptOss:
     dtype: mx.Dtype
     plan: "Plan | None" = None  # the memory plan load() applied (mlx_gptoss.memory)
     max_context: int = 0  # the most tokens a cache may hold under that plan (0: unbounded)
-    group: object = None  # the mx.distributed group this rank's share belongs to (mlx_gptoss.distributed)
     offload: "object | None" = None  # mlx_gptoss.offload.Offloaded when the plan chose levers (.stats)
+    group: object = None  # the mx.distributed group this rank's share belongs to (mlx_gptoss.distributed)
 
     def make_cache(self) -> list:
         """model.make_cache(), refusing (ContextLengthError) to grow past max_context tokens."""
@@ -116,7 +116,7 @@ def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bo
     kv_bits=8|16 fixes the full-attention KV cache's width.
     group: a mx.distributed group, or "auto" (the one mlx.launch started, if any): each rank then reads and
     holds only its share, and every rank calls the model (mlx_gptoss.distributed.lead_or_follow instead
-    lets rank 0 alone run the program); the offload levers are not combined with it."""
+    lets rank 0 alone run the program). The offload levers are for one machine: a sharded load takes none."""
     path = resolve(str(model), allow_download=allow_download)
     ckpt = local_checkpoint(path, check_size=True)  # config + every header, checked before any data is read
     cfg = ckpt.config
@@ -129,9 +129,10 @@ def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bo
 
         group = join(group)
         if group is not None:
-            if offload not in ("auto", "none") or kv_bits or resident_experts is not None:
-                raise GptOssError("offload levers (expert streaming, 8-bit weights or KV) cannot be combined "
-                                  "with group= yet: split the model over more Macs instead (gptoss-mac plan --ranks N)")
+            if offload not in ("auto", "none") or kv_bits == 8 or resident_experts is not None:
+                raise GptOssError(f"offload={offload!r}, kv_bits={kv_bits!r}: the offload levers run on one machine; "
+                                  "a model sharded over several ranks is loaded resident (drop these options, or "
+                                  "add a rank: gptoss-mac plan --ranks N)")
             net, plan, _ = load_rank(ckpt, group, dtype=dtype, memory=memory, ctx=ctx, progress=progress)
             return GptOss(model=net, config=cfg, path=path, dtype=dtype, plan=plan, max_context=plan.context,
                           group=group)

@@ -315,10 +315,10 @@ def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int =
         "comparison": compare(results),
         "notes": notes,
         "roofline": roofline,  # per rank when distributed: this rank's share of the bytes
-        "distributed": time_comm(gpt) if gpt.group is not None else None,
         "offload": None if gpt.offload is None else {
             "levers": gpt.plan.levers.names(), "lever_notes": gpt.plan.lever_notes(),
             "resident_experts": gpt.plan.resident_share, "streaming": streamed},
+        "distributed": time_comm(gpt) if gpt.group is not None else None,
         "settings": {"repetitions": repetitions, "warmup": warmup, "seed": seed, "memory": memory, "ctx": ctx,
                      "prompt": "random tokens", "offload": offload, "kv_bits": kv_bits},
     }
