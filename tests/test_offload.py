@@ -100,7 +100,10 @@ def test_resident_does_not_fit_the_budget(big_ckpt, resident_run):
 
 def test_streaming_under_the_budget_is_exact(big_ckpt, resident_run):
     b, mlx_part = budget_below_resident(big_ckpt)
+    mx.clear_cache()
+    mx.reset_peak_memory()
     gpt = mlx_gptoss.load(big_ckpt, memory=b, ctx=CTX, offload="experts", kv_bits=16)
+    assert mx.get_peak_memory() <= mlx_part  # loading too: streamed experts are never read whole
     p = gpt.plan
     assert isinstance(p, OffloadPlan) and p.levers.names() == ["experts"]
     assert 0 < p.levers.expert_slots < BIG["num_local_experts"]
