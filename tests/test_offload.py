@@ -212,3 +212,22 @@ def test_cli_options(tiny_ckpt):
     off = json.loads(r.stdout)["offload"]
     assert off["levers"] == ["kv8", "experts"] and set(off["streaming"]) == {"pp16", "tg4"}
     assert off["streaming"]["tg4"]["hit_rate"] == 1.0 and off["streaming"]["tg4"]["bytes_per_token"] == 0
+
+
+def test_chat_with_tools_through_every_lever():
+    """A whole harmony turn with a tool call (the Runner's pipelined decode, prompt cache and a second
+    prefill) through every lever: the scripted model (wide margins) replays its script as it does resident."""
+    from mlx_gptoss.offload import Levers
+    from scripted_checkpoint import get_weather, scripted_path
+
+    lv = Levers(embedding=True, kv_bits=8, weight_bits=8, expert_slots=1)
+
+    def turn(offload):
+        gpt = mlx_gptoss.load(scripted_path("tool"), allow_download=False, memory="64GB", ctx=4096, offload=offload)
+        evs = list(gpt.session(tools=[get_weather]).send("What is MXFP4?", auto_tools=True, temperature=0))
+        return [(e.kind, e.text) for e in evs if e.kind != "done"], gpt
+
+    want, _ = turn("none")
+    got, gpt = turn(lv)
+    assert got == want and ("tool_call", '{"city": "Paris"}') in got
+    assert gpt.offload.stats.misses > 0
