@@ -231,3 +231,35 @@ def test_chat_with_tools_through_every_lever():
     got, gpt = turn(lv)
     assert got == want and ("tool_call", '{"city": "Paris"}') in got
     assert gpt.offload.stats.misses > 0
+
+
+def test_all_resident_decode_runs_on_the_slot_arrays_exactly(tiny_ckpt, monkeypatch):
+    """With every expert resident, prefill goes through the stacked path and each decode step through the
+    slot arrays directly (no copy); both give the resident model's logits bit for bit."""
+    seen = []
+    real = kernels.moe
+
+    def spy(x, gate_up, down, ids, weights, **kw):
+        seen.append((ids.size, gate_up[0].shape[0]))
+        return real(x, gate_up, down, ids, weights, **kw)
+
+    prompt = mx.array(np.random.default_rng(4).integers(0, 512, (1, 24)).astype(np.int32))
+
+    def run(gpt):
+        cache = gpt.make_cache()
+        out = [gpt.model(prompt, cache=cache)[0]]
+        tok = mx.array([[7]], dtype=mx.int32)
+        for _ in range(8):
+            out.append(gpt.model(tok, cache=cache)[0])
+            tok = mx.argmax(out[-1][-1:], axis=-1)[None].astype(mx.int32)
+        return np.array(mx.concatenate(out))
+
+    ref = run(mlx_gptoss.load(tiny_ckpt, memory="64GB", ctx=CTX))
+    gpt = mlx_gptoss.load(tiny_ckpt, memory="64GB", ctx=CTX, offload="experts", resident_experts=1.0)
+    monkeypatch.setattr(kernels, "moe", spy)
+    got = run(gpt)
+    np.testing.assert_array_equal(got, ref)
+    E, layers = gpt.config.num_local_experts, gpt.config.num_hidden_layers
+    decode = [n for size, n in seen if size < kernels.SORT_THRESHOLD]
+    assert len(decode) == 8 * layers and all(n == E for n in decode)  # the slot arrays themselves
+    assert gpt.offload.stats.misses == 0 and gpt.offload.reader.bytes_read == 0
