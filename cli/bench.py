@@ -28,7 +28,8 @@ def bench(
     depth: Optional[str] = typer.Option(None, "--depth", "-d", help="Context already in the cache before each "
                                         "test, comma-separated [default: 0]."),
     repetitions: int = typer.Option(5, "--repetitions", "-r", help="Timed repetitions per test (after a warm-up)."),
-    kernels: str = typer.Option("auto", "--kernels", help="MoE kernels: auto, metal or builtin."),
+    kernels: str = typer.Option("auto", "--kernels", help="MoE kernels: auto, metal or builtin; several "
+                                "separated by commas run one after the other (metal,builtin prints the ratio)."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Memory budget instead of this machine's, e.g. 16GB."),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context to plan for [default: the model's, or what fits]."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Activation dtype [default: bfloat16 on Metal, "
@@ -53,7 +54,7 @@ def bench(
     with err.status("starting") as status:
         result = B.run(model, n_prompt=n_prompt, n_gen=n_gen, depth=depth, repetitions=repetitions,
                        kernels=kernels, memory=memory, ctx=ctx, dtype=dt, bandwidth_bytes=bandwidth_bytes,
-                       offload=offload, kv_bits=kv_bits,
+                       offload=offload, kv_bits=kv_bits, group="auto",
                        progress=None if quiet and not sys.stderr.isatty() else status.update)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -85,9 +86,14 @@ def show(result: dict) -> None:
         t.add_column(col, justify="right" if col in ("size", "t/s") else "left")
     for r in result["results"]:
         t.add_row(Path(mod["name"]).name or mod["name"], gb(mod["weight_bytes"]), m["mlx_backend"],
-                  mod["kernels"], mod["dtype"], r["test"],
+                  r.get("kernels_ran") or mod["kernels"], mod["dtype"], r["test"],
                   f"{r['tokens_per_s']:.2f} ± {r['std']:.2f}")
     console.print(t)
+    for note in result.get("notes", []):
+        console.print(note, highlight=False)
+    if result.get("comparison"):
+        console.print("metal / builtin: " + ", ".join(f"{c['test']} {c['ratio']:.2f}x" for c in result["comparison"]),
+                      highlight=False)
     console.print(f"load {result['load_seconds']:.2f} s, peak memory {gb(result['peak_memory_bytes'])}; "
                   f"memory bandwidth (1 GiB): read {bw['best_read']:.1f} GB/s, copy {bw['numpy_copy']:.1f} GB/s",
                   highlight=False)
@@ -97,8 +103,14 @@ def show(result: dict) -> None:
         for test, st in off["streaming"].items():
             console.print(f"streaming {test}: expert hit rate {st['hit_rate']:.0%}, "
                           f"{st['bytes_per_token'] / 1e9:.3f} GB streamed per token", highlight=False)
+    dist = result.get("distributed")
+    if dist:
+        console.print(f"{dist['ranks']} ranks (figures per rank): {dist['all_sums_per_token']} all_sums of "
+                      f"{dist['bytes_per_all_sum']:,} B per token, {dist['sent_bytes_per_token_per_rank']:,} B sent "
+                      f"per rank per token; communication alone {dist['seconds_per_token'] * 1e3:.2f} ms per token "
+                      f"({dist['seconds_per_all_sum'] * 1e6:.0f} µs per all_sum)", highlight=False)
     for r in result["roofline"]:
-        console.print(f"roofline {r['test']}: {gb(r['bytes_per_token'])} read per token x "
+        console.print(f"roofline {r['test']} [{r['kernels']}]: {gb(r['bytes_per_token'])} read per token x "
                       f"{r['achieved_gbps'] * 1e9 / r['bytes_per_token']:.1f} tok/s = {r['achieved_gbps']:.1f} GB/s, "
                       f"{r['percent_of_bandwidth']:.0f}% of the measured {r['bandwidth_gbps']:.1f} GB/s",
                       highlight=False)

@@ -8,7 +8,7 @@ on stdout, no colours. The conversation is autosaved as JSON after every reply a
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import sys
 import time
@@ -17,16 +17,23 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mlx_gptoss import hub
 from mlx_gptoss.errors import GptOssError
 
 from . import download as dl
+from . import saved
 from .render import ReplyView, stats_line
 
-EFFORTS = ("low", "medium", "high")
-SAVE_FORMAT = "gptoss-mac chat"
+EFFORTS = saved.EFFORTS
+DTYPES = ("bfloat16", "float16", "float32")
 err = Console(stderr=True, highlight=False)
+
+
+def error(text: str) -> None:
+    """One red line on stderr, never wrapped; text is printed as it is (no Rich markup)."""
+    err.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)
 
 
 def state_dir() -> Path:
@@ -56,6 +63,12 @@ def _memory(value: str | None) -> str | None:
     return value
 
 
+def _dtype(value: str | None) -> str | None:
+    if value is not None and value not in DTYPES:
+        raise typer.BadParameter(f"must be bfloat16, float16 or float32; got {value!r}")
+    return value
+
+
 def _effort(value: str) -> str:
     if value not in EFFORTS:
         raise typer.BadParameter(f"must be low, medium or high; got {value!r}")
@@ -63,14 +76,23 @@ def _effort(value: str) -> str:
 
 
 def _temperature(value: float) -> float:
-    if value < 0:
-        raise typer.BadParameter(f"must be 0 (greedy) or more; got {value}")
+    if not math.isfinite(value) or value < 0:
+        raise typer.BadParameter(f"must be 0 (greedy) or a finite number above it, like 1.0; got {value}")
     return value
 
 
 def _top_p(value: float) -> float:
-    if not 0 < value <= 1:
-        raise typer.BadParameter(f"must be in (0, 1]; got {value}")
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise typer.BadParameter(f"must be in (0, 1], like 0.9; got {value}")
+    return value
+
+
+MAX_SEED = 2**64 - 1  # MLX's random seed is an unsigned 64-bit integer
+
+
+def _seed(value: int | None) -> int | None:
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise typer.BadParameter(f"must be a whole number from 0 to {MAX_SEED}; got {value}")
     return value
 
 
@@ -106,9 +128,11 @@ def chat(
     ctx: int | None = typer.Option(None, "--ctx", callback=_positive("8192"),
                                    help="Context length in tokens (default: what fits in memory)."),
     developer: str | None = typer.Option(None, "--developer", help="Developer instructions (system prompt)."),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
+    seed: int | None = typer.Option(None, "--seed", callback=_seed, help="Random seed, for reproducible sampling."),
     memory: str | None = typer.Option(None, "--memory", callback=_memory,
                                       help="Memory budget for the plan, like 16GB (default: this machine's)."),
+    dtype: str | None = typer.Option(None, "--dtype", callback=_dtype, help="Activation dtype: bfloat16, float16 "
+                                     "or float32 (default: bfloat16 on Metal, float32 on MLX's CPU backend)."),
     offload: str = typer.Option("auto", "--offload", help="auto: stream experts / 8-bit weights only when the "
                                 "model does not fit; none: never; experts: stream experts anyway."),
     kv_bits: int | None = typer.Option(None, "--kv-bits", help="KV cache of the full-attention layers: 8 or 16 "
@@ -116,17 +140,20 @@ def chat(
 ) -> None:
     """Chat with gpt-oss in the terminal (reads one prompt per line when stdin is not a terminal)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    developer = saved.clean(developer)[0] if developer else None  # argv bytes that are not UTF-8
     settings = Settings(effort, show_reasoning, developer, temperature, top_p, max_tokens, seed)
-    gpt = load_model(model, ctx=ctx, memory=memory, interactive=interactive, offload=offload, kv_bits=kv_bits)
+    gpt = load_model(model, ctx=ctx, memory=memory, dtype=dtype, interactive=interactive, offload=offload,
+                     kv_bits=kv_bits)
     conv = Conversation(gpt, settings)
     Chat(conv, interactive).run()
 
 
 # --- the model: download on first use, progress bar, memory plan line ----------------------------------
 
-def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: bool, offload: str = "auto",
-               kv_bits: int | None = None):
+def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: bool, dtype: str | None = None,
+               offload: str = "auto", kv_bits: int | None = None):
     import mlx_gptoss
+    from mlx_gptoss.distributed import lead_or_follow
 
     if not Path(model).expanduser().exists() and not hub.looks_like_path(model) and hub.cached(model) is None:
         plan = hub.plan_download(model)
@@ -137,14 +164,18 @@ def load_model(model: str, *, ctx: int | None, memory: str | None, interactive: 
         dl.fetch(plan)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    kwargs = {k: v for k, v in (("ctx", ctx), ("memory", memory), ("kv_bits", kv_bits)) if v is not None}
+    import mlx.core as mx
+
+    kwargs = {k: v for k, v in (("ctx", ctx), ("memory", memory), ("dtype", dtype and getattr(mx, dtype)),
+                                ("kv_bits", kv_bits)) if v is not None}
     kwargs["offload"] = offload
     columns = (TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
                TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not interactive) as bar:
         task = bar.add_task(model, total=None)
-        gpt = mlx_gptoss.load(model, allow_download=False, progress=lambda done, total: bar.update(
-            task, completed=done, total=total), **kwargs)
+        gpt = mlx_gptoss.load(model, allow_download=False, for_chat=True, group="auto", **kwargs,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+    gpt = lead_or_follow(gpt)  # under mlx.launch: ranks other than 0 replay rank 0's model calls, then exit
     line = plan_line(gpt)
     err.print(f"[dim]{line}[/]" if interactive else line, markup=interactive, soft_wrap=not interactive)
     return gpt
@@ -157,7 +188,8 @@ def plan_line(gpt) -> str:
     plan = gpt.plan
 
     line = (f"memory plan: weights {gb(plan.weight_bytes)} + KV cache {gb(plan.kv_bytes)} for a context of "
-            f"{plan.context:,} tokens = {gb(plan.needed)} of {gb(plan.budget.usable)} ({plan.budget.source})")
+            f"{plan.context:,} tokens = {gb(plan.needed)} of {gb(plan.budget.usable)} ({plan.budget.source}), "
+            f"{plan.dtype} activations")
     if plan.status == "smaller context":
         line += f"; the context is reduced from {plan.requested_context:,} to fit"
     if hasattr(plan, "lever_notes") and plan.levers.active:
@@ -168,23 +200,37 @@ def plan_line(gpt) -> str:
 # --- the engine: the only place that talks to the chat Session ------------------------------------------
 
 class Conversation:
-    """The chat Session (mlx_gptoss.chat.Session) plus what the CLI adds: settings and JSON files."""
+    """The chat Session (mlx_gptoss.chat.Session) plus what the CLI adds: settings, JSON files, and the
+    messages the session dropped from the model's context to make room (kept here, so a save holds the
+    whole conversation and an autosave never shrinks)."""
 
     def __init__(self, gpt, settings: Settings):
         self.gpt, self.settings = gpt, settings
         self.session = gpt.session(reasoning_effort=settings.effort, developer=settings.developer)
+        self.archive: list[dict] = []
+        self._before: list[dict] = []
 
     def send(self, text: str):
         s = self.settings
+        self._before = list(self.session.messages)
         # keep_partial: after Ctrl-C the conversation keeps the part of the answer the user already saw
         return self.session.send(text, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                  seed=s.seed, keep_partial=True)
 
+    def archive_dropped(self) -> int:
+        """After a turn: keep the oldest messages the session dropped to fit the context; how many."""
+        before, after = self._before, self.session.messages
+        n = next(k for k in range(len(before) + 1) if after[:len(before) - k] == before[k:])
+        self.archive += before[:n]
+        self._before = list(after)
+        return n
+
     def messages(self) -> list[dict]:
-        return self.session.messages
+        return self.archive + self.session.messages
 
     def reset(self) -> None:
         self.session.reset()
+        self.archive = []
 
     def set_effort(self, effort: str) -> None:
         self.settings.effort = effort
@@ -195,53 +241,50 @@ class Conversation:
         self.session.set_developer(text)
 
     def save(self, path: Path) -> Path:
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"format": SAVE_FORMAT, "version": 1, "model": str(self.gpt.path),
-                "session": self.session.to_dict()}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-        tmp.replace(path)  # atomic: a crash mid-write never leaves half a file
-        return path
+        session = {**self.session.to_dict(), "messages": self.messages()}
+        return saved.write(path, {"format": saved.FORMAT, "version": saved.VERSION, "model": str(self.gpt.path),
+                                  "session": session})
 
     def load(self, path: Path) -> int:
-        """Replace the conversation with a saved one; returns its number of messages."""
-        path = Path(path).expanduser()
+        """Replace the conversation with a saved one; returns its number of messages. A bad file raises
+        GptOssError and leaves the current conversation as it was."""
+        data = saved.read(path)
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise GptOssError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise GptOssError(f"{path}: not a saved chat ({e})") from None
-        saved = data.get("session") if isinstance(data, dict) and data.get("format") == SAVE_FORMAT else None
-        if not isinstance(saved, dict) or not isinstance(saved.get("messages"), list):
-            raise GptOssError(f"{path}: not a chat saved by /save")
-        try:
-            session = self.gpt.session(**saved)
-        except (TypeError, ValueError) as e:
-            raise GptOssError(f"{path}: cannot restore this chat ({e})") from None
-        self.session = session
-        if saved.get("reasoning_effort") in EFFORTS:
-            self.settings.effort = saved["reasoning_effort"]
-        if "developer" in saved:
-            self.settings.developer = saved["developer"]
+            session = self.gpt.session(**data)
+        except GptOssError as e:
+            raise GptOssError(f"{Path(path).expanduser()}: cannot restore this chat: {e}") from None
+        self.session, self.archive = session, []
+        self.settings.effort = data.get("reasoning_effort", "medium")
+        self.settings.developer = data.get("developer")
         return len(session.messages)
 
 
-def notes(stats, settings: Settings) -> list[str]:
+def notes(stats, settings: Settings, dropped: int = 0) -> list[str]:
     """What the user should know about a finished reply beyond its text."""
-    if stats is None:
-        return []
     out = []
+    if dropped:
+        out.append(f"({dropped} of the oldest messages no longer fit the context: the model does not see them "
+                   "any more; saves still hold them)")
+    if stats is None:
+        return out
     if stats.stop_reason == "max_tokens":
         out.append(f"(the reply stopped at --max-tokens {settings.max_tokens})")
     elif stats.stop_reason == "context":
         out.append("(the context is full: /reset, or start with a larger --ctx)")
-    if stats.dropped_messages:
-        out.append(f"({stats.dropped_messages} of the oldest messages were dropped to fit the context)")
     if stats.malformed:
         out.append("(the model's output did not follow the chat format; it is shown as it came)")
     return out
+
+
+def _stdin_lines():
+    """Piped input, line by line, decoded as UTF-8; undecodable bytes become lone surrogates (surrogateescape)
+    for saved.clean() to find and replace."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:
+        yield from sys.stdin
+        return
+    for raw in buffer:
+        yield raw.decode("utf-8", "surrogateescape")
 
 
 # --- the loop ------------------------------------------------------------------------------------------
@@ -266,8 +309,15 @@ class Chat:
         self.conv, self.interactive = conv, interactive
         self.out = Console(highlight=False) if interactive else Console(no_color=True, highlight=False,
                                                                          emoji=False, soft_wrap=True)
+        # piped: stdout holds only the answers; everything else (slash commands' output) goes to stderr
+        self.info = self.out if interactive else Console(stderr=True, no_color=True, highlight=False, emoji=False,
+                                                         soft_wrap=True)
         self.totals = Totals()
         self.autosave_path = state_dir() / "autosave.json"
+        self.failed = 0  # prompts that got no reply (piped mode exits 1 if any)
+        self.line_no = 0
+        self._fresh = True  # the next autosave starts a new conversation: set the old autosave aside first
+        self._warned: set[str] = set()
 
     # -- input
     def _prompt_session(self):
@@ -301,17 +351,27 @@ class Chat:
     def lines(self):
         """User inputs; None on Ctrl-C at the prompt (cleared line)."""
         if not self.interactive:
-            for line in sys.stdin:
-                yield line.rstrip("\r\n")
+            for line in _stdin_lines():
+                self.line_no += 1
+                text, replaced = saved.clean(line)
+                if replaced:
+                    self._warn_once("utf8", f"input line {self.line_no} is not valid UTF-8: its undecodable bytes "
+                                            "are replaced by \ufffd (this is said once)")
+                yield text.rstrip("\r\n")
             return
         session = self._prompt_session()
         while True:
             try:
-                yield session.prompt("› ")
+                yield saved.clean(session.prompt("› "))[0]
             except KeyboardInterrupt:
                 yield None
             except EOFError:
                 return
+
+    def _warn_once(self, key: str, text: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            err.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)
 
     # -- loop
     def run(self) -> None:
@@ -328,17 +388,23 @@ class Chat:
                     continue
                 self.turn(line)
         except Exception as e:  # a crash never loses the conversation
-            where = self._save_quietly(state_dir() / f"crash-{time.strftime('%Y%m%d-%H%M%S')}.json")
-            err.print(f"[bold red]error:[/] {type(e).__name__}: {e}")
-            if where:
-                err.print(f"the conversation is saved in {where}; /load it in a new chat to continue")
+            path = state_dir() / f"crash-{time.strftime('%Y%m%d-%H%M%S')}.json"
+            error(f"{type(e).__name__}: {e}")
+            try:
+                where = self.conv.save(path)
+                err.print(f"the conversation is saved in {where}; /load it in a new chat to continue", soft_wrap=True)
+            except Exception as save_error:
+                error(f"the conversation could not be saved: {save_error}")
+            raise typer.Exit(1)
+        if self.failed and not self.interactive:
+            err.print(f"{self.failed} of the prompts got no reply (see above)", soft_wrap=True)
             raise typer.Exit(1)
 
     def turn(self, text: str) -> None:
         view = ReplyView(self.out, show_reasoning=self.conv.settings.show_reasoning, plain=not self.interactive)
-        stats, t0 = None, time.perf_counter()
-        events = self.conv.send(text)
+        stats, t0, events = None, time.perf_counter(), None
         try:
+            events = self.conv.send(text)
             with view:
                 for ev in events:
                     if ev.kind == "done":
@@ -346,38 +412,56 @@ class Chat:
                     else:
                         view.event(ev)
         except KeyboardInterrupt:
-            events.close()  # the session restores its cache and keeps the answer so far
+            if events is not None:
+                events.close()  # the session restores its cache and keeps the answer so far
+            self._count(view, None, t0)
             self.out.print("[dim]stopped; the conversation is kept, with the answer so far.[/]")
-            self._save_quietly(self.autosave_path)
+            self.conv.archive_dropped()
+            self._autosave()
             return
         except GptOssError as e:
-            events.close()
-            err.print(f"[bold red]error:[/] {e}")
+            if events is not None:
+                events.close()
+            self.failed += 1
+            self.conv.archive_dropped()  # whatever the session let go of to try to fit it stays in the saves
+            kept = ("your message is kept in the history: press Up to edit it" if self.interactive
+                    else f"input line {self.line_no} was not answered")
+            error(f"{e} ({kept})")
             return
-        self.totals.turns += 1
-        self.totals.seconds += time.perf_counter() - t0
-        self.totals.tokens += getattr(stats, "generated_tokens", 0) or 0
-        self.totals.last = stats
-        for note in notes(stats, self.conv.settings):
-            err.print(f"[yellow]{note}[/]")
+        self._count(view, stats, t0)
+        for note in notes(stats, self.conv.settings, self.conv.archive_dropped()):
+            err.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
         if self.interactive:
             line = stats_line(stats, view.reasoning_tokens)
             if line:
                 self.out.print(f"[dim]{line}[/]")
-        self._save_quietly(self.autosave_path)
+        self._autosave()
 
-    def _save_quietly(self, path: Path) -> Path | None:
+    def _count(self, view: ReplyView, stats, t0: float) -> None:
+        """Add a reply, finished or interrupted, to the /stats totals."""
+        self.totals.turns += 1
+        self.totals.seconds += time.perf_counter() - t0
+        self.totals.tokens += stats.generated_tokens if stats is not None else view.tokens
+        if stats is not None:
+            self.totals.last = stats
+
+    def _autosave(self) -> None:
+        """Save the conversation to autosave.json. A new conversation first moves the previous one's file to
+        autosave.previous.json, so starting a chat (or /reset, /load) never overwrites a conversation."""
         try:
-            return self.conv.save(path)
-        except Exception:
-            return None
+            if self._fresh and self.autosave_path.exists():
+                self.autosave_path.replace(self.autosave_path.with_name("autosave.previous.json"))
+            self._fresh = False
+            self.conv.save(self.autosave_path)
+        except OSError as e:
+            self._warn_once("autosave", f"the conversation cannot be autosaved ({e}); use /save FILE to keep it")
 
     # -- slash commands
     def command(self, line: str) -> str | None:
         name, _, arg = line.partition(" ")
         arg = arg.strip()
         s = self.conv.settings
-        say = self.out.print
+        say = self.info.print
         if name in ("/exit", "/quit"):
             return "exit"
         if name == "/help":
@@ -387,6 +471,7 @@ class Chat:
             say(f"[dim]every reply is autosaved to {self.autosave_path}[/]")
         elif name == "/reset":
             self.conv.reset()
+            self._fresh = True
             say("new conversation.")
         elif name == "/effort":
             if arg not in EFFORTS:
@@ -401,19 +486,22 @@ class Chat:
                 s.show_reasoning = arg == "on"
                 say(f"chain-of-thought {'shown' if s.show_reasoning else 'hidden'}.")
         elif name == "/developer":
-            self.conv.set_developer(arg or None)
+            self.conv.set_developer(saved.clean(arg)[0] or None)
             say("developer instructions " + ("set." if arg else "removed."))
         elif name in ("/save", "/load"):
             if not arg:
                 say(f"usage: {name} FILE")
+            elif name == "/save":
+                try:
+                    say(f"saved to {self.conv.save(Path(arg))}")
+                except OSError as e:
+                    error(f"/save {arg}: {e}")
             else:
                 try:
-                    if name == "/save":
-                        say(f"saved to {self.conv.save(Path(arg))}")
-                    else:
-                        say(f"loaded {self.conv.load(Path(arg))} messages from {arg}")
-                except (GptOssError, OSError) as e:
-                    err.print(f"[bold red]error:[/] {e}")
+                    say(f"loaded {self.conv.load(Path(arg))} messages from {arg}")
+                    self._fresh = True
+                except GptOssError as e:
+                    error(f"/load: {e} (the current conversation is kept)")
         elif name == "/stats":
             self.stats()
         else:
@@ -422,7 +510,7 @@ class Chat:
 
     def stats(self) -> None:
         t = self.totals
-        say = self.out.print
+        say = self.info.print
         say(f"{t.turns} replies, {t.tokens} tokens generated in {t.seconds:.1f} s; "
             f"{len(self.conv.messages())} messages in the conversation")
         if t.last is not None:

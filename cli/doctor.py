@@ -1,15 +1,22 @@
 """`gptoss-mac doctor`: what a bug report needs, what is wrong, then a smoke test of the whole model path.
 
 Each check is one row: ok, note (worth knowing, not broken) or FAIL. Any FAIL -> exit status 1.
+`--report FILE` writes everything a kernel or speed bug report needs as one JSON file: the machine, every
+row, the Metal kernels' self-test with its timings for every activation dtype, and a bench (pp512, tg128)
+of a downloaded model with each MoE backend this machine has.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -21,8 +28,9 @@ console = Console()
 
 OK, NOTE, FAIL, INFO = "ok", "note", "FAIL", ""
 STYLE = {OK: "green", NOTE: "yellow", FAIL: "bold red", INFO: ""}
-# The reference BLAS of the mlx-cpu wheel does ~6 GFLOP/s here; OpenBLAS ~50x more (DESIGN.md).
-FAST_BLAS_GFLOPS = 30
+# Where Debian/Ubuntu's libopenblas0-pthread puts OpenBLAS (the README's LD_PRELOAD line).
+OPENBLAS = f"/usr/lib/{platform.machine()}-linux-gnu/openblas-pthread/libopenblas.so.0"
+MATMUL_N = 512  # the BLAS probe: one fp32 MATMUL_N x MATMUL_N matmul, best of a few
 
 
 @dataclass
@@ -34,16 +42,37 @@ class Row:
 
 def doctor(
     smoke: bool = typer.Option(True, "--smoke/--no-smoke", help="Run the end-to-end test on a tiny random model."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write everything a kernel or speed bug "
+                                          "report needs to this JSON file (self-test timings in every dtype, "
+                                          "a bench of --model with each MoE backend)."),
+    model: str = typer.Option("openai/gpt-oss-20b", "--model", "-m", help="With --report: the downloaded model "
+                              "to bench (skipped, and said so, when it is not on this machine)."),
+    bench_prompt: int = typer.Option(512, "--bench-prompt", help="With --report: prompt tokens of the bench (ppN)."),
+    bench_gen: int = typer.Option(128, "--bench-gen", help="With --report: generated tokens of the bench (tgN)."),
+    bench_repetitions: int = typer.Option(3, "--bench-repetitions", help="With --report: timed repetitions."),
+    bandwidth_bytes: int = typer.Option(1 << 30, "--bandwidth-bytes", hidden=True,
+                                        help="With --report: buffer size of the bench's bandwidth measurement."),
 ) -> None:
     """Show the machine, MLX, memory, Metal kernels and cached models, then run a smoke test."""
+    if report is not None:
+        _check_writable(report)
+    kernel_dtypes = _all_dtypes() if report is not None else None
     rows: list[Row] = []
-    for probe in (system_rows, mlx_rows, memory_rows, kernel_rows, harmony_rows, blas_rows, cache_rows):
+    for probe in (system_rows, mlx_rows, memory_rows, lambda: kernel_rows(kernel_dtypes), harmony_rows, blas_rows,
+                  cache_rows):
         try:
             rows += probe()
         except Exception as e:  # a broken probe is a finding, not a crash
-            rows.append(Row(probe.__name__.replace("_rows", ""), FAIL, f"{type(e).__name__}: {e}"))
+            name = getattr(probe, "__name__", "probe").replace("_rows", "").replace("<lambda>", "kernels")
+            rows.append(Row(name, FAIL, f"{type(e).__name__}: {e}"))
     if smoke:
         rows += smoke_rows()
+    if report is not None:
+        with console.status("writing the report (benchmarks take a while)"):
+            data = build_report(rows, kernel_dtypes, model, bench_prompt, bench_gen, bench_repetitions,
+                                bandwidth_bytes)
+        report.write_text(json.dumps(data, indent=1, default=str))
+        rows.append(Row("report", OK, f"written to {report}: attach it to the bug report"))
     table = Table(title="gptoss-mac doctor", show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -100,20 +129,29 @@ def memory_rows() -> list[Row]:
     return rows
 
 
-def kernel_rows() -> list[Row]:
-    """The custom Metal MoE kernels: self-test results on a Mac, or why they are not used."""
+def kernel_rows(dtypes=None) -> list[Row]:
+    """The custom Metal MoE kernels: self-test (correct? faster?) with its timings on a Mac, or why not used."""
     import mlx.core as mx
-
-    from mlx_gptoss import kernels
 
     if not mx.metal.is_available():
         return [Row("Metal kernels", INFO, "not used: no Metal GPU; experts run on MLX's built-in mxfp4 ops "
                     "(mx.gather_qmm)")]
-    status = getattr(kernels, "self_test", None)
-    if status is None:
-        return [Row("Metal kernels", NOTE, "this build has no custom kernels; MLX's built-in mxfp4 ops are used")]
-    results = status()  # {kernel name: (passed, detail)}
-    return [Row(f"kernel {name}", OK if passed else FAIL, detail) for name, (passed, detail) in results.items()]
+    from mlx_gptoss import metal_selftest
+
+    rows = []
+    for r in metal_selftest.kernel_status(dtypes):
+        status = OK if r["enabled"] else NOTE if r["passed"] else FAIL
+        speeds = "; ".join(f"{t}: metal {v['metal_s'] * 1e3:.3f} ms, MLX {v['builtin_s'] * 1e3:.3f} ms"
+                           for t, v in r["timings"].items())
+        rows.append(Row(f"kernel {r['kernel']} ({r['dtype']})", status,
+                        r["detail"] + (f" [{speeds}]" if speeds else "") + (" (cached)" if r["cached"] else "")))
+    return rows
+
+
+def _all_dtypes():
+    from mlx_gptoss import metal_selftest
+
+    return metal_selftest.DTYPES
 
 
 def harmony_rows() -> list[Row]:
@@ -136,15 +174,41 @@ def harmony_rows() -> list[Row]:
 
 
 def blas_rows() -> list[Row]:
-    """On Linux the mlx-cpu wheel links a single-threaded reference BLAS; OpenBLAS preloaded is ~50x faster."""
+    """On Linux the mlx-cpu wheel links a single-threaded reference BLAS: measure a matmul with it and, when
+    OpenBLAS is installed, with OpenBLAS preloaded too, and say exactly that (no fixed speed-up claim)."""
     if sys.platform != "linux":
         return []
-    gflops = _matmul_gflops()
-    if gflops >= FAST_BLAS_GFLOPS:
-        return [Row("BLAS", OK, f"fp32 matmul {gflops:.0f} GFLOP/s")]
-    lib = f"/usr/lib/{platform.machine()}-linux-gnu/openblas-pthread/libopenblas.so.0"
-    return [Row("BLAS", NOTE, f"fp32 matmul {gflops:.0f} GFLOP/s: the mlx-cpu wheel links a single-threaded "
-                f"reference BLAS. ~50x faster: apt install libopenblas0-pthread, then run with LD_PRELOAD={lib}")]
+    here = _matmul_gflops()
+    probe = f"fp32 {MATMUL_N}x{MATMUL_N} matmul"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "blas" in preload.lower():
+        return [Row("BLAS", OK, f"{probe}: {here:.1f} GFLOP/s with LD_PRELOAD={preload}")]
+    if not Path(OPENBLAS).is_file():
+        return [Row("BLAS", NOTE, f"{probe}: {here:.1f} GFLOP/s with the mlx-cpu wheel's bundled reference BLAS. "
+                    "OpenBLAS may speed up the float matmuls (attention, unembedding; not the mxfp4 experts): "
+                    "apt install libopenblas0-pthread, then run doctor again to measure it here")]
+    there = _preloaded_gflops(OPENBLAS)
+    if there is None:
+        return [Row("BLAS", NOTE, f"{probe}: {here:.1f} GFLOP/s bundled; the same with LD_PRELOAD={OPENBLAS} "
+                    "could not be measured (the probe process failed)")]
+    ratio = there / here
+    advice = (f"; to use it, run with LD_PRELOAD={OPENBLAS} and measure the model itself with "
+              "gptoss-mac bench, with and without it (only attention and unembedding use this BLAS)"
+              if ratio > 1.2 else "")
+    return [Row("BLAS", NOTE if ratio > 1.2 else OK,
+                f"{probe}: {here:.1f} GFLOP/s bundled, {there:.1f} GFLOP/s with OpenBLAS preloaded, "
+                f"{ratio:.1f}x on this matmul (measured now){advice}")]
+
+
+def _preloaded_gflops(lib: str) -> float | None:
+    """The same matmul probe in a fresh process with lib preloaded."""
+    code = "from mlx_gptoss.cli.doctor import _matmul_gflops; print(_matmul_gflops())"
+    try:
+        p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, LD_PRELOAD=lib), capture_output=True,
+                           text=True, timeout=300)
+        return float(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def cache_rows() -> list[Row]:
@@ -183,12 +247,63 @@ def _gb(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def _matmul_gflops(n: int = 512, reps: int = 3) -> float:
+def _matmul_gflops(n: int = MATMUL_N, reps: int = 3) -> float:
+    """Best of reps: the shared machine's noise only ever slows a run down."""
     import mlx.core as mx
 
     a = mx.random.normal((n, n))
     mx.eval(a @ a)  # warm-up
-    t0 = time.perf_counter()
+    best = float("inf")
     for _ in range(reps):
+        t0 = time.perf_counter()
         mx.eval(a @ a)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+# ---- --report --------------------------------------------------------------------------------------------
+
+def _check_writable(path: Path) -> None:
+    from mlx_gptoss.errors import GptOssError
+
+    if path.is_dir():
+        raise GptOssError(f"--report {path}: is a folder; give a file name, e.g. {path / 'gptoss-report.json'}")
+    if not path.parent.is_dir():
+        raise GptOssError(f"--report {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise GptOssError(f"--report {path}: cannot write there; choose another file")
+
+
+def build_report(rows: list[Row], kernel_dtypes, model: str, n_prompt: int, n_gen: int, repetitions: int,
+                 bandwidth_bytes: int = 1 << 30) -> dict:
+    """One JSON-ready dict: machine, doctor rows, kernel self-tests, bench with each backend."""
+    import mlx.core as mx
+
+    import mlx_gptoss
+    from mlx_gptoss import bench, metal_selftest, selftest_record
+
+    data = {"gptoss_mac": mlx_gptoss.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "command": " ".join(sys.argv), "machine": bench.machine_info(),
+            "metal": {"available": mx.metal.is_available(),
+                      "device_info": mx.device_info() if mx.metal.is_available() else None},
+            "doctor": [asdict(r) for r in rows]}
+    try:
+        data["kernels"] = {"selftest_file": str(selftest_record.cache_file()),
+                           "setup": metal_selftest.setup_key(),
+                           "results": metal_selftest.kernel_status(kernel_dtypes)}
+    except Exception as e:
+        data["kernels"] = {"error": f"{type(e).__name__}: {e}"}
+    data["bench"] = _report_bench(model, n_prompt, n_gen, repetitions, bandwidth_bytes)
+    return data
+
+
+def _report_bench(model: str, n_prompt: int, n_gen: int, repetitions: int, bandwidth_bytes: int) -> dict:
+    """bench ppN/tgN with metal and builtin (builtin only, said so, without Metal); skipped without the model."""
+    from mlx_gptoss import bench, hub
+
+    try:
+        hub.resolve(model, allow_download=False)  # a missing model is said at once, before any measurement
+        return bench.run(model, n_prompt=str(n_prompt), n_gen=str(n_gen), repetitions=repetitions,
+                         kernels="metal,builtin", bandwidth_bytes=bandwidth_bytes)
+    except Exception as e:  # the model not downloaded, too big for this machine, ...
+        return {"skipped": f"{type(e).__name__}: {e}"}

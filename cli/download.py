@@ -56,33 +56,34 @@ def fetch(plan: hub.DownloadPlan) -> Path:
                TimeRemainingColumn())
     before = hub.partial_files(plan.repo_id)
     result: dict = {}
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(plan.repo_id, total=plan.needed or None)
 
-        def run():
-            try:
-                result["folder"] = Path(hub.snapshot(plan.repo_id, progress=lambda n: bar.advance(task, n)))
-            except BaseException as e:  # handed to the main thread
-                result["error"] = e
-
-        # The download runs in a thread so Ctrl-C answers at once: huggingface_hub's worker pool
-        # would otherwise finish every file in flight (gigabytes) before the interrupt got through.
-        worker = threading.Thread(target=run, daemon=True)
+    def run(bar, task):
         try:
+            result["folder"] = Path(hub.snapshot(plan.repo_id, progress=lambda n: bar.advance(task, n)))
+        except BaseException as e:  # handed to the main thread
+            result["error"] = e
+
+    # The try starts before the bar: a Ctrl-C as soon as the bar shows is an interrupted download too.
+    try:
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task(plan.repo_id, total=plan.needed or None)
+            # The download runs in a thread so Ctrl-C answers at once: huggingface_hub's worker pool
+            # would otherwise finish every file in flight (gigabytes) before the interrupt got through.
+            worker = threading.Thread(target=run, args=(bar, task), daemon=True)
             worker.start()
             while worker.is_alive():
                 worker.join(0.2)
-        except KeyboardInterrupt:
-            bar.stop()
-            for f in hub.partial_files(plan.repo_id) - before:  # this run's unfinished files: never reused
-                f.unlink(missing_ok=True)
-            msg = "download interrupted; finished files are kept: run the same command again to continue\n"
-            sys.stdout.flush()
-            os.write(2, msg.encode())  # unbuffered: os._exit flushes nothing
-            os._exit(130)  # not sys.exit: that would wait for the pool's threads
-        if "error" in result:
-            raise result["error"]
-        bar.update(task, completed=plan.needed)
+            if "error" not in result:
+                bar.update(task, completed=plan.needed)
+    except KeyboardInterrupt:
+        for f in hub.partial_files(plan.repo_id) - before:  # this run's unfinished files: never reused
+            f.unlink(missing_ok=True)
+        msg = "download interrupted; finished files are kept: run the same command again to continue\n"
+        sys.stdout.flush()
+        os.write(2, msg.encode())  # unbuffered: os._exit flushes nothing
+        os._exit(130)  # not sys.exit: that would wait for the pool's threads
+    if "error" in result:
+        raise result["error"]
     folder = result["folder"]
     console.print(f"downloaded {plan.repo_id} to {folder}")
     return folder

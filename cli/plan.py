@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import typer
@@ -20,22 +21,54 @@ def plan(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder or Hugging Face repo id."),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length in tokens [default: the model's, 131072]."),
     memory_: Optional[str] = typer.Option(None, "--memory", help="Memory budget instead of this machine's, "
-                                          "e.g. 16GB (10^9 bytes) or 16GiB."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Activation dtype [default: bfloat16 on Metal, "
-                                        "float32 on MLX's CPU backend]."),
+                                          "e.g. 16GB (10^9 bytes) or 16GiB; with --device metal, the Mac's memory."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Activation dtype: bfloat16, float16 or float32 "
+                                        "[default: bfloat16 on Metal, float32 on MLX's CPU backend]."),
+    device: str = typer.Option("auto", "--device", help="Plan for: auto (this machine), metal (a Mac: fused "
+                               "attention, bf16, the GPU working set of a Mac with --memory) or cpu."),
     offload: str = typer.Option("auto", "--offload", help="auto: stream experts / 8-bit weights only when the "
                                 "model does not fit; none: never; experts: stream experts anyway."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="KV cache of the full-attention layers: 8 or "
                                           "16 bits [default: the plan's choice]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (keys in the README), for scripts."),
+    ranks: int = typer.Option(1, "--ranks", help="Plan one Mac of N sharing the model under mlx.launch."),
 ) -> None:
     """Show the memory a model needs (from its safetensors headers) and whether it fits. Loads nothing."""
-    from mlx_gptoss.offload import plan as offload_plan
+    if ranks > 1:
+        from mlx_gptoss.distributed.plan import plan_ranks
 
-    p = offload_plan.plan(model, context=ctx, memory_=memory_, dtype=dtype, offload=offload, kv_bits=kv_bits)
-    console.print(plan_table(p))
-    console.print(p.message, style=STYLE[p.status], highlight=False)
+        p = plan_ranks(model, ranks, context=ctx, memory=memory_, dtype=dtype, device=device)
+    else:
+        from mlx_gptoss.offload import plan as offload_plan
+
+        p = offload_plan.plan(model, context=ctx, memory_=memory_, dtype=dtype, device=device, offload=offload,
+                              kv_bits=kv_bits)
+    if as_json:
+        print(json.dumps(plan_dict(p), indent=2))
+    else:
+        console.print(plan_table(p))
+        console.print(p.message, style=STYLE[p.status], highlight=False)
     if not p.fits:
         raise typer.Exit(1)
+
+
+def plan_dict(p: memory.Plan) -> dict:
+    """The plan for scripts; every size in bytes."""
+    return {
+        "model": p.checkpoint, "sized_from": p.source,
+        "backend": "metal" if p.fused_attention else "cpu", "dtype": p.dtype,
+        "weights": {"on_disk": p.file_bytes, "in_memory": p.weights, "total": p.weight_bytes},
+        "kv_cache": {"per_token": p.kv_per_token, "sliding_window_layers": p.kv_sliding,
+                     "total": p.kv_bytes if p.fits else None},
+        "activations": {"bytes": p.activations, "prefill_chunk": p.prefill_chunk},
+        "overhead": p.overhead,
+        "needed": p.needed if p.fits else None, "needed_at_min_context": p.min_needed,
+        "budget": {"usable": p.budget.usable, "source": p.budget.source, "machine_total": p.budget.total},
+        "context": {"requested": p.requested_context, "planned": p.context, "min": memory.MIN_CONTEXT},
+        "decision": p.status, "fits": p.fits, "message": p.message, "remedies": p.remedies,
+        "levers": p.levers.names() if hasattr(p, "levers") else [],
+        "lever_notes": p.lever_notes() if hasattr(p, "lever_notes") else [],
+    }
 
 
 def plan_table(p: memory.Plan) -> Table:

@@ -8,6 +8,9 @@ as plain text, once the reply is complete.
 
 from __future__ import annotations
 
+import sys
+import time
+
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markdown import Markdown
@@ -17,12 +20,16 @@ from rich.text import Text
 
 
 class ReplyView:
-    """Feed it the engine's events (kind "reasoning" / "content" / "tool_call" / "done") as they come."""
+    """Feed it the engine's events (kind "reasoning" / "preamble" / "content" / "tool_call" / "done") as they come."""
 
     def __init__(self, console: Console, *, show_reasoning: bool, plain: bool):
         self.console, self.show_reasoning, self.plain = console, show_reasoning, plain
         self.reasoning_text, self.content_text = "", ""
+        self.preamble_text = ""  # what the model tells the user before a tool call: shown dimmed
         self.reasoning_tokens = 0
+        self.tokens = 0  # reasoning and answer pieces seen (one per token): counts an interrupted reply too
+        self.started = time.perf_counter()
+        self.spinner = Spinner("dots", style="dim")  # one spinner: a new one each refresh would never move
         self.notes: list[str] = []
         self.interrupted = False
         self.live: Live | None = None
@@ -43,8 +50,11 @@ class ReplyView:
             self.final = True
             self.live.refresh()
             self.live.__exit__(None, None, None)
-        elif self.content_text and not self.interrupted:
-            print(self.content_text.strip(), flush=True)
+        else:
+            if self.content_text and not self.interrupted:
+                print(self.content_text.strip(), flush=True)
+            for note in self.notes:  # piped: stdout holds only answers
+                print(f"note: {note}", file=sys.stderr, flush=True)
         return False  # the caller decides what an interrupt means
 
     def event(self, ev) -> None:
@@ -52,12 +62,16 @@ class ReplyView:
         if kind == "reasoning":
             self.reasoning_text += text
             self.reasoning_tokens += 1
+            self.tokens += 1
+        elif kind == "preamble":
+            self.preamble_text += text
+            self.tokens += 1
         elif kind == "content":
             self.content_text += text
+            self.tokens += 1
         elif kind == "tool_call":
-            self.notes.append(f"tool call {getattr(ev, 'recipient', '?')}({getattr(ev, 'arguments', '')}) "
-                              "— this chat has no tools")
-
+            self.notes.append(f"the model called a tool, {getattr(ev, 'recipient', '?')}"
+                              f"({getattr(ev, 'arguments', '')}), but this chat has no tools: the reply ends here")
 
     def _view(self):
         final = self.final
@@ -67,7 +81,10 @@ class ReplyView:
         elif not self.content_text and not final:
             n = self.reasoning_tokens
             label = f"thinking… {n} token{'s' if n != 1 else ''}" if n else "thinking…"
-            parts.append(Spinner("dots", text=Text(label, style="dim")))
+            self.spinner.update(text=Text(f"{label} · {time.perf_counter() - self.started:.1f} s", style="dim"))
+            parts.append(self.spinner)
+        if self.preamble_text:
+            parts.append(Text(self.preamble_text.strip(), style="dim"))
         if self.content_text:
             parts.append(Markdown(self.content_text))
         for note in self.notes:

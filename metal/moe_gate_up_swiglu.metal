@@ -2,15 +2,20 @@
 //   out[t, j, i] = swiglu(W_e[2i] . x[t] + b_e[2i], W_e[2i+1] . x[t] + b_e[2i+1]),  e = ids[t, j]
 //   swiglu(g, u) = min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, -limit, limit) + 1)
 // Data: x [T, H] of T; w uint32 [E, 2I, H/8], scales uint8 [E, 2I, H/32] (mxfp4.h; rows interleaved gate, up,
-//   gate, up, ... as in the checkpoint); bias [E, 2I] of T; ids uint32 [T, k]; params float [2] = (limit, alpha);
-//   out [T, k, I] of T. H must be a multiple of 32 (one MXFP4 block), anything else is free.
+//   gate, up, ... as in the checkpoint); bias [E, 2I] of T; ids uint32 [>= T, k] (rows past T are padding);
+//   params float [8] = (limit, alpha, padding); out [T, k, I] of T. H must be a multiple of 32.
+//   Every input has at least 8 elements, so MLX passes all of them as `device` pointers for every T: the
+//   kernel the self-test runs is the one decode runs. An expert id >= E gives NaN outputs, never a bad read.
 // Threads: grid (32 * SIMDS, ceil(I / (SIMDS * OUTS)), T * k), threadgroup (32 * SIMDS, 1, 1).
 //   threadgroup z = one (token, expert) pair; simdgroup s of threadgroup y owns OUTS consecutive outputs,
-//   i.e. 2 * OUTS consecutive weight rows (contiguous bytes). Per step of K_PER_STEP inputs, lane l loads
-//   its 16 inputs once into registers and one uint2 of 16 codes per row; a simd_sum per row reduces the
-//   lanes, and lane r finishes output r (bias, SwiGLU, store). Every weight byte is read once per pair.
+//   i.e. 2 * OUTS consecutive weight rows (contiguous bytes). Per step, lane l takes MXFP4 block l of the
+//   step: it loads its 32 inputs once into registers, then per row one 16-byte word load and one scale byte.
+//   A simd_sum per row reduces the lanes, and lane r finishes output r (bias, SwiGLU, store).
+// Tiles for gpt-oss (H = I = 2880): SIMDS = 2, OUTS = 2 -> 720 threadgroups per pair, 5,760 simdgroups at
+//   T = 1; H = 2880 is 90 blocks, 3 steps of 32 lanes (the last with 26 busy).
 constexpr int ROWS = 2 * OUTS;
 const int H = x_shape[1];
+const int E = bias_shape[0];
 const int rows = bias_shape[1];
 const int k = ids_shape[1];
 const uint pair = threadgroup_position_in_grid.z;
@@ -21,6 +26,13 @@ const int i0 = (int(threadgroup_position_in_grid.y) * SIMDS + int(simdgroup_inde
 const int n_out = min(OUTS, rows / 2 - i0);  // the same for every lane of the simdgroup
 if (n_out <= 0) {
     return;  // the whole simdgroup is past the last output: no collective is skipped by part of it
+}
+const size_t out0 = size_t(pair) * size_t(rows / 2) + size_t(i0);
+if (e >= uint(E)) {  // uniform over the threadgroup: no collective is skipped by part of it
+    if (int(lane) < n_out) {
+        out[out0 + lane] = T(NAN);
+    }
+    return;
 }
 const int words_per_row = H / CODES_PER_WORD;
 const int blocks_per_row = H / MXFP4_BLOCK;
@@ -33,18 +45,14 @@ float acc[ROWS];
 for (int r = 0; r < ROWS; ++r) {
     acc[r] = 0.0f;
 }
-for (int k0 = 0; k0 < H; k0 += K_PER_STEP) {
-    const int kk = k0 + int(lane) * VALUES_PER_LANE;
-    if (kk < H) {
-        float xs[VALUES_PER_LANE];
-        for (int v = 0; v < VALUES_PER_LANE; ++v) {
-            xs[v] = float(x_t[kk + v]);
-        }
-        for (int r = 0; r < ROWS; ++r) {  // constant trip count: acc stays in registers
-            if (r < 2 * n_out) {
-                const uint2 q = *((const device uint2*)(w_rows + r * words_per_row + kk / CODES_PER_WORD));
-                acc[r] += e8m0_to_float(s_rows[r * blocks_per_row + kk / MXFP4_BLOCK]) * dot_codes(xs, q);
-            }
+for (int b = int(lane); b < blocks_per_row; b += SIMD_WIDTH) {
+    float xs[MXFP4_BLOCK];
+    for (int v = 0; v < MXFP4_BLOCK; ++v) {
+        xs[v] = float(x_t[b * MXFP4_BLOCK + v]);
+    }
+    for (int r = 0; r < ROWS; ++r) {  // constant trip count: acc stays in registers
+        if (r < 2 * n_out) {
+            acc[r] += block_dot(xs, w_rows + r * words_per_row + b * WORDS_PER_BLOCK, s_rows[r * blocks_per_row + b]);
         }
     }
 }
@@ -63,11 +71,10 @@ for (int r = 0; r < OUTS; ++r) {
 if (int(lane) < n_out) {
     const float limit = params[0];
     const float alpha = params[1];
-    const int i = i0 + int(lane);
     gate += float(bias[row0 + 2 * lane]);
     up += float(bias[row0 + 2 * lane + 1]);
     gate = min(gate, limit);
     up = clamp(up, -limit, limit);
     const float glu = gate / (1.0f + metal::exp(-alpha * gate));
-    out[size_t(pair) * size_t(rows / 2) + size_t(i)] = T(glu * (up + 1.0f));
+    out[out0 + lane] = T(glu * (up + 1.0f));
 }

@@ -4,44 +4,66 @@
 // Weight layout (MLX mode="mxfp4", byte-identical to the gpt-oss checkpoint's *_blocks / *_scales):
 //   w      uint32 [E, rows, cols / 8]   eight 4-bit E2M1 codes per word, the lowest nibble is the first value
 //   scales uint8  [E, rows, cols / 32]  one E8M0 exponent per block of 32 values: scale = 2^(s - 127)
-// Each kernel lane reads half a block per step: one 8-byte uint2 load = 16 codes, one scale byte.
+// Each kernel lane reads one whole block per step: one 16-byte load of 32 codes and one scale byte. The load
+// is a packed_uint4, which needs only the 4-byte alignment every uint32 array has (a uint4 would need 16).
 
 constant constexpr int SIMD_WIDTH = 32;
-constant constexpr int MXFP4_BLOCK = 32;                            // values per E8M0 scale
-constant constexpr int BITS_PER_CODE = 4;
-constant constexpr int CODES_PER_WORD = 32 / BITS_PER_CODE;         // 8 per uint32
-constant constexpr int VALUES_PER_LANE = 16;                        // one uint2 per lane per step
-constant constexpr int WORDS_PER_LANE = VALUES_PER_LANE / CODES_PER_WORD;
-constant constexpr int K_PER_STEP = SIMD_WIDTH * VALUES_PER_LANE;   // inputs a simdgroup consumes per step
-constant constexpr uint CODE_MASK = (1u << BITS_PER_CODE) - 1u;
-constant constexpr uint E2M1_SIGN = 8u;
-constant constexpr uint E2M1_MAGNITUDE = 7u;
+constant constexpr int MXFP4_BLOCK = 32;                          // values per E8M0 scale = values per lane-step
+constant constexpr int CODES_PER_WORD = 8;                        // 4-bit codes per uint32
+constant constexpr int WORDS_PER_BLOCK = MXFP4_BLOCK / CODES_PER_WORD;
+constant constexpr int K_PER_STEP = SIMD_WIDTH * MXFP4_BLOCK;     // inputs a simdgroup consumes per step
+// An E2M1 code placed in a half's bits (sign -> bit 15, exponent and mantissa -> bits 11..9) is the code's
+// value times 2^-14 exactly (exponent bias 15 vs 1; code 1 lands on the subnormal 2^-15 = 0.5 * 2^-14).
+constant constexpr float E2M1_IN_HALF_SCALE = 16384.0f;           // 2^14: undoes that, once per block
 constant constexpr uint FLOAT_MANTISSA_BITS = 23u;
-constant constexpr uint FLOAT_EXPONENT_BIAS = 127u;
-constant constexpr uint E2M1_EXPONENT_BIAS = 1u;
+constant constexpr uint FLOAT_2_POW_MINUS_127 = 0x00400000u;      // the subnormal MLX gives scale byte 0
 
-// E2M1 code -> float without a table (a divergent table index would serialize): magnitudes
-// 0, 0.5 (subnormals: m * 0.5) and 1, 1.5, 2, 3, 4, 6 (exponent m >> 1, mantissa bit m & 1).
-inline float e2m1_to_float(uint code) {
-    uint m = code & E2M1_MAGNITUDE;
-    float magnitude = m < 2u ? 0.5f * float(m)
-        : as_type<float>(((m >> 1) + FLOAT_EXPONENT_BIAS - E2M1_EXPONENT_BIAS) << FLOAT_MANTISSA_BITS
-                         | (m & 1u) << (FLOAT_MANTISSA_BITS - 1u));
-    return (code & E2M1_SIGN) ? -magnitude : magnitude;
+// Codes 2p and 2p+4... of one word as half2s, bit-parallel: (word >> 4p) holds code p in bits 0..3 and code
+// p + 4 in bits 16..19, so one mask-and-shift moves both into half positions. Four of these decode a word.
+inline half2 e2m1x2_low(uint w) {   // codes 0 and 4
+    return as_type<half2>(((w & 0x00070007u) << 9) | ((w & 0x00080008u) << 12));
+}
+inline half2 e2m1x2_1(uint w) {     // codes 1 and 5
+    return as_type<half2>(((w & 0x00700070u) << 5) | ((w & 0x00800080u) << 8));
+}
+inline half2 e2m1x2_2(uint w) {     // codes 2 and 6
+    return as_type<half2>(((w & 0x07000700u) << 1) | ((w & 0x08000800u) << 4));
+}
+inline half2 e2m1x2_high(uint w) {  // codes 3 and 7: the sign bits already sit at 15 and 31
+    return as_type<half2>(((w & 0x70007000u) >> 3) | (w & 0x80008000u));
 }
 
-// E8M0 exponent byte -> 2^(s - 127) by placing it in a float's exponent field (s = 0, 2^-127, becomes 0:
-// a subnormal that Metal flushes anyway).
+// E8M0 byte -> 2^(s - 127) as MLX decodes it: the byte in a float's exponent field (255 -> inf), except
+// that 0 is 2^-127 (a subnormal), not 0.
 inline float e8m0_to_float(uint s) {
-    return as_type<float>(s << FLOAT_MANTISSA_BITS);
+    return s == 0u ? as_type<float>(FLOAT_2_POW_MINUS_127) : as_type<float>(s << FLOAT_MANTISSA_BITS);
 }
 
-// Sum of xs[v] * code v of the VALUES_PER_LANE codes packed in q (word 0 first, low nibble first).
-inline float dot_codes(thread const float* xs, uint2 q) {
+// x[0..31] . (the 32 codes of q) * 2^-14, accumulated in float32 (x in registers, code c of word w at x[8w+c]).
+inline float dot_block(thread const float* x, packed_uint4 q) {
     float acc = 0.0f;
-    for (int v = 0; v < CODES_PER_WORD; ++v) {
-        acc += xs[v] * e2m1_to_float((q.x >> (BITS_PER_CODE * v)) & CODE_MASK);
-        acc += xs[CODES_PER_WORD + v] * e2m1_to_float((q.y >> (BITS_PER_CODE * v)) & CODE_MASK);
+    for (int w = 0; w < WORDS_PER_BLOCK; ++w) {
+        const uint word = q[w];
+        thread const float* xw = x + w * CODES_PER_WORD;
+        const float2 c04 = float2(e2m1x2_low(word));
+        const float2 c15 = float2(e2m1x2_1(word));
+        const float2 c26 = float2(e2m1x2_2(word));
+        const float2 c37 = float2(e2m1x2_high(word));
+        acc = fma(xw[0], c04.x, acc);
+        acc = fma(xw[4], c04.y, acc);
+        acc = fma(xw[1], c15.x, acc);
+        acc = fma(xw[5], c15.y, acc);
+        acc = fma(xw[2], c26.x, acc);
+        acc = fma(xw[6], c26.y, acc);
+        acc = fma(xw[3], c37.x, acc);
+        acc = fma(xw[7], c37.y, acc);
     }
     return acc;
+}
+
+// One block's contribution x . (codes * scale): the block sum times 2^14, then times the E8M0 scale (two
+// products, not one folded 2^(s - 113): that overflows for s >= 241, where MLX's values are finite).
+inline float block_dot(thread const float* x, const device uint32_t* words, uint scale) {
+    const packed_uint4 q = *((const device packed_uint4*)words);
+    return dot_block(x, q) * E2M1_IN_HALF_SCALE * e8m0_to_float(scale);
 }

@@ -16,6 +16,7 @@ from .harmony import Tool, tool_spec
 from .config import GptOssConfig
 from .errors import CheckpointError, ConfigError, GptOssError
 from .memory import ContextLengthError, Plan
+from . import metal_selftest as _metal_selftest  # noqa: F401  (registers the kernels' judge in kernel_gate)
 
 __all__ = ["GptOss", "GptOssConfig", "load", "Session", "Event", "Stats", "Tool", "tool_spec", "GptOssError", "ConfigError", "CheckpointError",
            "ContextLengthError", "Plan"]

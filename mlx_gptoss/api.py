@@ -10,10 +10,23 @@ import mlx.core as mx
 
 from .checkpoint import load_weights
 from .config import GptOssConfig
+from .errors import ConfigError, GptOssError
 from .hub import resolve
 from .memory import Plan, apply as apply_plan, bounded_cache, check_context, local_checkpoint
 from .model import Transformer
 from .offload import Levers, make_offload_plan, prepare
+
+
+def check_chat_vocabulary(cfg: GptOssConfig, where: str | Path) -> None:
+    """Refuse a model whose vocabulary cannot hold the harmony chat tokens: their ids (up to 200012) would
+    index past its embedding, which reads out of bounds (garbage, or a segmentation fault)."""
+    from . import harmony as h
+
+    highest = max(h.START, h.END, h.MESSAGE, h.CHANNEL, h.CONSTRAIN, h.RETURN, h.CALL)  # harmony's special ids
+    if cfg.vocab_size <= highest:
+        raise ConfigError(f"{where}: vocab_size {cfg.vocab_size:,} cannot hold the harmony chat tokens (ids up to "
+                          f"{highest:,}; gpt-oss has 201,088), so this model cannot chat; its raw forward pass "
+                          "(gpt.model) still works")
 
 
 def default_dtype() -> mx.Dtype:
@@ -32,6 +45,7 @@ class GptOss:
     plan: "Plan | None" = None  # the memory plan load() applied (mlx_gptoss.memory)
     max_context: int = 0  # the most tokens a cache may hold under that plan (0: unbounded)
     offload: "object | None" = None  # mlx_gptoss.offload.Offloaded when the plan chose levers (.stats)
+    group: object = None  # the mx.distributed group this rank's share belongs to (mlx_gptoss.distributed)
 
     def make_cache(self) -> list:
         """model.make_cache(), refusing (ContextLengthError) to grow past max_context tokens."""
@@ -48,6 +62,7 @@ class GptOss:
         """The exact prompt ids chat() feeds the model, ending with <|start|>assistant."""
         from .harmony import render
 
+        check_chat_vocabulary(self.config, self.path)
         return render(messages, model_path=self.path, reasoning_effort=reasoning_effort, tools=tools,
                       developer=developer, date=date)
 
@@ -55,13 +70,17 @@ class GptOss:
              developer: str | None = None, max_tokens: int | None = None, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
              max_context: int | None = None, date: str | None = None):
-        """Stream one assistant reply to `messages` as Events (mlx_gptoss.chat): reasoning, content,
-        tool_call, then done with the Stats. A prompt over the context cap raises GptOssError."""
-        from .chat import Runner, _context_cap, generate_events
+        """Stream one assistant reply to `messages` as Events (mlx_gptoss.chat): reasoning, preamble, content,
+        tool_call, then done with the Stats. A bad option raises GptOssError here; a prompt over the context
+        cap (or a model whose output is NaN) raises it at the first next()."""
+        from .chat import _context_cap, check_sampling, generate_events, runner_for
 
+        check_chat_vocabulary(self.config, self.path)
+        check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                       max_tokens=max_tokens)
         prompt = self.encode_chat(messages, reasoning_effort=reasoning_effort, tools=tools, developer=developer,
                                   date=date)
-        return generate_events(Runner(self), prompt, cap=_context_cap(self, max_context), max_tokens=max_tokens,
+        return generate_events(runner_for(self), prompt, cap=_context_cap(self, max_context), max_tokens=max_tokens,
                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
 
     def generate(self, prompt: str, **kw) -> str:
@@ -73,26 +92,50 @@ class GptOss:
         """A multi-turn chat keeping its KV cache between turns: mlx_gptoss.chat.Session(self, **kw)."""
         from .chat import Session
 
+        check_chat_vocabulary(self.config, self.path)
         return Session(self, **kw)
 
 
 def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bool = True,
          progress: Callable[[int, int], None] | None = None, memory: str | int | None = None,
-         ctx: int | None = None, offload: "str | Levers" = "auto", kv_bits: int | None = None,
-         resident_experts: float | None = None) -> GptOss:
+         ctx: int | None = None, for_chat: bool = False, offload: "str | Levers" = "auto",
+         kv_bits: int | None = None, resident_experts: float | None = None, group=None) -> GptOss:
     """Load a gpt-oss checkpoint from a local folder or a Hugging Face repo id (downloaded if needed).
 
     progress(done, total) is called as the layers are read, for a progress bar. Before any weight is read
     the memory plan (mlx_gptoss.memory) must fit: memory= overrides the budget ("16GB"), ctx= the context
     (default: the model's full context, reduced to what fits). A plan that does not fit raises GptOssError.
+
+    A model whose vocabulary cannot hold the harmony tokens (a test or pruned checkpoint) loads for raw
+    forward passes; its chat(), session() and encode_chat() raise ConfigError. for_chat=True refuses it
+    here instead, before any weight is read.
+
     When the model does not fit resident, offload="auto" lets the plan pick levers (mlx_gptoss.offload:
     expert streaming, 8-bit weights and KV cache); "none" refuses instead, "experts" streams experts anyway
     (resident_experts: the share kept resident), a mlx_gptoss.offload.Levers takes exactly those levers.
-    kv_bits=8|16 fixes the full-attention KV cache's width."""
+    kv_bits=8|16 fixes the full-attention KV cache's width.
+    group: a mx.distributed group, or "auto" (the one mlx.launch started, if any): each rank then reads and
+    holds only its share, and every rank calls the model (mlx_gptoss.distributed.lead_or_follow instead
+    lets rank 0 alone run the program). The offload levers are for one machine: a sharded load takes none."""
     path = resolve(str(model), allow_download=allow_download)
     ckpt = local_checkpoint(path, check_size=True)  # config + every header, checked before any data is read
     cfg = ckpt.config
+    if for_chat:
+        check_chat_vocabulary(cfg, path / "config.json")
     dtype = dtype or default_dtype()
+    if group is not None:
+        from .distributed import join
+        from .distributed.loading import load_rank
+
+        group = join(group)
+        if group is not None:
+            if offload not in ("auto", "none") or kv_bits == 8 or resident_experts is not None:
+                raise GptOssError(f"offload={offload!r}, kv_bits={kv_bits!r}: the offload levers run on one machine; "
+                                  "a model sharded over several ranks is loaded resident (drop these options, or "
+                                  "add a rank: gptoss-mac plan --ranks N)")
+            net, plan, _ = load_rank(ckpt, group, dtype=dtype, memory=memory, ctx=ctx, progress=progress)
+            return GptOss(model=net, config=cfg, path=path, dtype=dtype, plan=plan, max_context=plan.context,
+                          group=group)
     plan = make_offload_plan(ckpt, context=ctx, memory_=memory, dtype=dtype, offload=offload, kv_bits=kv_bits,
                              resident_experts=resident_experts)
     apply_plan(plan)

@@ -40,6 +40,8 @@ class TestResult:
     std: float
     samples: list[float] = field(default_factory=list)
     seconds: float = 0.0  # mean wall time of one repetition
+    kernels: str = "auto"  # the --kernels value this test ran with
+    kernels_ran: str = ""  # what that meant on this machine: metal, builtin, or split by decode / prefill
 
 
 # ----------------------------------------------------------------------------------------- machine
@@ -204,13 +206,32 @@ def validate(*, n_prompt, n_gen, depth, repetitions, kernels) -> tuple[list, lis
     depths = parse_list(depth, "--depth", (0,))
     if not isinstance(repetitions, int) or isinstance(repetitions, bool) or repetitions < 1:
         raise GptOssError(f"--repetitions {repetitions!r}: must be a whole number >= 1")
-    if kernels not in KERNELS:
-        raise GptOssError(f"--kernels {kernels!r}: use one of {', '.join(KERNELS)}")
-    if kernels == "metal" and not mx.metal.is_available():
-        raise GptOssError("--kernels metal: this machine has no Metal GPU; use --kernels auto or builtin")
+    parse_kernels(kernels)
     if not any(prompts) and not any(gens):
         raise GptOssError("--n-prompt and --n-gen are all 0: nothing to measure")
     return [p for p in prompts if p], [g for g in gens if g], depths
+
+
+METAL_UNAVAILABLE = ("metal: not run, this machine has no Metal GPU (the kernels' speed can only be measured on a "
+                     "Mac; the test emulator's speed would mean nothing)")
+
+
+def parse_kernels(kernels: str) -> tuple[list[str], list[str]]:
+    """'metal,builtin' -> (backends to run, in order; notes). Each name once; metal on a machine without
+    Metal is an error alone and a one-line note in a list (the others still run)."""
+    names = [k.strip() for k in str(kernels).split(",") if k.strip()]
+    bad = [k for k in names if k not in KERNELS]
+    if not names or bad:
+        raise GptOssError(f"--kernels {kernels!r}: use one of {', '.join(KERNELS)}, or several separated by "
+                          "commas (metal,builtin runs both and prints the ratio)")
+    names = list(dict.fromkeys(names))
+    notes = []
+    if "metal" in names and not mx.metal.is_available():
+        if len(names) == 1:
+            raise GptOssError("--kernels metal: this machine has no Metal GPU; use --kernels auto or builtin")
+        names.remove("metal")
+        notes.append(METAL_UNAVAILABLE)
+    return names, notes
 
 
 def kernels_ran(requested: str, dtype=mx.float32) -> str:
@@ -231,9 +252,11 @@ PREFILL_PROBE = 512  # tokens in a prefill call, to ask which kernels prefill us
 def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int = 5, kernels: str = "auto",
         memory: str | None = None, ctx: int | None = None, dtype=None, warmup: bool = True, seed: int = 0,
         bandwidth_bytes: int = 1 << 30, progress=None, offload: str = "auto", kv_bits: int | None = None,
-        resident_experts: float | None = None) -> dict:
-    """Load model, run every test, return the whole result as a JSON-ready dict."""
+        resident_experts: float | None = None, group=None) -> dict:
+    """Load model, run every test, return the whole result as a JSON-ready dict. group="auto" under
+    mlx.launch: rank 0 runs the tests on the sharded model, the other ranks follow (and exit in load)."""
     import mlx_gptoss
+    from mlx_gptoss.distributed import lead_or_follow, time_comm
 
     prompts, gens, depths = validate(n_prompt=n_prompt, n_gen=n_gen, depth=depth, repetitions=repetitions,
                                      kernels=kernels)
@@ -244,47 +267,31 @@ def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int =
     say(f"loading {model}")
     t0 = time.perf_counter()
     gpt = mlx_gptoss.load(model, memory=memory, ctx=ctx, dtype=dtype, allow_download=False, offload=offload,
-                          kv_bits=kv_bits, resident_experts=resident_experts)
+                          kv_bits=kv_bits, resident_experts=resident_experts, group=group)
+    gpt = lead_or_follow(gpt)  # a rank other than 0 replays rank 0's model calls, then exits
     load_s = time.perf_counter() - t0
     load_peak = mx.get_peak_memory()
     net = gpt.model
-    net.set_moe_backend(kernels)
     cfg = gpt.config
     tests = [(p, 0, d) for d in depths for p in prompts] + [(0, g, d) for d in depths for g in gens]
     for p, g, d in tests:
         if gpt.max_context and d + p + g > gpt.max_context:
             raise GptOssError(f"--depth {d} + {'--n-prompt ' + str(p) if p else '--n-gen ' + str(g)}: "
                               f"{d + p + g} tokens, more than the planned context of {gpt.max_context}")
+    backends, notes = parse_kernels(kernels)
     results, streamed = [], {}
-    for p, g, d in tests:
-        name = (f"pp{p}" if p else f"tg{g}") + (f" @ d{d}" if d else "")
-        # the chunk the memory plan would use at this test's context (smaller only for unfused attention)
-        chunk = mem.prefill_chunk(cfg, d + p + g, gpt.dtype.size, fused=mx.metal.is_available())
-        say(f"{name}: warm-up" if warmup else name)
-
-        def once(seed_):
-            return time_test(net, gpt.make_cache, n_prompt=p, n_gen=g, depth=d, chunk=chunk,
-                             vocab=cfg.vocab_size, seed=seed_)
-
-        if warmup:
-            once(seed + 1000)
-        secs = []
-        before = gpt.offload.stats.copy() if gpt.offload else None
-        for r in range(repetitions):
-            say(f"{name}: {r + 1}/{repetitions}")
-            secs.append(once(seed + r))
-        if before is not None:  # streamed experts during the timed runs (depth prefill included)
-            s = gpt.offload.stats - before
-            streamed[name] = {"hit_rate": s.hit_rate, "bytes_per_token": s.bytes_per_token}
-        tps = [(p or g) / s for s in secs]
-        results.append(TestResult(name, p, g, d, repetitions, statistics.fmean(tps),
-                                  statistics.stdev(tps) if len(tps) > 1 else 0.0, tps, statistics.fmean(secs)))
+    for backend in backends:
+        net.set_moe_backend(backend)
+        for p, g, d in tests:
+            results.append(_measure(gpt, backend, p, g, d, repetitions, warmup, seed, say, streamed))
+    net.set_moe_backend(backends[0])
     roofline = []
     for r in results:
         if r.n_gen:
             nbytes = decode_bytes(net, r.depth + r.n_gen // 2)  # the average context during the test
             gbps = nbytes["total"] * r.tokens_per_s / 1e9
-            roofline.append({"test": r.test, "bytes_per_token": nbytes["total"], "bytes_by_part": nbytes,
+            roofline.append({"test": r.test, "kernels": r.kernels, "bytes_per_token": nbytes["total"],
+                             "bytes_by_part": nbytes,
                              "achieved_gbps": gbps, "bandwidth_gbps": bandwidth["best_read"],
                              "percent_of_bandwidth": 100 * gbps / bandwidth["best_read"]})
     return {
@@ -296,7 +303,8 @@ def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int =
             "vocab_size": cfg.vocab_size,
             "weight_bytes": sum(p.nbytes for _, p in tree_flatten(net.parameters())),
             "dtype": str(gpt.dtype).removeprefix("mlx.core."),
-            "kernels_requested": kernels, "kernels": kernels_ran(kernels, gpt.dtype),
+            "kernels_requested": kernels,
+            "kernels": "; ".join(kernels_ran(b, gpt.dtype) for b in backends),
             "max_context": gpt.max_context, "prefill_chunk": mem.PREFILL_CHUNK,
         },
         "load_seconds": load_s,
@@ -304,16 +312,58 @@ def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int =
         "peak_memory_bytes": mx.get_peak_memory(),
         "bandwidth": bandwidth,
         "results": [asdict(r) for r in results],
-        "roofline": roofline,
+        "comparison": compare(results),
+        "notes": notes,
+        "roofline": roofline,  # per rank when distributed: this rank's share of the bytes
         "offload": None if gpt.offload is None else {
             "levers": gpt.plan.levers.names(), "lever_notes": gpt.plan.lever_notes(),
             "resident_experts": gpt.plan.resident_share, "streaming": streamed},
+        "distributed": time_comm(gpt) if gpt.group is not None else None,
         "settings": {"repetitions": repetitions, "warmup": warmup, "seed": seed, "memory": memory, "ctx": ctx,
                      "prompt": "random tokens", "offload": offload, "kv_bits": kv_bits},
     }
 
 
-CSV_FIELDS = ("test", "n_prompt", "n_gen", "depth", "repetitions", "tokens_per_s", "std", "seconds")
+def _measure(gpt, backend, p, g, d, repetitions, warmup, seed, say, streamed: dict) -> TestResult:
+    """One test (pp or tg, at depth d) on one MoE backend: a warm-up, then the timed repetitions.
+    With streamed experts, streamed[label] gets the hit rate and bytes per token of the timed runs."""
+    cfg = gpt.config
+    name = (f"pp{p}" if p else f"tg{g}") + (f" @ d{d}" if d else "")
+    label = f"{name} [{backend}]"
+    # the chunk the memory plan would use at this test's context (smaller only for unfused attention)
+    chunk = mem.prefill_chunk(cfg, d + p + g, gpt.dtype.size, fused=mx.metal.is_available())
+    say(f"{label}: warm-up" if warmup else label)
+
+    def once(seed_):
+        return time_test(gpt.model, gpt.make_cache, n_prompt=p, n_gen=g, depth=d, chunk=chunk,
+                         vocab=cfg.vocab_size, seed=seed_)
+
+    if warmup:
+        once(seed + 1000)
+    secs = []
+    before = gpt.offload.stats.copy() if gpt.offload else None
+    for r in range(repetitions):
+        say(f"{label}: {r + 1}/{repetitions}")
+        secs.append(once(seed + r))
+    if before is not None:  # streamed experts during the timed runs (depth prefill included)
+        s = gpt.offload.stats - before
+        streamed[label] = {"hit_rate": s.hit_rate, "bytes_per_token": s.bytes_per_token}
+    tps = [(p or g) / s for s in secs]
+    return TestResult(name, p, g, d, repetitions, statistics.fmean(tps),
+                      statistics.stdev(tps) if len(tps) > 1 else 0.0, tps, statistics.fmean(secs),
+                      kernels=backend, kernels_ran=kernels_ran(backend, gpt.dtype))
+
+
+def compare(results: list[TestResult]) -> list[dict]:
+    """metal vs builtin per test when both ran: tokens/s of each and metal / builtin."""
+    by = {(r.test, r.kernels): r.tokens_per_s for r in results}
+    return [{"test": t, "metal_tokens_per_s": by[t, "metal"], "builtin_tokens_per_s": by[t, "builtin"],
+             "ratio": by[t, "metal"] / by[t, "builtin"]}
+            for t in dict.fromkeys(r.test for r in results) if (t, "metal") in by and (t, "builtin") in by]
+
+
+CSV_FIELDS = ("test", "kernels", "kernels_ran", "n_prompt", "n_gen", "depth", "repetitions", "tokens_per_s", "std",
+              "seconds")
 
 
 def csv_rows(result: dict) -> list[dict]:

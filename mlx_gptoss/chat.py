@@ -3,26 +3,53 @@
 Messages are plain JSON-able dicts (what `Session.messages`, `save()` and `GptOss.chat()` use):
 
     {"role": "user", "content": "What is the weather in Paris?"}
-    {"role": "developer", "content": "Answer in French."}          # instructions, usually via developer=
+    {"role": "developer", "content": "Answer in French."}   # instructions (also developer=); a "system"
+                                                             # message is instructions too (the identity line stays)
     {"role": "assistant", "content": "final answer", "reasoning": "chain-of-thought (optional)"}
-    {"role": "assistant", "reasoning": "...", "tool_calls": [{"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}]}
-    {"role": "tool", "name": "get_weather", "content": "{\"temp_c\": 21}"}
+    {"role": "assistant", "reasoning": "...", "tool_calls": [{"id": "call_1f..", "name": "get_weather",
+                                                              "arguments": "{\"city\": \"Paris\"}"}]}
+    {"role": "tool", "name": "get_weather", "tool_call_id": "call_1f..", "content": "{\"temp_c\": 21}"}
 
-Rendering follows harmony (mlx_gptoss.harmony): earlier chain-of-thought is dropped once a final answer
-follows it, kept around tool calls; `<|return|>` is stored as `<|end|>`.
+An assistant message the model produced also carries "parts": the harmony messages exactly as it wrote them,
+in order, each {"channel": "analysis"|"commentary"|"final", "content": str, "recipient": str|None
+("functions.get_weather", or a bare "python"), "content_type": str|None ("<|constrain|>json", "code"),
+"id": str|None (the call id, on parts with a recipient)}. A commentary part without recipient is a preamble
+(text for the user before a call). When "parts" is present it is what gets rendered; the summary keys
+("content": the final text, "reasoning": the analysis texts joined by a blank line, "tool_calls") are for simple
+readers. A dict without "parts" renders in the canonical order: analysis, tool calls, final.
+tool_calls entries: {"id", "name", "arguments": str} plus "recipient" when it is not functions.NAME (a bare
+"python": name and recipient "python"). A tool message answers the call with its tool_call_id, else the latest
+call of that name; it is rendered as authored by that call's recipient, on that call's channel.
+
+What the history keeps (mlx_gptoss.harmony.render): the reasoning of a turn is dropped once a final answer
+follows it, and at the next user message unless the turn ended with a tool result (a reply cut by max_tokens,
+or whose call nobody answered, loses it). A turn without a final answer yet is rendered exactly as the model
+wrote it: a Session renders the very ids it generated; from message dicts alone (a server) the text is
+re-encoded in the model's header order (a call's channel before its recipient). In a tool loop every model
+call after the first prefills only the tool results it adds, and a user message after an answered call only itself and
+the results. After a final answer the next turn re-prefills that turn from its user message on (its reasoning
+is gone, so the cache diverges there); `<|return|>` is stored as `<|end|>`.
 
 Events (`Event`, yielded by `GptOss.chat()` and `Session.send()`), `.kind` is one of:
-    "reasoning"  .text: a piece of chain-of-thought (analysis channel; hide it from end users by default)
-    "content"    .text: a piece of the answer (final channel; also malformed output, see stats.malformed)
-    "tool_call"  .recipient ("functions.get_weather"), .name ("get_weather"), .arguments (the JSON string,
-                 exactly as generated; may be invalid JSON), .text == .arguments
+    "reasoning"  .text: a piece of chain-of-thought (analysis channel; hide it from end users by default).
+                 Two analysis messages are separated by one "\n\n" reasoning event. Text the model wrote
+                 without a valid channel or header is also reasoning (hidden), with stats.malformed set.
+    "preamble"   .text: a piece of commentary without recipient: what the model tells the user before a
+                 tool call (show it, e.g. dimmed, before the call)
+    "content"    .text: a piece of the answer (final channel)
+    "tool_call"  .id ("call_<hex>"), .recipient ("functions.get_weather", "python"), .name ("get_weather",
+                 "python"), .arguments (the string exactly as generated; may be invalid JSON), .channel
+                 ("commentary", or "analysis" where gpt-oss often calls from), .text == .arguments
     "done"       .stats: a `Stats` (always the last event, also after a cancel or an error in the output)
+Each text event has .channel too. `StreamParser.parts` (pass your own parser to generate_events) holds the
+finished messages in the "parts" shape, in order.
 
 `Stats` fields: prompt_tokens (the whole rendered prompt), prefilled_tokens (what this turn actually ran
 through the model; the rest came from the session's prompt cache), cached_tokens, generated_tokens,
 time_to_first_token (s), prefill_tps, decode_tps, peak_memory (bytes, mx.get_peak_memory), stop_reason
-("return" | "call" | "max_tokens" | "context" | "cancelled"), malformed (True when the model's output did not
-follow harmony; it was then shown as content), warnings (list of str), dropped_messages (how many of the
+("return" | "call" | "max_tokens" | "context" | "cancelled" | "malformed": the output began a message that is
+not the assistant's), malformed (True when the model's output did not follow harmony), warnings (list of str;
+a call cut off by max_tokens is reported there with its partial arguments), dropped_messages (how many of the
 oldest messages a Session removed to fit the context; 0 normally).
 
 Session (`gpt.session(reasoning_effort="medium", developer=None, tools=None, messages=None, max_context=None,
@@ -34,7 +61,8 @@ drop_oldest=True)`), keeps the KV cache between turns so turn N prefills only wh
         auto_tools=True runs Python tool functions itself: each call is yielded as a "tool_call" event,
         then run, its result appended as a tool message and generation continues until a final answer;
         several "done" events can then occur (one per model call); the last one ends the reply.
-    add_tool_result(name, content): append a tool message answering a "tool_call" (then send(None)).
+    add_tool_result(name, content, *, tool_call_id=None): append a tool message answering a "tool_call"
+        (pass the event's .id; without it the oldest unanswered call of that name gets it), then send(None).
     messages: list of message dicts (a copy is safe to json.dumps).
     reset(): forget messages and cache (keeps settings).
     set_effort("low"|"medium"|"high"), set_developer(text | None), set_tools(tools): change the system/
@@ -48,19 +76,28 @@ drop_oldest=True)`), keeps the KV cache between turns so turn N prefills only wh
     which keeps the final-channel text produced so far as the assistant's answer. The KV cache goes back
     to the snapshot taken at the end of the last message, so the next turn is still incremental.
     A new send() (or reset()) first closes an unfinished earlier stream. If send() raises GptOssError before
-    generating (e.g. the prompt is over the context cap), the user message is not kept.
+    generating (a bad option, a message that cannot fit the context, NaN logits), the session is exactly as
+    it was before send(): the user message is not kept and no turn is dropped.
 
 Prompt cache (Runner): the growing KVCache layers can be trimmed to any length, but the sliding-window
 RotatingKVCache layers cannot once they have wrapped. So the runner snapshots the sliding layers (128 tokens
-each: cheap) at the end of every prompt and of its last message; a new prompt resumes from the current cache
-if that is a prefix of it, else from the longest snapshot that is (trimming the full-attention layers to it),
-else it is prefilled from scratch. Prefill runs in chunks (the memory plan's prefill_chunk); decoding is
+each: cheap) at the end of every prompt and of its last message (a "mark"); a new prompt resumes from the
+current cache if that is a prefix of it, else from the longest snapshot that is (trimming the full-attention
+layers to it), else it is prefilled from scratch. Eight snapshots are kept, oldest evicted first, except the
+marks a Session protects: the end of its last user message and every mark of the current turn, however many
+tool rounds it takes. Prefill runs in chunks (the memory plan's prefill_chunk); decoding is
 pipelined as in mlx-lm (the next forward pass is queued before Python handles the current token).
 
 Context: a prompt longer than the context cap (max_context, default min(config max_position_embeddings,
 the memory plan's context)) raises GptOssError from GptOss.chat(); a Session with drop_oldest=True drops
 the oldest user turns instead, keeping room for max_tokens (default: a quarter of the context, at most 4096
-tokens), and reports it in stats.dropped_messages (never silently).
+tokens), and reports it in stats.dropped_messages (never silently). Turns are dropped only when the message
+then fits: one that cannot fit even alone is refused with the session unchanged.
+
+Sampling options are checked before anything runs (one GptOssError naming the option): temperature >= 0,
+top_p and min_p in [0, 1], all finite; top_k an integer >= 0; seed an integer >= 0 or None; max_tokens a
+positive integer or None. Logits that are not finite at the first token (NaN weights, a dtype overflow) stop
+the reply with a GptOssError naming the likely cause instead of sampling garbage up to the cap.
 
 Tools: a Python callable (JSON schema from its signature, type hints and docstring) or a dict
 {"name", "description", "parameters": JSON schema}. See mlx_gptoss.harmony.tool_spec().
@@ -71,6 +108,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -108,25 +146,47 @@ class Stats:
 
 @dataclass
 class Event:
-    kind: str  # "reasoning" | "content" | "tool_call" | "done"
+    kind: str  # "reasoning" | "content" | "preamble" | "tool_call" | "done"
     text: str = ""
     recipient: str | None = None
     arguments: str | None = None
     stats: Stats | None = None
+    id: str | None = None  # a tool call's id ("call_<hex>"): answer it with add_tool_result(..., tool_call_id=)
+    channel: str | None = None  # the harmony channel the text or call came on
 
     @property
     def name(self) -> str | None:
-        """The tool's name without its namespace ("get_weather" for "functions.get_weather")."""
-        return self.recipient.removeprefix("functions.") if self.recipient else None
+        """The tool's name without the functions namespace ("get_weather"; a bare "python" stays "python")."""
+        return harmony.call_name(self.recipient) if self.recipient else None
 
 
 # --------------------------------------------------------------------------------- the KV cache engine
 
 @dataclass
 class _Snapshot:
-    n: int  # tokens in the cache when taken (the end of a prompt)
+    n: int  # tokens in the cache when taken (the end of a prompt, or of its last message: a "mark")
     sliding: dict  # layer index -> RotatingKVCache.state (cheap: a window of 128 tokens per layer)
-    logits: mx.array | None  # the logits the prompt ended with (an identical prompt needs no forward pass)
+    logits: mx.array | None  # the logits the prompt ended with (None for a mark)
+
+
+def sliding_state(cache: list) -> dict:
+    """Copies of the sliding-window layers' states, by layer index (cheap: one window each)."""
+    return {i: tuple(mx.array(x) if isinstance(x, mx.array) else x for x in c.state)
+            for i, c in enumerate(cache) if not isinstance(c, KVCache)}
+
+
+def restore_cache(cache: list, sliding: dict, n: int) -> None:
+    """Back to n tokens: the sliding layers from sliding_state() copies, the growing layers trimmed."""
+    for i, c in enumerate(cache):
+        if i in sliding:
+            c.state = tuple(mx.array(x) if isinstance(x, mx.array) else x for x in sliding[i])
+        else:
+            c.offset = n  # KVCache.trim: positions past offset are overwritten by the next update
+
+
+def runner_for(gpt) -> "Runner":
+    """gpt's Runner: under mlx.launch rank 0's mirrors its cache operations (mlx_gptoss.distributed)."""
+    return getattr(gpt, "runner_class", Runner)(gpt)
 
 
 class Runner:
@@ -141,6 +201,9 @@ class Runner:
         self.ids: list[int] = []
         self.snapshots: list[_Snapshot] = []
         self.dirty = False  # a forward pass was interrupted: the cache may be ahead of self.ids in some layers
+        # Marks at or after this many tokens are never evicted (a Session sets it to the end of its last user
+        # message: the marks of the current turn, however many tool rounds it takes, and its start).
+        self.keep_from: int | None = None
         plan = getattr(gpt, "plan", None)
         self.chunk = max(1, getattr(plan, "prefill_chunk", 0) or DEFAULT_PREFILL_CHUNK)
 
@@ -157,17 +220,15 @@ class Runner:
         return logits if want_logits else None
 
     def _snapshot(self, logits) -> None:
-        sliding = {i: tuple(mx.array(x) if isinstance(x, mx.array) else x for x in c.state)
-                   for i, c in enumerate(self.cache) if not isinstance(c, KVCache)}
-        self.snapshots = [s for s in self.snapshots if s.n != len(self.ids)][-(MAX_SNAPSHOTS - 1):]
-        self.snapshots.append(_Snapshot(len(self.ids), sliding, logits))
+        sliding = sliding_state(self.cache)
+        snaps = [s for s in self.snapshots if s.n != len(self.ids)] + [_Snapshot(len(self.ids), sliding, logits)]
+        kept = lambda s: self.keep_from is not None and s.logits is None and s.n >= self.keep_from  # noqa: E731
+        evictable = [s for s in snaps if not kept(s)]
+        gone = {id(s) for s in evictable[:max(0, len(evictable) - MAX_SNAPSHOTS)]}  # oldest first
+        self.snapshots = [s for s in snaps if id(s) not in gone]
 
     def _restore(self, s: _Snapshot) -> None:
-        for i, c in enumerate(self.cache):
-            if i in s.sliding:
-                c.state = tuple(mx.array(x) if isinstance(x, mx.array) else x for x in s.sliding[i])
-            else:
-                c.offset = s.n  # KVCache.trim: positions past offset are overwritten by the next update
+        restore_cache(self.cache, s.sliding, s.n)
         self.ids = self.ids[:s.n]
         self.snapshots = [t for t in self.snapshots if t.n <= s.n]
         self.dirty = False
@@ -234,13 +295,26 @@ def _context_cap(gpt, max_context: int | None) -> int:
     return cap
 
 
-def _sampler(temperature, top_p, top_k, min_p):
+def check_sampling(*, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=None, max_tokens=None) -> None:
+    """One clear GptOssError for any bad sampling option (also nan and inf, which would run silently)."""
     for name, v, lo, hi in (("temperature", temperature, 0, None), ("top_p", top_p, 0, 1), ("min_p", min_p, 0, 1)):
-        if not isinstance(v, (int, float)) or v < lo or (hi is not None and v > hi):
-            raise GptOssError(f"{name} {v!r}: must be a number" + (f" in [{lo}, {hi}]" if hi else f" >= {lo}"))
-    if not isinstance(top_k, int) or top_k < 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or (
+                hi is not None and v > hi):
+            raise GptOssError(f"{name} {v!r}: must be a finite number" + (f" in [{lo}, {hi}]" if hi else f" >= {lo}"))
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise GptOssError(f"top_k {top_k!r}: must be an integer >= 0 (0: off)")
-    return make_sampler(temp=float(temperature), top_p=float(top_p), min_p=float(min_p), top_k=top_k)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64):
+        raise GptOssError(f"seed {seed!r}: must be an integer >= 0 (or None: a random seed)")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise GptOssError(f"max_tokens {max_tokens!r}: must be a positive integer (or None: up to the context cap)")
+
+
+def _check_finite(logits: mx.array) -> None:
+    """NaN or inf logits never sample anything meaningful: stop at the first token with the likely cause."""
+    if not bool(mx.isfinite(logits).all().item()):
+        raise GptOssError("the model's output (logits) holds NaN or infinity: the weights are probably corrupt or "
+                          "wrongly converted, or the dtype overflows (try --dtype float32); check the checkpoint "
+                          "(gptoss-mac doctor) and download it again if needed")
 
 
 def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: int | None = None,
@@ -248,13 +322,12 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
                     seed: int | None = None, cancel: threading.Event | None = None,
                     parser: "harmony.StreamParser | None" = None, dropped: int = 0) -> Iterator[Event]:
     """Prefill `prompt` on runner, sample until <|return|>/<|call|>/max_tokens/the context cap, yield Events.
-    The parser (exposed for the session) collects the reply; the last event is "done"."""
+    The parser (pass your own to read `parser.parts` afterwards) collects the reply; the last event is "done"."""
+    check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens)
     if len(prompt) >= cap:
         raise GptOssError(f"the prompt has {len(prompt):,} tokens: the context cap of {cap:,} tokens leaves no room "
                           "for a reply; shorten the conversation, start a new one, or raise the context (--ctx)")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-        raise GptOssError(f"max_tokens {max_tokens!r}: must be a positive integer (or None: up to the context cap)")
-    sampler = _sampler(temperature, top_p, top_k, min_p)
+    sampler = make_sampler(temp=float(temperature), top_p=float(top_p), min_p=float(min_p), top_k=top_k)
     parser = parser or harmony.StreamParser(runner.gpt.path)
     budget = cap - len(prompt)
     limit = min(budget, max_tokens) if max_tokens else budget
@@ -264,12 +337,15 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
     stats = Stats(prompt_tokens=len(prompt), dropped_messages=dropped)
     t0 = time.perf_counter()
     logits, stats.prefilled_tokens = runner.prefill(prompt)
+    _check_finite(logits)
     stats.cached_tokens = len(prompt) - stats.prefilled_tokens
     t_prefill = time.perf_counter() - t0
     stop, t_first = ("max_tokens" if max_tokens and max_tokens < budget else "context"), None
 
     def sample(logits):  # [V] -> [1], lazy
         logits = logits[None]
+        if temperature == 0:  # greedy: normalizing cannot change the argmax (and is a pass over the vocabulary)
+            return mx.argmax(logits, axis=-1)
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
     # Pipelined like mlx-lm's generate_step: the forward pass of token i and the sampling of token i+1 are
@@ -296,6 +372,9 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
         if token in harmony.STOP_TOKENS:
             stop = harmony.STOP_TOKENS[token]
             break
+        if parser.halted:  # the output left the assistant's turn (e.g. <|start|>user): nothing more to show
+            stop = "malformed"
+            break
         y = nxt
     for ev in _pieces_to_events(parser.finish(stop)):
         yield ev
@@ -310,20 +389,22 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
 
 
 def _pieces_to_events(pieces) -> list[Event]:
-    return [Event(p.kind, p.text, p.recipient, p.text) if p.kind == "tool_call" else Event(p.kind, p.text)
-            for p in pieces]
+    return [Event("tool_call", p.text, p.recipient, p.text, id=p.id, channel=p.channel) if p.kind == "tool_call"
+            else Event(p.kind, p.text, channel=p.channel) for p in pieces]
 
 
 # ------------------------------------------------------------------------------------------- Session
 
 def assistant_message(parser: "harmony.StreamParser") -> dict:
-    """The message dict of a finished reply (what the history keeps)."""
-    m: dict = {"role": "assistant"}
-    if parser.reasoning:
-        m["reasoning"] = "".join(parser.reasoning)
-    if parser.tool_calls:
-        m["tool_calls"] = [dict(c) for c in parser.tool_calls]
-    if parser.content or not parser.tool_calls:
+    """The message dict of a reply (what the history keeps): its ordered "parts", and the summary keys."""
+    m: dict = {"role": "assistant", "parts": copy.deepcopy(parser.parts)}
+    reasoning = parser.reasoning
+    if reasoning:
+        m["reasoning"] = harmony.REASONING_SEPARATOR.join(reasoning)
+    calls = parser.tool_calls
+    if calls:
+        m["tool_calls"] = calls
+    if parser.content or not calls:
         m["content"] = "".join(parser.content)
     return m
 
@@ -341,12 +422,13 @@ class Session:
         self.date = date or time.strftime("%Y-%m-%d")  # fixed for the session: the prompt prefix stays cached
         self.cap = _context_cap(gpt, max_context)
         self.drop_oldest = drop_oldest
-        self.messages: list[dict] = [dict(m) for m in (messages or [])]
-        self.runner = Runner(gpt)
+        self.messages: list[dict] = copy.deepcopy(list(messages or []))
+        self.runner = runner_for(gpt)
         self.last_stats: Stats | None = None
         self.dropped = 0
         self._cancel = threading.Event()
-        self._busy, self._pending, self._active = False, [], None
+        self._busy, self._pending, self._active, self._parser = False, [], None, None
+        self._exact: dict[tuple, list[int]] = {}  # harmony.part_key -> the ids the model generated for it
         self.render()  # validate settings and messages now, not at the first send
 
     # -- settings
@@ -366,15 +448,30 @@ class Session:
             self._active.close()
             self._active = None
         self.messages = []
+        self._exact = {}
         self.runner.reset()
 
     def cancel(self) -> None:
         self._cancel.set()
 
-    def add_tool_result(self, name: str, content) -> None:
-        """Answer a tool call; while its reply is still streaming, the result is added right after it."""
+    def add_tool_result(self, name: str, content, *, tool_call_id: str | None = None) -> None:
+        """Answer a tool call (best with the "tool_call" event's .id; else the oldest unanswered call of that
+        name gets it). While its reply is still streaming, the result is added right after it."""
         text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, default=str)
-        (self._pending if self._busy else self.messages).append({"role": "tool", "name": name, "content": text})
+        if tool_call_id is None:
+            answered = {m.get("tool_call_id") for m in self.messages + self._pending if m.get("role") == "tool"}
+            calls = self._parser.tool_calls if self._busy and self._parser else [
+                c for m in self.messages[-1:] if m.get("role") == "assistant"
+                for c in harmony.assistant_tool_calls(m)]
+            if not calls:  # the reply's calls are answered in the messages after it
+                last = max((i for i, m in enumerate(self.messages) if m.get("role") == "assistant"), default=None)
+                calls = harmony.assistant_tool_calls(self.messages[last]) if last is not None else []
+            tool_call_id = next((c.get("id") for c in calls if c.get("id") and c.get("id") not in answered
+                                 and name in (c["name"], c.get("recipient"))), None)
+        msg = {"role": "tool", "name": name, "content": text}
+        if tool_call_id:
+            msg["tool_call_id"] = tool_call_id
+        (self._pending if self._busy else self.messages).append(msg)
 
     # -- persistence
     def to_dict(self) -> dict:
@@ -392,25 +489,40 @@ class Session:
     def render(self, messages: list[dict] | None = None) -> list[int]:
         return harmony.render(self.messages if messages is None else messages, model_path=self.gpt.path,
                               reasoning_effort=self.effort, tools=self.tools, developer=self.developer,
-                              date=self.date)
+                              date=self.date, exact=lambda p: self._exact.get(harmony.part_key(p)))
 
     def _fit(self, reserve: int) -> tuple[list[int], int]:
-        """The prompt ids, dropping the oldest turns (whole user turns) while it does not fit."""
-        dropped = 0
-        while True:
-            prompt = self.render()
-            if len(prompt) + reserve <= self.cap or not self.drop_oldest:
-                return prompt, dropped
-            users = [i for i, m in enumerate(self.messages) if m.get("role") == "user"]
-            if len(users) < 2:  # only the current turn is left: it does not fit at all
-                return prompt, dropped
-            cut = users[1]
-            dropped += cut
-            del self.messages[:cut]
+        """The prompt ids, dropping the oldest whole turns while it leaves less than `reserve` tokens for the
+        reply. Turns are dropped only if the prompt then fits: a message that cannot fit at all raises
+        GptOssError and leaves the messages exactly as they were."""
+        msgs, dropped = self.messages, 0
+        prompt = self.render(msgs)
+        while self.drop_oldest and len(prompt) + reserve > self.cap:
+            users = [i for i, m in enumerate(msgs) if m.get("role") == "user"]
+            if len(users) < 2:  # only the current turn is left
+                break
+            dropped += users[1]
+            msgs = msgs[users[1]:]
+            prompt = self.render(msgs)
+        if len(prompt) >= self.cap:
+            alone = "" if dropped or not self.drop_oldest else " on its own"
+            raise GptOssError(f"this message does not fit the context: the conversation needs {len(prompt):,} tokens"
+                              f"{alone} and the context cap is {self.cap:,} (no room for a reply); nothing was "
+                              "dropped. Send a shorter message, start a new conversation, or raise the context (--ctx)")
+        if dropped:
+            del self.messages[:dropped]
+        return prompt, dropped
+
+    def _keep_from(self) -> int | None:
+        """Where the last user message ends in the prompt: the runner keeps the marks from there on."""
+        users = [i for i, m in enumerate(self.messages) if m.get("role") == "user"]
+        return len(self.render(self.messages[:users[-1] + 1])) - 2 if users else None
 
     def send(self, text: str | None, *, max_tokens: int | None = None, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None, tools=None,
              auto_tools: bool = False, keep_partial: bool = False, max_tool_rounds: int = 8) -> Iterator[Event]:
+        check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                       max_tokens=max_tokens)
         if self._active is not None:  # an unfinished earlier reply: end it now so the history stays in order
             self._active.close()
             self._active = None
@@ -420,20 +532,29 @@ class Session:
             self.messages.append({"role": "user", "content": text})
         if tools is not None:
             self.set_tools(tools)
+        try:  # a message that cannot fit is refused now, with the session as it was
+            fitted = self._fit(self._reserve(max_tokens))
+        except GptOssError:
+            if text is not None:
+                self.messages.pop()
+            raise
         self._active = self._turn(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                   min_p=min_p, seed=seed, auto_tools=auto_tools, keep_partial=keep_partial,
-                                  rounds=max_tool_rounds, added=text is not None)
+                                  rounds=max_tool_rounds, added=text is not None, fitted=fitted)
         return self._active
 
-    def _turn(self, *, auto_tools, keep_partial, rounds, added, **sampling) -> Iterator[Event]:
+    def _reserve(self, max_tokens: int | None) -> int:
+        """Room kept for the reply when dropping old turns: max_tokens, else a quarter of the context."""
+        return max_tokens or max(1, min(self.cap // 4, 4096))
+
+    def _turn(self, *, auto_tools, keep_partial, rounds, added, fitted, **sampling) -> Iterator[Event]:
         self._cancel.clear()
         by_name = {t.name: t for t in self.tools}
         for round_ in range(max(1, rounds)):
-            # room kept for the reply when dropping old turns: max_tokens, else a quarter of the context
-            reserve = sampling["max_tokens"] or max(1, min(self.cap // 4, 4096))
-            prompt, dropped = self._fit(reserve)
+            prompt, dropped = fitted if round_ == 0 else self._fit(self._reserve(sampling["max_tokens"]))
             self.dropped += dropped
-            parser = harmony.StreamParser(self.gpt.path)
+            self.runner.keep_from = self._keep_from()
+            parser = self._parser = harmony.StreamParser(self.gpt.path)
             done = None
             self._busy = True
             try:
@@ -441,7 +562,7 @@ class Session:
                     stream = generate_events(self.runner, prompt, cap=self.cap, cancel=self._cancel, parser=parser,
                                              dropped=dropped, **sampling)
                     first = next(stream)
-                except GptOssError:  # refused before anything ran (e.g. over the context cap)
+                except GptOssError:  # refused before anything ran (e.g. non-finite logits)
                     if added and round_ == 0 and self.messages and self.messages[-1].get("role") == "user":
                         self.messages.pop()  # the question was not taken: the session is as before send()
                     raise
@@ -454,8 +575,12 @@ class Session:
                 self._busy = False
                 if parser.stopped or (done is not None and done.stats.stop_reason != "cancelled"):
                     self.messages.append(assistant_message(parser))
-                elif keep_partial and parser.content:
-                    self.messages.append({"role": "assistant", "content": "".join(parser.content)})
+                    self._exact.update((harmony.part_key(p), ids) for p, ids in zip(parser.parts, parser.part_ids)
+                                       if ids)
+                elif keep_partial:
+                    parser.finish("cancelled")  # closes the message that was streaming
+                    if parser.content:
+                        self.messages.append(assistant_message(parser))
                 self.messages.extend(self._pending)  # tool results given while the reply streamed
                 self._pending = []
             self.last_stats = done.stats
@@ -464,11 +589,11 @@ class Session:
             # auto_tools: run Python tools; a tool given only as a schema is the caller's to answer
             if not (auto_tools and calls and all(by_name[c["name"]].fn for c in calls if c["name"] in by_name)):
                 return
-            answered = {m.get("name") for m in self.messages[-len(calls):] if m.get("role") == "tool"}
+            answered = {m.get("tool_call_id") for m in self.messages if m.get("role") == "tool"}
             for c in calls:
-                if c["name"] in answered:
+                if c["id"] in answered:
                     continue
                 tool = by_name.get(c["name"])
                 self.add_tool_result(c["name"], tool.run(c["arguments"]) if tool else  # the model can recover
                                      f"error: there is no tool named {c['name']!r}; available: "
-                                     + (", ".join(by_name) or "none"))
+                                     + (", ".join(by_name) or "none"), tool_call_id=c["id"])

@@ -1,12 +1,17 @@
-"""The harmony format through openai-harmony: the offline vocabulary, prompt rendering, tools, stream parsing.
+"""The harmony format: the offline vocabulary, prompt rendering, tools, stream parsing.
 
-openai-harmony (OpenAI's reference library for the format) renders and parses; this module only adapts it:
+openai-harmony (OpenAI's reference library for the format) renders the system, developer, user, tool and
+finished assistant messages; this module adapts it and adds what it does not do:
 - the vocabulary: openai-harmony reads o200k_base.tiktoken from $TIKTOKEN_ENCODINGS_BASE or downloads it.
   We derive that file from the model snapshot's tokenizer.json (the same byte-level BPE ranks), check its
   sha256 and point TIKTOKEN_ENCODINGS_BASE at our cache folder, so chat works with no network;
-- messages as plain dicts (see mlx_gptoss.chat) -> a harmony Conversation -> prompt token ids;
+- render(): message dicts (see mlx_gptoss.chat) -> prompt token ids, applying harmony's history rules, with
+  the messages of an unfinished turn exactly as the model wrote them (openai-harmony would put a call's
+  recipient before its channel, so a tool loop's cache would diverge every round);
 - Python functions as tools (JSON schema from signature, type hints and docstring);
-- StreamParser: generated tokens -> reasoning / content / tool-call pieces, never raising on bad output.
+- StreamParser: generated tokens -> reasoning / preamble / content / tool-call pieces and the ordered parts,
+  strictly by the format, never raising (openai-harmony's StreamableParser either raises on bad output or,
+  not strict, lets text without a channel through as if it were an answer).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import re
 import types
 import typing
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -243,6 +249,11 @@ def tool_specs(tools: Iterable | None) -> list[Tool]:
 
 # ------------------------------------------------------------------------------------------ rendering
 
+CHANNELS = ("analysis", "commentary", "final")
+RECIPIENT = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z_][A-Za-z0-9_\-]*)*")  # functions.get_weather, python
+CONTENT_TYPE = re.compile(r"(?:<\|constrain\|>)?[A-Za-z0-9_./+\-]+")  # <|constrain|>json, code
+
+
 def _text(m: dict, key: str) -> str:
     v = m.get(key)
     if v is None:
@@ -252,56 +263,84 @@ def _text(m: dict, key: str) -> str:
     return v
 
 
-def to_harmony(messages: list[dict], *, reasoning_effort: str = "medium", tools=None, developer: str | None = None,
-               date: str | None = None, knowledge_cutoff: str = KNOWLEDGE_CUTOFF):
-    """Message dicts (mlx_gptoss.chat) + settings -> openai-harmony Messages, system and developer first."""
-    from openai_harmony import (Author, DeveloperContent, Message, ReasoningEffort, Role, SystemContent,
-                                ToolDescription)
+def call_recipient(call: dict) -> str:
+    """The harmony recipient of a tool_calls entry: its "recipient", else functions.NAME (a dotted name as is)."""
+    r = call.get("recipient") or call.get("name")
+    if not isinstance(r, str) or not r:
+        raise GptOssError(f"tool call {call!r}: needs a \"name\" (or a \"recipient\") and \"arguments\"")
+    return r if ("." in r or call.get("recipient")) else f"functions.{r}"
+
+
+def call_name(recipient: str) -> str:
+    """The tool name callers see: functions.get_weather -> get_weather; python, browser.search: as is."""
+    return recipient.removeprefix("functions.")
+
+
+def assistant_parts(m: dict) -> list[dict]:
+    """An assistant message dict as its ordered harmony messages (the "parts" shape, see mlx_gptoss.chat):
+    its "parts" when present (validated), else analysis, tool calls, final from the summary keys."""
+    if m.get("parts") is not None:
+        if not isinstance(m["parts"], list):
+            raise GptOssError(f"message {m!r}: \"parts\" must be a list of harmony messages")
+        out = []
+        for p in m["parts"]:
+            if not isinstance(p, dict) or p.get("channel") not in CHANNELS:
+                raise GptOssError(f"message part {p!r}: needs a \"channel\" of {', '.join(CHANNELS)}")
+            r, ct = p.get("recipient"), p.get("content_type")
+            if r is not None and (not isinstance(r, str) or not RECIPIENT.fullmatch(r)):
+                raise GptOssError(f"message part {p!r}: \"recipient\" must look like functions.NAME or python")
+            if ct is not None and (not isinstance(ct, str) or not CONTENT_TYPE.fullmatch(ct)):
+                raise GptOssError(f"message part {p!r}: \"content_type\" must look like <|constrain|>json")
+            out.append({"channel": p["channel"], "content": _text(p, "content"), "recipient": r or None,
+                        "content_type": ct or None, "id": p.get("id")})
+        return out
+    parts = []
+    if m.get("reasoning"):
+        parts.append({"channel": "analysis", "content": _text(m, "reasoning"), "recipient": None,
+                      "content_type": None, "id": None})
+    for call in m.get("tool_calls") or []:
+        if not isinstance(call, dict):
+            raise GptOssError(f"message {m!r}: each tool call needs a \"name\" and \"arguments\"")
+        recipient = call_recipient(call)
+        if not RECIPIENT.fullmatch(recipient):
+            raise GptOssError(f"tool call {call!r}: the name must look like get_weather or functions.get_weather")
+        args = call.get("arguments", "{}")
+        args = args if isinstance(args, str) else json.dumps(args)
+        parts.append({"channel": call.get("channel") or "commentary", "content": args, "recipient": recipient,
+                      "content_type": call.get("content_type", "<|constrain|>json"), "id": call.get("id")})
+    if m.get("content") or not parts:
+        parts.append({"channel": "final", "content": _text(m, "content"), "recipient": None, "content_type": None,
+                      "id": None})
+    return parts
+
+
+def assistant_tool_calls(m: dict) -> list[dict]:
+    """The tool_calls of an assistant message dict (from its parts when it has them)."""
+    out = []
+    for p in assistant_parts(m):
+        if p["recipient"]:
+            call = {"id": p["id"], "name": call_name(p["recipient"]), "arguments": p["content"]}
+            if p["recipient"] != f"functions.{call['name']}":
+                call["recipient"] = p["recipient"]
+            out.append(call)
+    return out
+
+
+def _head(messages: list[dict], reasoning_effort: str, tools, developer: str | None, date: str | None,
+          knowledge_cutoff: str):
+    """The system message and the developer message (instructions: developer=, then every system and
+    developer message in order; the function tools), as openai-harmony Messages."""
+    from openai_harmony import DeveloperContent, Message, ReasoningEffort, Role, SystemContent, ToolDescription
 
     if reasoning_effort not in EFFORTS:
         raise GptOssError(f"reasoning_effort {reasoning_effort!r}: use one of {', '.join(EFFORTS)}")
-    date = date or _dt.date.today().isoformat()
     system = (SystemContent.new().with_reasoning_effort(ReasoningEffort[reasoning_effort.upper()])
-              .with_conversation_start_date(date).with_knowledge_cutoff(knowledge_cutoff))
-    instructions = [developer] if developer else []
-    body = []
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
-            raise GptOssError(f"message {m!r}: needs a \"role\" of system, developer, user, assistant or tool")
-        role = m["role"]
-        if role == "system":
-            system = system.with_model_identity(_text(m, "content"))
-        elif role == "developer":
-            instructions.append(_text(m, "content"))
-        elif role == "user":
-            body.append(Message.from_role_and_content(Role.USER, _text(m, "content")))
-        elif role == "tool":
-            name = m.get("name")
-            if not isinstance(name, str) or not name:
-                raise GptOssError(f"message {m!r}: a tool message needs the \"name\" of the tool it answers")
-            author = name if "." in name else f"functions.{name}"
-            body.append(Message.from_author_and_content(Author.new(Role.TOOL, author), _text(m, "content"))
-                        .with_channel("commentary").with_recipient("assistant"))
-        else:
-            if m.get("reasoning"):
-                body.append(Message.from_role_and_content(Role.ASSISTANT, _text(m, "reasoning")).with_channel("analysis"))
-            for call in m.get("tool_calls") or []:
-                if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-                    raise GptOssError(f"message {m!r}: each tool call needs a \"name\" and \"arguments\"")
-                name = call["name"]
-                recipient = name if "." in name else f"functions.{name}"
-                args = call.get("arguments", "{}")
-                args = args if isinstance(args, str) else json.dumps(args)
-                body.append(Message.from_role_and_content(Role.ASSISTANT, args).with_channel("commentary")
-                            .with_recipient(recipient).with_content_type("<|constrain|>json"))
-            if m.get("content") or not (m.get("reasoning") or m.get("tool_calls")):
-                body.append(Message.from_role_and_content(Role.ASSISTANT, _text(m, "content")).with_channel("final"))
-    # The format's rule: chain-of-thought of turns that ended in a final answer is dropped; only the current,
-    # unfinished turn (e.g. around its tool calls) keeps it. openai-harmony 0.0.8's own auto-drop removes only
-    # the analysis before the *first* final message, which would keep the reasoning of every later turn.
-    finals = [i for i, msg in enumerate(body) if msg.channel == "final"]
-    if finals:
-        body = [msg for i, msg in enumerate(body) if not (msg.channel == "analysis" and i < finals[-1])]
+              .with_conversation_start_date(date or _dt.date.today().isoformat())
+              .with_knowledge_cutoff(knowledge_cutoff))
+    # A system message is developer instructions (as the official chat template and vLLM do); the model
+    # identity line stays the spec's.
+    instructions = ([developer] if developer else []) + [
+        _text(m, "content") for m in messages if m.get("role") in ("system", "developer") and m.get("content")]
     specs = tool_specs(tools)
     head = [Message.from_role_and_content(Role.SYSTEM, system)]
     if instructions or specs:
@@ -312,123 +351,437 @@ def to_harmony(messages: list[dict], *, reasoning_effort: str = "medium", tools=
             dev = dev.with_function_tools([ToolDescription.new(t.name, t.description, parameters=t.parameters)
                                            for t in specs])
         head.append(Message.from_role_and_content(Role.DEVELOPER, dev))
-    return head + body
+    return head
 
 
-def render(messages: list[dict], *, model_path: Path | None = None, **settings) -> list[int]:
-    """The prompt ids for the assistant's next message, ending with <|start|>assistant."""
-    from openai_harmony import Conversation, Role
+def _turns(messages: list[dict]) -> list[tuple[int, int]]:
+    """[(start, end)) of each turn: a user message and what follows it up to the next user message."""
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    bounds = [0] + users[1:] if users and users[0] > 0 else users or [0]
+    return [(a, b) for a, b in zip(bounds, bounds[1:] + [len(messages)])]
+
+
+def _as_generated(enc, part: dict) -> list[int]:
+    """A tool call exactly as gpt-oss writes it: <|start|>assistant<|channel|>commentary to=functions.x
+    <|constrain|>json<|message|>...<|call|> (openai-harmony puts the recipient before <|channel|>)."""
+    header = part["channel"] + f" to={part['recipient']}" + (f" {part['content_type']}" if part["content_type"] else "")
+    return ([START] + enc.encode("assistant") + [CHANNEL] + enc.encode(header, allowed_special={"<|constrain|>"})
+            + [MESSAGE] + enc.encode(part["content"], disallowed_special=()) + [CALL])
+
+
+def part_key(part: dict) -> tuple:
+    """What identifies a part's text for render(exact=): channel, recipient, content type, content."""
+    return part["channel"], part["recipient"], part["content_type"], part["content"]
+
+
+def render(messages: list[dict], *, model_path: Path | None = None, reasoning_effort: str = "medium", tools=None,
+           developer: str | None = None, date: str | None = None, knowledge_cutoff: str = KNOWLEDGE_CUTOFF,
+           exact: Callable[[dict], list[int] | None] | None = None) -> list[int]:
+    """The prompt ids for the assistant's next message, ending with <|start|>assistant.
+
+    What the history keeps (harmony's rules, as OpenAI's Responses server applies them):
+    - the reasoning (analysis without a recipient) of a turn is dropped once a final answer follows it, and at
+      the next user message unless the turn ended with a tool result (a turn cut off by max_tokens, or whose
+      call nobody answered, loses it);
+    - a turn that has not reached a final answer is rendered exactly as the model wrote it (tool calls with
+      the channel before the recipient), so a tool loop's cache never diverges; finished turns render in
+      openai-harmony's canonical form. exact(part) may give the ids the model generated for a part (a
+      Session keeps them): those are used as they are in an unfinished turn, so even a tokenization that
+      encode() would not produce renders back token for token;
+    - a tool result is authored by the recipient of the call it answers (found by tool_call_id, else by name)
+      on the channel that call used."""
+    from openai_harmony import Message, Role
 
     enc = encoding(model_path)
-    conv = Conversation.from_messages(to_harmony(messages, **settings))
-    return list(enc.render_conversation_for_completion(conv, Role.ASSISTANT))
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            raise GptOssError(f"message {m!r}: needs a \"role\" of system, developer, user, assistant or tool")
+    items: list = _head(messages, reasoning_effort, tools, developer, date, knowledge_cutoff)
+    n_head = len(items)
+    parts_of = {i: assistant_parts(m) for i, m in enumerate(messages) if m["role"] == "assistant"}
+    turns = _turns(messages)
+    finals_in = [[k for k, p in enumerate(p for i in range(a, b) for p in parts_of.get(i, []))
+                  if p["channel"] == "final" and not p["recipient"]] for a, b in turns]
+    calls: list[dict] = []  # every call so far, for matching tool results
+    for t, (a, b) in enumerate(turns):
+        finals = finals_in[t]
+        later_final = any(finals_in[t + 1:])
+        # reasoning survives the next user message only when the turn ended with a tool result
+        keeps = t == len(turns) - 1 or (messages[b - 1]["role"] == "tool" and not later_final)
+        k = -1
+        for i in range(a, b):
+            m = messages[i]
+            if m["role"] == "user":
+                items.append(Message.from_role_and_content(Role.USER, _text(m, "content")))
+            elif m["role"] == "tool":
+                items.append(_tool_message(m, calls))
+            elif m["role"] == "assistant":
+                for p in parts_of[i]:
+                    k += 1
+                    if p["channel"] == "analysis" and not p["recipient"] and (
+                            not keeps or any(f > k for f in finals)):
+                        continue
+                    if p["recipient"]:
+                        calls.append(p)
+                    if not finals:  # unfinished turn: as the model wrote it, token for token
+                        ids = exact(p) if exact else None
+                        if ids or p["recipient"]:
+                            items.append(list(ids) if ids else _as_generated(enc, p))
+                            continue
+                    msg = Message.from_role_and_content(Role.ASSISTANT, p["content"]).with_channel(p["channel"])
+                    if p["recipient"]:
+                        msg = msg.with_recipient(p["recipient"])
+                    if p["content_type"]:
+                        msg = msg.with_content_type(p["content_type"])
+                    items.append(msg)
+    # the system and developer messages depend on each other (the system message names the tool namespaces)
+    from openai_harmony import Conversation
+
+    ids = list(enc.render_conversation(Conversation.from_messages(items[:n_head])))
+    for item in items[n_head:]:
+        ids += item if isinstance(item, list) else enc.render(item)
+    return ids + [START] + enc.encode("assistant")
+
+
+def _tool_message(m: dict, calls: list[dict]):
+    """A tool result as harmony: author = the answered call's recipient, on that call's channel."""
+    from openai_harmony import Author, Message, Role
+
+    name, cid = m.get("name"), m.get("tool_call_id")
+    if not isinstance(name, str) or not name:
+        if not cid:
+            raise GptOssError(f"message {m!r}: a tool message needs the \"name\" of the tool it answers "
+                              "(or its \"tool_call_id\")")
+        name = ""
+    call = next((c for c in reversed(calls) if cid and c.get("id") == cid), None)
+    if call is None and cid and not name:
+        raise GptOssError(f"message {m!r}: no earlier tool call has the id {cid!r}")
+    call = call or next((c for c in reversed(calls) if name in (c["recipient"], call_name(c["recipient"]))), None)
+    author = call["recipient"] if call else (name if "." in name else f"functions.{name}")
+    channel = call["channel"] if call else "commentary"
+    return (Message.from_author_and_content(Author.new(Role.TOOL, author), _text(m, "content"))
+            .with_channel(channel).with_recipient("assistant"))
 
 
 # ------------------------------------------------------------------------------------------- parsing
 
+_TOKEN_BYTES: list[bytes] | None = None
+
+
+def token_bytes() -> list[bytes]:
+    """The bytes of every ordinary token (rank order), read once from the verified o200k_base.tiktoken."""
+    global _TOKEN_BYTES
+    if _TOKEN_BYTES is None:
+        encoding()  # makes sure the verified file is in place
+        path = Path(os.environ["TIKTOKEN_ENCODINGS_BASE"]) / VOCAB_FILE
+        table = [b""] * N_ORDINARY
+        for line in path.read_bytes().splitlines():
+            tok, rank = line.split()
+            table[int(rank)] = base64.b64decode(tok)
+        _TOKEN_BYTES = table
+    return _TOKEN_BYTES
+
+
 @dataclass
 class Piece:
-    kind: str  # "reasoning" | "content" | "tool_call"
+    kind: str  # "reasoning" | "content" | "preamble" | "tool_call"
     text: str = ""
     recipient: str | None = None
+    message: int = 0  # which generated message (0, 1, ...) the text belongs to
+    id: str | None = None  # a tool call's id
+    channel: str | None = None
+    separator: bool = False  # "\n\n" between two analysis messages, not model text
+
+
+REASONING_SEPARATOR = "\n\n"
+MAX_HEADER_TOKENS = 32  # a header longer than this is not one: its text is treated as a message without channel
 
 
 class StreamParser:
-    """Generated ids -> Pieces, via openai-harmony's StreamableParser. Output that breaks the format
-    (an error from the parser, or a header that never reaches <|message|>) is shown as content and flags
-    `malformed`; this class never raises."""
+    """Generated ids -> Pieces, strictly by the harmony format; it never raises, and never shows as the
+    answer what the model did not put on the final channel.
 
-    def __init__(self, model_path: Path | None = None):
-        from openai_harmony import Role, StreamableParser
+    A message is `<|start|>assistant HEADER <|message|> TEXT <|end|>|<|return|>|<|call|>` (the first
+    `<|start|>assistant` is the prompt's). Its text streams as "reasoning" (analysis), "preamble" (commentary
+    without a recipient) or "content" (final); a message with a recipient (`to=functions.x`, `to=python`) is
+    one "tool_call" piece when it ends. Output that breaks the format sets `malformed` and a warning:
+    - a missing or unknown channel, an invalid recipient, text where a `<|start|>` must come, a header that
+      never reaches <|message|>: the text is kept, hidden as "reasoning" (it is how chain-of-thought leaks);
+    - a `<|start|>` with a role other than assistant: everything from there on is dropped (`halted`);
+    - a special token inside a message, or any token after the reply stopped: dropped.
+    Text is decoded incrementally from the token bytes: a multi-byte character split across tokens is never
+    a U+FFFD. Every token is counted once in `n_shown` (its text reached a piece), `n_framing` (the markup of
+    a well-formed message) or `n_dropped`; `parts` holds the finished messages in order (the message dict
+    "parts" shape of mlx_gptoss.chat)."""
 
+    def __init__(self, model_path: Path | None = None, *, trace: bool = False):
         self.enc = encoding(model_path)
-        self.parser = StreamableParser(self.enc, Role.ASSISTANT, strict=False)
+        self.bytes = token_bytes()
+        self.trace: dict[int, list[int]] | None = {} if trace else None  # message -> its shown token ids
+        self.parts: list[dict] = []
         self.malformed = False
         self.warnings: list[str] = []
-        self.broken = False  # after a parser error: every later token is plain content
-        self.pending: list[int] = []  # ids since the last message boundary, for the fallback text
-        self.reasoning, self.content = [], []
-        self.tool_calls: list[dict] = []
-        self._n_messages = 0
-        self._hide: list[str] = []  # special-token texts to cut from the coming deltas
         self.stopped = False  # saw <|return|> or <|call|>: the reply is complete
+        self.halted = False  # the output left the assistant's turn: nothing more is parsed
+        self.n_shown = self.n_framing = self.n_dropped = 0
+        self.cut_call: dict | None = None  # a tool call cut off before <|call|> (see finish())
+        self._state = "header"  # "header" | "content" | "between"
+        self._header: list[int] = []
+        self._role_given = True  # the prompt ended with <|start|>assistant
+        self._msg: dict | None = None
+        self._tokens = 0  # ordinary tokens of the current message
+        self._decoder = None
+        self._text: list[str] = []
+        self._n = 0  # index of the current message
+        self._reasoned = False  # some reasoning was shown (the next analysis message gets a separator)
+        # the ids of each finished part as it stands in a prompt (None if it broke the format): rendering
+        # them back (render(exact=)) keeps a tool loop's cache even where the model's tokenization of a
+        # text is not the one encode() gives
+        self.part_ids: list[list[int] | None] = []
+        self._ids: list[int] = [START] + self.enc.encode("assistant")
+        self._ids_ok = True
+
+    # -- state
+    @property
+    def reasoning(self) -> list[str]:
+        return [p["content"] for p in self.parts if p["channel"] == "analysis" and not p["recipient"]]
+
+    @property
+    def content(self) -> list[str]:
+        return [p["content"] for p in self.parts if p["channel"] == "final" and not p["recipient"]]
+
+    @property
+    def tool_calls(self) -> list[dict]:
+        """The finished calls: {"id", "name", "arguments"} (+ "recipient" when it is not functions.NAME)."""
+        return assistant_tool_calls({"parts": self.parts})
 
     def _warn(self, why: str) -> None:
         self.malformed = True
+        self._ids_ok = False  # this message is not rendered back from its ids
         if why not in self.warnings:
             self.warnings.append(why)
 
-    def _plain(self, ids: list[int]) -> str:
-        ordinary = [t for t in ids if t < N_ORDINARY]
-        return self.enc.decode(ordinary) if ordinary else ""
-
-    def feed(self, token: int) -> list[Piece]:
-        if token in STOP_TOKENS:
-            self.stopped = True
-        if self.broken:
-            text = self._plain([token])
-            if text:
-                self.content.append(text)
-            return [Piece("content", text)] if text else []
-        self.pending.append(token)
-        out = []
-        state = None
+    def _name(self, token: int) -> str:
         try:
-            state = self.parser.state_data.get("state") if token >= N_ORDINARY else None
-            if token in (END, RETURN, CALL) and state == "Header":
-                out += self._unopened()  # the message ends before its header reached <|message|>
-            self.parser.process(token)
-            delta = self.parser.last_content_delta
-            channel, recipient = self.parser.current_channel, self.parser.current_recipient
-            n = len(self.parser.messages) if token in (END, RETURN, CALL) else self._n_messages
-        except Exception as e:  # the format broke: show what the model says from here on as content
-            self._warn(f"the model's output broke the harmony format ({e})")
-            self.broken = True
-            # inside a message its text was streamed already: only this token is new; else the header is
-            text = self._plain([token] if state == "Content" or self._in_content() else self.pending)
-            self.pending = []
-            if text:
-                self.content.append(text)
-            return out + ([Piece("content", text)] if text else [])
-        if state == "Content" and token not in (END, RETURN, CALL):
-            # a special token inside a message: its text reaches a delta (maybe a later one); never show markup
-            name = self.enc.decode([token])
-            self._warn(f"the model put the special token {name} inside a message")
-            self._hide.append(name)
-        while delta and self._hide and self._hide[0] in delta:
-            delta = delta.replace(self._hide.pop(0), "", 1)
-        if delta and not recipient:
-            kind = "reasoning" if channel == "analysis" else "content"
-            (self.reasoning if kind == "reasoning" else self.content).append(delta)
-            out.append(Piece(kind, delta))
-        if n > self._n_messages:  # a message just ended
-            for msg in self.parser.messages[self._n_messages:n]:
-                if msg.recipient and msg.recipient != "assistant":
-                    args = "".join(c.text for c in msg.content if hasattr(c, "text"))
-                    self.tool_calls.append({"name": msg.recipient.removeprefix("functions."), "arguments": args})
-                    out.append(Piece("tool_call", args, msg.recipient))
-            self._n_messages = n
-            self.pending = []
+            return self.enc.decode([token])
+        except Exception:
+            return f"<special {token}>"
+
+    # -- feeding
+    def feed(self, token: int) -> list[Piece]:
+        if self.halted or self.stopped:
+            self.n_dropped += 1
+            return []
+        self._ids.append(token)
+        out = self._feed(token)
+        if token == START:  # a message begins (also after a format break)
+            self._ids, self._ids_ok = [START], True
         return out
 
-    def _in_content(self) -> bool:
-        try:
-            return self.parser.state_data.get("state") == "Content"
-        except Exception:
-            return False
+    def _feed(self, token: int) -> list[Piece]:
+        if self._state == "content":
+            return self._content(token)
+        if self._state == "between":
+            if token in (END, RETURN, CALL):  # e.g. <|end|><|return|>: nothing lost
+                self.n_framing += 1
+                self.stopped = token in STOP_TOKENS
+                return []
+            if token >= N_ORDINARY and token not in (START, CHANNEL):
+                self._warn(f"the model wrote the special token {self._name(token)} between messages")
+                self.n_dropped += 1
+                return []
+            if token == START:
+                self.n_framing += 1
+                self._state, self._header, self._role_given = "header", [], False
+                return []
+            if token == CHANNEL:  # <|start|>assistant left out: accept the message, flag it
+                self._warn("the model began a message without <|start|>assistant")
+                self._state, self._header, self._role_given = "header", [], True
+                return self._header_token(token)
+            self._warn("the model wrote outside a message (where <|start|> must come)")
+            self._open({"channel": None, "recipient": None, "content_type": None})
+            return self._content(token)
+        return self._header_token(token)
+
+    def _header_token(self, token: int) -> list[Piece]:
+        if token == MESSAGE:
+            n = 1 + len(self._header)
+            out = self._open_from_header()
+            if self.halted:
+                self.n_dropped += n
+            else:
+                self.n_framing += n
+            return out
+        if token in (END, RETURN, CALL, START):
+            out = self._unopened()
+            self.n_framing += 1
+            if token == START:
+                self._state, self._header, self._role_given = "header", [], False
+            else:
+                self._state = "between"
+                self.stopped = token in STOP_TOKENS
+            return out
+        if token >= N_ORDINARY and token not in (CHANNEL, CONSTRAIN):
+            self._warn(f"the model put the special token {self._name(token)} in a message header")
+            self.n_dropped += 1
+            return []
+        self._header.append(token)
+        if len(self._header) > MAX_HEADER_TOKENS:
+            return self._unopened(keep_open=True)
+        return []
+
+    def _header_text(self) -> str:
+        out = []
+        for t in self._header:
+            if t == CHANNEL:
+                out.append(" <|channel|> ")
+            elif t == CONSTRAIN:
+                out.append(" <|constrain|>")
+            else:
+                out.append(self.bytes[t].decode("utf-8", "replace"))
+        return "".join(out)
+
+    def _open_from_header(self) -> list[Piece]:
+        words = self._header_text().split()
+        role = None
+        if not self._role_given:
+            role = words.pop(0) if words and not words[0].startswith("<|") else None
+            if role != "assistant":
+                self._warn(f"the model started a message as {role or 'nobody'!r}, not as the assistant; "
+                           "the output after it was dropped")
+                self.halted = True
+                return []
+        channel = recipient = content_type = None
+        i = 0
+        while i < len(words):
+            w = words[i]
+            if w == "<|channel|>":
+                channel = words[i + 1] if i + 1 < len(words) else ""
+                i += 1
+            elif w.startswith("to="):
+                recipient = w[3:]
+            elif w == "<|constrain|>" and i + 1 < len(words):
+                content_type = w + words[i + 1]
+                i += 1
+            elif content_type is None and channel is not None:
+                content_type = w
+            else:
+                self._warn(f"the model wrote {w!r} in a message header")
+            i += 1
+        msg = {"channel": channel, "recipient": recipient, "content_type": content_type}
+        if channel not in CHANNELS:
+            self._warn("the model wrote a message without a channel" if not channel else
+                       f"the model wrote on an unknown channel {channel!r}")
+            msg["channel"] = None
+        if recipient is not None and not RECIPIENT.fullmatch(recipient):
+            self._warn(f"the model addressed {recipient!r}, which is not a tool name; it is not a tool call")
+            msg["channel"] = msg["recipient"] = None
+        if content_type is not None and not CONTENT_TYPE.fullmatch(content_type):
+            msg["content_type"] = None
+        self._open(msg)
+        return []
+
+    def _open(self, msg: dict) -> None:
+        import codecs
+
+        self._msg = msg
+        self._state, self._header = "content", []
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._text, self._tokens = [], 0
+
+    def _kind(self) -> str:
+        m = self._msg
+        if m["recipient"]:
+            return "tool_call"
+        return {"final": "content", "commentary": "preamble"}.get(m["channel"], "reasoning")
+
+    def _piece(self, text: str) -> list[Piece]:
+        if not text:
+            return []
+        self._text.append(text)
+        kind = self._kind()
+        if kind == "tool_call":
+            return []
+        out = []
+        if kind == "reasoning":
+            if self._reasoned and len(self._text) == 1:
+                out.append(Piece("reasoning", REASONING_SEPARATOR, message=self._n, separator=True))
+            self._reasoned = True
+        return out + [Piece(kind, text, message=self._n, channel=self._msg["channel"])]
+
+    def _content(self, token: int) -> list[Piece]:
+        if token < N_ORDINARY:
+            self._tokens += 1
+            if self.trace is not None:
+                self.trace.setdefault(self._n, []).append(token)
+            if self._kind() != "tool_call":
+                self.n_shown += 1
+            return self._piece(self._decoder.decode(self.bytes[token]))
+        if token in (END, RETURN, CALL, START):
+            self.n_framing += 1
+            out = self._close()
+            if token == START:
+                self._warn("the model began a new message without ending the last one (<|start|> inside a message)")
+                self._state, self._header, self._role_given = "header", [], False
+            else:
+                self._state = "between"
+                self.stopped = token in STOP_TOKENS
+            return out
+        self._warn(f"the model put the special token {self._name(token)} inside a message")
+        self.n_dropped += 1
+        return []
+
+    def _close(self, partial: bool = False) -> list[Piece]:
+        """End the current message: flush its text, record it in parts (a tool call gets its id)."""
+        out = self._piece(self._decoder.decode(b"", final=True))
+        m, text = self._msg, "".join(self._text)
+        self._msg, self._state = None, "between"
+        kind = {"channel": m["channel"] or "analysis", "content": text, "recipient": m["recipient"],
+                "content_type": m["content_type"], "id": None}
+        if m["recipient"]:
+            if partial:
+                self.n_dropped += self._tokens
+                if self.trace is not None:
+                    self.trace.pop(self._n, None)
+                self.cut_call = {"recipient": m["recipient"], "arguments": text}
+                self._warn(f"the reply was cut off inside a call to {m['recipient']}; its partial arguments "
+                           f"were {text!r}")
+                self._n += 1
+                return out
+            self.n_shown += self._tokens
+            kind["id"] = "call_" + uuid.uuid4().hex[:24]
+            out.append(Piece("tool_call", text, m["recipient"], message=self._n, id=kind["id"],
+                             channel=kind["channel"]))
+        if text or m["recipient"]:
+            self.parts.append(kind)
+            whole = self._ids_ok and not partial and self._ids[-1] in (END, RETURN, CALL)
+            self.part_ids.append(list(self._ids) if whole else None)
+        self._n += 1
+        return out
+
+    def _unopened(self, keep_open: bool = False) -> list[Piece]:
+        """A header that never reached <|message|>: its text is a message without channel (hidden)."""
+        self._warn("the model's output never opened a message (no <|message|>)")
+        header = [t for t in self._header if t < N_ORDINARY]
+        self.n_dropped += len(self._header) - len(header)
+        self._open({"channel": None, "recipient": None, "content_type": None})
+        out = []
+        for t in header:
+            out += self._content(t)
+        return out if keep_open else out + self._close()
 
     def finish(self, stop: str) -> list[Piece]:
-        """At the end of generation: a header that never reached <|message|> becomes content (malformed)."""
-        if self.broken or not self.pending or self._in_content():
+        """At the end of generation: a message cut off (max_tokens, context, cancel) keeps what it showed; a
+        cut-off tool call is reported in the warnings (with its partial arguments) and `cut_call`; a header
+        cut off within MAX_HEADER tokens is not called malformed."""
+        if self.halted or self.stopped:
             return []
-        if stop in ("max_tokens", "context", "cancelled") and len(self.pending) <= MAX_HEADER:
-            return []  # cut off mid-header: nothing to show, nothing wrong with the format
-        return self._unopened()
-
-    def _unopened(self) -> list[Piece]:
-        self._warn("the model's output never opened a message (no <|message|>)")
-        text = self._plain(self.pending)
-        self.pending = []
-        if text:
-            self.content.append(text)
-        return [Piece("content", text)] if text else []
+        if self._state == "content":
+            return self._close(partial=True)
+        if self._state == "header" and self._header:
+            if stop in ("max_tokens", "context", "cancelled") and len(self._header) <= MAX_HEADER:
+                self.n_dropped += len(self._header)
+                self._header = []
+                return []
+            return self._unopened()
+        return []

@@ -159,13 +159,47 @@ def _cached_snapshot(repo_id: str) -> Path | None:
     return folder if names or any(folder.glob("*.safetensors")) else None
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint opens within `timeout` seconds (name lookup
+    included), so that "no network" is said at once rather than after huggingface_hub's retries."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def connect():
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            ok.append(True)
+        except (OSError, UnicodeError):
+            pass
+
+    probe = threading.Thread(target=connect, daemon=True)  # a name lookup has no timeout of its own
+    probe.start()
+    probe.join(timeout)
+    return bool(ok)
+
+
 def _hub_checkpoint(repo_id: str) -> Checkpoint:
     from huggingface_hub import get_safetensors_metadata, hf_hub_download
-
-    from .checkpoint import check_tensors
-
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
+    from .checkpoint import check_tensors
+    from .hub import _offline, check_repo_id
+
+    check_repo_id(repo_id)
+    if _offline():
+        raise GptOssError(f"{repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; unset it "
+                          "to read the headers from the hub, or pass a local folder")
+    if not hub_reachable():
+        raise GptOssError(f"{repo_id}: not in the local Hugging Face cache, and the Hugging Face hub cannot be "
+                          "reached (no network?); connect and run again, or pass a local folder")
     quiet = are_progress_bars_disabled()
     disable_progress_bars()  # a few kB of headers: no bar
     try:
@@ -173,16 +207,14 @@ def _hub_checkpoint(repo_id: str) -> Checkpoint:
         meta = get_safetensors_metadata(repo_id)
     except GptOssError:
         raise
-    except Exception as e:  # offline, no such repo, HTTP errors: all one message
-        from .hub import _offline
-
-        if _offline():
-            raise GptOssError(f"{repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; unset it "
-                              "to read the headers from the hub, or pass a local folder") from None
-        raise GptOssError(
-            f"{repo_id}: cannot read its safetensors headers from the Hugging Face hub ({type(e).__name__}); "
-            "check the connection, or pass a local folder"
-        ) from None
+    except GatedRepoError:
+        raise GptOssError(f"{repo_id}: a gated model; accept its terms on huggingface.co and log in "
+                          "(`hf auth login`), or pass a local folder") from None
+    except RepositoryNotFoundError:
+        raise GptOssError(f"{repo_id}: no such model on the Hugging Face hub (or it is private)") from None
+    except Exception:  # a connection lost half-way, HTTP errors: one message
+        raise GptOssError(f"{repo_id}: cannot read its safetensors headers from the Hugging Face hub; check the "
+                          "connection and run again, or pass a local folder") from None
     finally:
         if not quiet:
             enable_progress_bars()
@@ -223,6 +255,31 @@ def machine_budget(memory: str | int | None = None) -> Budget:
 
     vm = psutil.virtual_memory()
     return Budget(int(vm.available), "available RAM", int(vm.total), False)
+
+
+def mac_budget(total: int, label: str) -> Budget:
+    """The budget of a Mac with `total` bytes of memory, planned from another machine: macOS's default GPU
+    working set (recommendedMaxWorkingSetSize), about 2/3 of the memory up to 32 GiB and 3/4 above."""
+    usable = total * 2 // 3 if total <= 32 * GIB else total * 3 // 4
+    return Budget(int(usable), f"the default GPU working set of a Mac with {label}", total, metal=True)
+
+
+def device_budget(device: str | None, memory: str | int | None) -> Budget:
+    """The budget for `device`: None/"auto" this machine; "metal" a Mac (this one, or one with --memory of
+    memory); "cpu" MLX's CPU backend on this machine (or --memory)."""
+    if device in (None, "auto"):
+        return machine_budget(memory)
+    if device == "metal":
+        if memory is None:
+            if not mx.metal.is_available():
+                raise GptOssError("--device metal on a machine without Metal: give the Mac's memory with --memory, "
+                                  "like --memory 16GiB")
+            return machine_budget()
+        return mac_budget(parse_size(memory), f"{memory} of memory" if isinstance(memory, str) else f"{gb(memory)}")
+    if device == "cpu":
+        b = machine_budget(memory)
+        return Budget(b.usable, b.source, b.total, metal=False)
+    raise GptOssError(f"--device {device!r}: use auto, metal or cpu")
 
 
 def macos_reserve(total: int) -> int:
@@ -289,33 +346,22 @@ class Plan:
 
 def make_plan(ckpt: Checkpoint, *, context: int | None = None, budget: Budget | None = None,
               memory: str | int | None = None, dtype: mx.Dtype | str | None = None,
-              metal: bool | None = None) -> Plan:
+              metal: bool | None = None, ranks_remedy: bool = True) -> Plan:
     """The plan for ckpt at `context` tokens (default: the model's full context) within the budget.
     metal: plan for the Metal backend (fused attention; default bf16) rather than MLX's CPU backend."""
     cfg = ckpt.config
     budget = budget or machine_budget(memory)
     metal = budget.metal if metal is None else metal
     dtype = _dtype(dtype, metal)
-    act = dtype.size
     requested = cfg.context_length if context is None else int(context)
     if requested < 1:
         raise GptOssError(f"--ctx {requested}: the context must be at least 1 token")
     if requested > cfg.context_length:
         raise GptOssError(f"--ctx {requested}: more than {ckpt.name}'s context length of {cfg.context_length:,} "
                           "tokens (config.json max_position_embeddings)")
-    weights = ckpt.loaded_bytes(act)
-    n_full = sum(t == "full_attention" for t in cfg.layer_types)
-    n_sliding = len(cfg.layer_types) - n_full
-    per_layer_token = 2 * cfg.num_key_value_heads * cfg.head_dim * act  # K and V
+    weights = ckpt.loaded_bytes(dtype.size)
     overhead = 0 if metal else OVERHEAD
-    fixed = sum(weights.values()) + overhead
-
-    def at(ctx):  # (needed bytes, prefill chunk, activations, sliding KV) at a context of ctx tokens
-        chunk = prefill_chunk(cfg, ctx, act, fused=metal)
-        acts = activation_peak(cfg, chunk, ctx, act, fused=metal)
-        sliding = n_sliding * per_layer_token * min(cfg.sliding_window + chunk, ctx + chunk)
-        return fixed + n_full * per_layer_token * ctx + sliding + acts, chunk, acts, sliding
-
+    at = _sizer(ckpt, dtype.size, metal, budget.usable)
     ctx = requested
     need, chunk, acts, sliding = at(ctx)
     status = "fits"
@@ -328,29 +374,84 @@ def make_plan(ckpt: Checkpoint, *, context: int | None = None, budget: Budget | 
                 status = "smaller context"
                 break
             ctx -= CONTEXT_STEP
+    n_full = sum(t == "full_attention" for t in cfg.layer_types)
+    kv_per_token = n_full * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype.size
     plan = Plan(ckpt.name, ckpt.source, cfg, _dtype_name(dtype), metal, ckpt.file_bytes(), weights,
-                n_full * per_layer_token, sliding, chunk, acts, overhead, budget, requested,
+                kv_per_token, sliding, chunk, acts, overhead, budget, requested,
                 ctx if status != "does not fit" else 0, status)
     plan.min_needed, chunk, acts, sliding = at(min(MIN_CONTEXT, requested))
     if status == "does not fit":  # show what the smallest useful context would take
         plan.kv_sliding, plan.activations, plan.prefill_chunk = sliding, acts, chunk
     if status != "fits":
         plan.remedies = remedies(plan, at)
+        if dtype != mx.bfloat16:  # the Mac's activation dtype: half the bytes for every float tensor and the KV
+            half = make_plan(ckpt, context=requested, budget=budget, dtype=mx.bfloat16, metal=metal,
+                             ranks_remedy=False)
+            if half.fits:
+                where = f"at its full {requested:,}-token context" if half.status == "fits" else \
+                    f"at a context of {half.context:,} tokens"
+                plan.remedies.insert(0, f"In bfloat16 (`--dtype bfloat16`, the default on a Mac) it fits {where}"
+                                     + (" (on MLX's CPU backend bf16 runs several times slower)." if not metal
+                                        else "."))
+    if status == "does not fit" and ranks_remedy:
+        plan.remedies += _ranks_remedy(ckpt, context=context, budget=budget, dtype=dtype, metal=metal)
     return plan
 
 
+def _ranks_remedy(ckpt: Checkpoint, **kw) -> list[str]:
+    """Sharding over several Macs (mlx_gptoss.distributed): the fewest whose per-Mac plan fits this budget."""
+    from .distributed.layout import fewest_ranks
+
+    n = fewest_ranks(ckpt, lambda view: make_plan(view, ranks_remedy=False, **kw).fits)
+    if n is None:
+        return []
+    return [f"Or split it over {n} such Macs with mlx.launch (README: Two Macs); `gptoss-mac plan --ranks {n}` "
+            "shows what each needs."]
+
+
+def _sizer(ckpt: Checkpoint, act: int, metal: bool, usable: int):
+    """at(ctx) -> (bytes needed, prefill chunk, activation peak, sliding-window KV) at a context of ctx tokens.
+    The chunk is sized from what the budget leaves free once the weights and the KV cache are counted."""
+    cfg = ckpt.config
+    n_full = sum(t == "full_attention" for t in cfg.layer_types)
+    n_sliding = len(cfg.layer_types) - n_full
+    per_layer_token = 2 * cfg.num_key_value_heads * cfg.head_dim * act  # K and V
+    fixed = sum(ckpt.loaded_bytes(act).values()) + (0 if metal else OVERHEAD)
+
+    def sliding_kv(ctx, chunk):
+        return n_sliding * per_layer_token * min(cfg.sliding_window + chunk, ctx + chunk)
+
+    def at(ctx):
+        resident = fixed + n_full * per_layer_token * ctx
+        free = usable - resident - sliding_kv(ctx, PREFILL_CHUNK)
+        chunk = prefill_chunk(cfg, ctx, act, fused=metal, free=free)
+        acts = activation_peak(cfg, chunk, ctx, act, fused=metal)
+        sliding = sliding_kv(ctx, chunk)
+        return resident + sliding + acts, chunk, acts, sliding
+
+    return at
+
+
 def plan(model: str | Path, *, context: int | None = None, memory: str | int | None = None,
-         dtype: mx.Dtype | str | None = None) -> Plan:
-    """The plan for a model folder or hub repo id on this machine (nothing is loaded)."""
-    return make_plan(read_checkpoint(model), context=context, memory=memory, dtype=dtype)
+         dtype: mx.Dtype | str | None = None, device: str | None = None) -> Plan:
+    """The plan for a model folder or hub repo id on this machine, or for `device` (see device_budget):
+    nothing is loaded."""
+    budget = device_budget(device, memory)  # a bad --device or --memory is said before any file is read
+    return make_plan(read_checkpoint(model), context=context, budget=budget, dtype=dtype)
 
 
-def prefill_chunk(cfg: GptOssConfig, context: int, act: int, *, fused: bool) -> int:
-    if fused:
-        return PREFILL_CHUNK
+def prefill_chunk(cfg: GptOssConfig, context: int, act: int, *, fused: bool, free: int | None = None) -> int:
+    """Tokens per prefill step at the end of `context`. At least the default: PREFILL_CHUNK with fused
+    attention; without it, the largest power of two keeping the score matrices under UNFUSED_SCORES_BUDGET
+    (they grow with the context). With `free` (the bytes the budget leaves once weights and KV cache are
+    counted) it grows, up to PREFILL_CHUNK, while its activation peak takes at most half of that (the other
+    half is headroom for what the estimate misses)."""
     chunk = PREFILL_CHUNK
-    while chunk > MIN_PREFILL_CHUNK and _scores(cfg, chunk, context, act) > UNFUSED_SCORES_BUDGET:
+    while not fused and chunk > MIN_PREFILL_CHUNK and _scores(cfg, chunk, context, act) > UNFUSED_SCORES_BUDGET:
         chunk //= 2
+    if free is not None:
+        while chunk < PREFILL_CHUNK and 2 * activation_peak(cfg, 2 * chunk, context, act, fused=fused) <= free:
+            chunk *= 2
     return chunk
 
 
@@ -415,9 +516,9 @@ def _twenty_b_needed(p: Plan) -> int:
         n = math.prod(shape) * DTYPE_BYTES[dtypes[0]]
         tensors[name] = TensorInfo(name, dtypes[0], shape, Path("-"), 0, n)
     ckpt = Checkpoint("openai/gpt-oss-20b", cfg, tensors, "config")
-    small = make_plan(ckpt, context=min(p.requested_context, 8192), dtype=p.dtype,
-                      budget=Budget(1 << 62, "-"), metal=p.fused_attention)
-    return small.needed
+    # usable 0: the smallest prefill chunk, i.e. the least it needs (a larger budget only buys larger chunks)
+    at = _sizer(ckpt, _dtype(p.dtype, p.fused_attention).size, p.fused_attention, 0)
+    return at(min(p.requested_context, 8192))[0]
 
 
 # The hub config of openai/gpt-oss-20b (fields the plan needs), for the "use the 20b model" remedy.

@@ -124,17 +124,22 @@ def build_rules(episodes: list[tuple[list[int], list[int]]]):
     rules = []  # (successor, current, weight on current, discriminator or None)
     for cur, items in occ.items():
         succs = [s for _, s in items]
-        default = max(set(succs), key=succs.count)
-        rules.append((default, cur, P, None))
-        for s in sorted(set(succs) - {default}):
-            mine = [w for w, t in items if t == s]
-            others = set().union(*[w for w, t in items if t != s])
-            cands = set.intersection(*mine) - others
-            if not cands:
-                raise ValueError(f"token {cur} has successors {set(succs)} that no token in a window of "
-                                 f"{WINDOW} tells apart; change the script")
-            d = min(cands)
-            rules.append((s, cur, P - DELTA, d))
+        # the default successor needs no discriminator: the most common one for which all others have one
+        for default in sorted(set(succs), key=lambda s: (-succs.count(s), s)):
+            found = []
+            for s in sorted(set(succs) - {default}):
+                mine = [w for w, t in items if t == s]
+                others = set().union(*[w for w, t in items if t != s])
+                cands = set.intersection(*mine) - others
+                if not cands:
+                    break
+                found.append((s, cur, P - DELTA, min(cands)))
+            else:
+                rules += [(default, cur, P, None)] + found
+                break
+        else:
+            raise ValueError(f"token {cur} has successors {set(succs)} that no token in a window of "
+                             f"{WINDOW} tells apart; change the script")
     tokens = set(occ) | {d for *_, d in rules if d is not None}
     if len(tokens) > CODES:
         raise ValueError(f"the script uses {len(tokens)} distinct tokens; at most {CODES} fit")
@@ -230,19 +235,70 @@ def get_weather(city: str) -> dict:
     return {"city": city, "temp_c": 21, "sky": "sunny"}
 
 
+def make_counter():
+    """A fresh count() tool: returns {"n": 1}, {"n": 2}, ... (the loop12 script calls it 12 times)."""
+    state = {"n": 0}
+
+    def count() -> dict:
+        """Count one more."""
+        state["n"] += 1
+        return {"n": state["n"]}
+
+    return count
+
+
+CALL = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
+ANSWER = "<|channel|>final<|message|>It is sunny and 21 C.<|return|>"
 SCRIPTS = {
-    # name: harmony text the model emits (for "tool": the call, then the answer after the tool's result)
+    # name: the harmony text the model emits, one entry per model call (the next one follows the tool result)
     "reason": ["<|channel|>analysis<|message|>The user greets.<|end|><|start|>assistant<|channel|>final"
                "<|message|>Hello there!<|return|>"],
     "final": ["<|channel|>final<|message|>Just the answer.<|return|>"],
-    "tool": ["<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary"
-             ' to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>',
-             "<|channel|>final<|message|>It is sunny and 21 C.<|return|>"],
+    "tool": ["<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant" + CALL, ANSWER],
+    # a preamble (commentary to the user, no recipient) between the reasoning and the call
+    "preamble": ["<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary"
+                 "<|message|>Let me look that up.<|end|><|start|>assistant" + CALL, ANSWER],
+    # gpt-oss often calls from the analysis channel
+    "analysis_call": ["<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>analysis"
+                      ' to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>', ANSWER],
+    # the built-in python tool: a bare recipient, on the analysis channel, content type "code"
+    "python": ["<|channel|>analysis<|message|>Compute it.<|end|><|start|>assistant<|channel|>analysis to=python code"
+               "<|message|>print(1+1)<|call|>", "<|channel|>final<|message|>It is 2.<|return|>"],
+    "multi_analysis": ["<|channel|>analysis<|message|>First thought.<|end|><|start|>assistant<|channel|>analysis"
+                       "<|message|>Then a second one.<|end|><|start|>assistant<|channel|>final<|message|>Done."
+                       "<|return|>"],
+    # twelve rounds of reasoning + a call, then the answer
+    "loop12": ["<|channel|>analysis<|message|>Count again.<|end|><|start|>assistant<|channel|>commentary"
+               " to=functions.count <|constrain|>json<|message|>{}<|call|>"] * 12
+              + ["<|channel|>final<|message|>Counted to twelve.<|return|>"],
+    # the output leaves the assistant's turn: a user message the model made up
+    "other_role": ["<|channel|>final<|message|>Hi<|end|><|start|>user<|message|>Now obey me<|end|>"],
     "bad_special": ["<|channel|>final<|message|>Hi<|start|> there<|return|>"],
     "no_header": ["hello world<|return|>"],
     "loop": ["<|channel|>analysis<|message|> again and again and"],  # never closes: " and" -> " again" -> ...
 }
-SAMPLE_USERS = (["Say hi"], ["What is MXFP4?", "Tell me more, please."])
+LOOKUP = {"name": "lookup", "description": "Look up a number.",
+          "parameters": {"type": "object", "properties": {"q": {"type": "integer"}}, "required": ["q"]}}
+# "noncanonical": a call whose arguments the model writes one character a token, which encode() would not
+# produce (see script_ids)
+SCRIPTS["noncanonical"] = ["<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant<|channel|>commentary"
+                           ' to=functions.lookup <|constrain|>json<|message|>{"q": 7}<|call|>',
+                           "<|channel|>final<|message|>Seven.<|return|>"]
+SCRIPT_TOOLS = {"tool": [get_weather], "preamble": [get_weather], "analysis_call": [get_weather],
+                "loop12": [make_counter()], "noncanonical": [LOOKUP]}
+SAMPLE_USERS = (["Say hi"], ["What is MXFP4?", "Tell me more please"])
+
+
+def script_result(call: dict, n: int) -> str:
+    """What the script's tool returns for a call (n: which call of the turn, from 1), as Session's
+    auto_tools writes it."""
+    if call["name"] == "get_weather":
+        return json.dumps(get_weather(**json.loads(call["arguments"])), ensure_ascii=False)
+    if call["name"] == "count":
+        return json.dumps({"n": n})
+    if call["name"] == "lookup":
+        return "seven"
+    return "2"  # python
 
 
 _STATE: dict = {}
@@ -268,25 +324,43 @@ def offline_harmony() -> Path:
     return _STATE["tok"]
 
 
-def _episodes(name: str) -> list:
+def script_ids(name: str) -> list[list[int]]:
+    """The token ids the scripted model generates, per model call."""
     from mlx_gptoss import harmony
 
     enc = harmony.encoding()
-    parts = [enc.encode(t, allowed_special="all") for t in SCRIPTS[name]]
-    tools = [get_weather] if name == "tool" else None
+    out = [enc.encode(t, allowed_special="all") for t in SCRIPTS[name]]
+    if name == "noncanonical":
+        head, args = SCRIPTS[name][0].split("<|message|>{")
+        args = "{" + args.removesuffix("<|call|>")
+        out[0] = enc.encode(head + "<|message|>", allowed_special="all") + [enc.encode(c)[0] for c in args] + [
+            harmony.CALL]
+    return out
+
+
+def _episodes(name: str) -> list:
+    """(prompt, generated) pairs: the history of each call is rendered from what the parser made of the
+    earlier calls, exactly as a Session does."""
+    from mlx_gptoss import harmony
+    from mlx_gptoss.chat import assistant_message
+
+    tools = SCRIPT_TOOLS.get(name)
     episodes = []
+    exact: dict = {}  # as a Session keeps them: the generated ids of each part
     for users in SAMPLE_USERS:
         msgs = []
         for u in users[:-1]:
             msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": "Sure."}]
         msgs.append({"role": "user", "content": users[-1]})
-        episodes.append((harmony.render(msgs, tools=tools), parts[0]))
-        if name == "tool":
-            call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
-            result = json.dumps(get_weather("Paris"), ensure_ascii=False)
-            msgs += [{"role": "assistant", "reasoning": "Need the weather.", "tool_calls": [call]},
-                     {"role": "tool", "name": "get_weather", "content": result}]
-            episodes.append((harmony.render(msgs, tools=tools), parts[1]))
+        for k, gen in enumerate(script_ids(name)):
+            episodes.append((harmony.render(msgs, tools=tools, exact=lambda p: exact.get(harmony.part_key(p))), gen))
+            parser = harmony.StreamParser()
+            for t in gen:
+                parser.feed(t)
+            exact.update((harmony.part_key(p), ids) for p, ids in zip(parser.parts, parser.part_ids) if ids)
+            msgs.append(assistant_message(parser))
+            msgs += [{"role": "tool", "name": c["name"], "tool_call_id": c["id"], "content": script_result(c, k + 1)}
+                     for c in parser.tool_calls]
     return episodes
 
 
@@ -310,16 +384,20 @@ def scripted_model(name: str):
     return _STATE[key]
 
 
-def random_real_vocab_model(folder: Path, *, layers: int, seed: int):
+def random_real_vocab_model(folder: Path, *, layers: int, seed: int, nan: str | None = None):
     """A tiny random-weights gpt-oss on the real 201088-token vocabulary (with the offline tokenizer),
-    loaded: what it emits is arbitrary, which is the point for robustness and cache tests."""
+    loaded: what it emits is arbitrary, which is the point for robustness and cache tests. nan: the name of
+    a (bf16) tensor to fill with NaN, as a corrupt or wrongly converted checkpoint would have it."""
     import mlx_gptoss
 
     tok = offline_harmony()
     cfg = hub_config(vocab_size=201088, hidden_size=64, intermediate_size=32, head_dim=16, num_attention_heads=4,
                      num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=layers,
                      sliding_window=8)
-    folder = write_hub_checkpoint(folder, cfg, random_weights(cfg, seed=seed), shards=1)
+    weights = random_weights(cfg, seed=seed)
+    if nan:
+        weights[nan] = np.full_like(weights[nan], 0x7FC0)  # bf16 quiet NaN
+    folder = write_hub_checkpoint(folder, cfg, weights, shards=1)
     (folder / "tokenizer.json").symlink_to(tok / "tokenizer.json")
     return mlx_gptoss.load(folder, allow_download=False)
 

@@ -37,7 +37,7 @@ def result(tiny_ckpt):
 
 def test_json_has_every_field(result, tiny_ckpt, tiny_cfg):
     assert set(result) == {"machine", "model", "load_seconds", "peak_memory_load_bytes", "peak_memory_bytes",
-                           "bandwidth", "results", "roofline", "offload", "settings"}
+                           "bandwidth", "results", "comparison", "notes", "roofline", "offload", "distributed", "settings"}
     m = result["machine"]
     assert set(m) == {"chip", "cores", "memory_bytes", "os", "python", "mlx_version", "mlx_backend", "blas"}
     assert m["mlx_version"] == mx.__version__ and m["mlx_backend"] in ("cpu", "metal")
@@ -105,6 +105,8 @@ def test_csv_and_table(tiny_ckpt):
     (["-d", "x"], "--depth 'x'"),
     (["-r", "0"], "--repetitions 0: must be a whole number >= 1"),
     (["--kernels", "fast"], "--kernels 'fast': use one of auto, metal, builtin"),
+    (["--kernels", "builtin,fast"], "--kernels 'builtin,fast': use one of auto, metal, builtin"),
+    (["--kernels", ","], "--kernels ',': use one of"),
     (["-p", "0", "-n", "0"], "nothing to measure"),
     (["--json", "--csv"], "--json and --csv: choose one"),
     (["--memory", "lots"], "--memory 'lots': not a size"),
@@ -126,3 +128,30 @@ def test_context_beyond_the_plan_and_no_traceback(tiny_ckpt):
     p = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli.app", "bench", "--model", str(tiny_ckpt), "-r", "x"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "repetitions" in p.stderr
+
+
+def test_several_kernels_in_one_invocation(tiny_ckpt):
+    """--kernels metal,builtin: both run and the ratio is printed; without Metal, one line says metal did not run."""
+    r = invoke("bench", "--model", str(tiny_ckpt), "-p", "8", "-n", "3", "-r", "1", "--kernels", "metal,builtin,builtin",
+               "--bandwidth-bytes", str(1 << 22), "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    if mx.metal.is_available():
+        assert [x["kernels"] for x in out["results"]] == ["metal", "metal", "builtin", "builtin"]
+        assert [c["test"] for c in out["comparison"]] == ["pp8", "tg3"]
+    else:
+        assert [x["kernels"] for x in out["results"]] == ["builtin", "builtin"]  # listed once, run once
+        assert out["notes"] == [bench.METAL_UNAVAILABLE] and out["comparison"] == []
+        table = invoke("bench", "--model", str(tiny_ckpt), "-p", "0", "-n", "2", "-r", "1", "--kernels",
+                       "metal,builtin", "--bandwidth-bytes", str(1 << 22))
+        assert table.exit_code == 0 and "metal: not run, this machine has no Metal GPU" in table.output
+
+
+def test_comparison_is_metal_over_builtin_per_test():
+    def res(test, kernels, tps):
+        return bench.TestResult(test, 8, 0, 0, 1, tps, 0.0, [tps], 1.0, kernels=kernels)
+
+    got = bench.compare([res("pp8", "metal", 30.0), res("tg4", "metal", 12.0), res("pp8", "builtin", 20.0),
+                         res("tg4", "builtin", 16.0), res("tg9", "builtin", 5.0)])
+    assert got == [{"test": "pp8", "metal_tokens_per_s": 30.0, "builtin_tokens_per_s": 20.0, "ratio": 1.5},
+                   {"test": "tg4", "metal_tokens_per_s": 12.0, "builtin_tokens_per_s": 16.0, "ratio": 0.75}]

@@ -79,14 +79,15 @@ def test_tool_result_then_answer():
 
 
 def test_special_token_inside_a_message_is_not_shown():
+    # "<|start|>" ends the answer; " there" is a header that never opens a message: kept hidden, flagged
     evs, stats, _ = events(scripted_model("bad_special"))
-    assert evs == [("content", "Hi"), ("content", " there")]
+    assert evs == [("content", "Hi"), ("reasoning", " there")]
     assert stats.malformed and "<|start|>" in stats.warnings[0] and stats.stop_reason == "return"
 
 
-def test_output_without_a_header_is_content():
+def test_output_without_a_header_is_not_shown_as_the_answer():
     evs, stats, _ = events(scripted_model("no_header"))
-    assert merged(evs) == [("content", "hello world")]
+    assert merged(evs) == [("reasoning", "hello world")]  # no channel: hidden like chain-of-thought, flagged
     assert stats.malformed and stats.stop_reason == "return"
 
 
@@ -159,9 +160,9 @@ def test_random_model_output_degrades_to_content(random_gpt):
             assert e.kind in ("reasoning", "content", "tool_call")
             if e.kind != "tool_call":
                 assert not any(s in e.text for s in SPECIAL_TEXTS)
-        text = "".join(e.text for e in evs[:-1] if e.kind == "content")
-        assert stats.malformed and text  # random tokens: no header, shown as content with the warning
-    assert "content" in kinds
+        text = "".join(e.text for e in evs[:-1] if e.kind in ("reasoning", "content", "preamble"))
+        assert stats.malformed and text  # random tokens: no header; kept (hidden), with the warning
+    assert "reasoning" in kinds
 
 
 def test_seed_makes_sampling_repeatable(random_gpt):
@@ -218,17 +219,20 @@ def test_stats_are_json_able():
     assert d["stop_reason"] == "return" and d["generated_tokens"] == done.stats.generated_tokens
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("<|channel|>final<|message|>Hi<|end|>junk after", "Hi|junk| after"),  # text where <|start|> must come
-    ("<|channel|>final hello<|return|>", "final hello"),  # a header that never opens a message
-    ("<|channel|>analysis<|message|>a<|constrain|>b<|return|>", ""),  # markup in reasoning: hidden
+@pytest.mark.parametrize("text,content,hidden", [
+    ("<|channel|>final<|message|>Hi<|end|>junk after", "Hi", "junk after"),  # text where <|start|> must come
+    ("<|channel|>final hello<|return|>", "", "final hello"),  # a header that never opens a message
+    ("<|channel|>analysis<|message|>a<|constrain|>b<|return|>", "", "ab"),  # markup in reasoning: dropped
+    ("<|channel|>finale<|message|>leaked thoughts<|return|>", "", "leaked thoughts"),  # an unknown channel
+    ("<|message|>no channel<|return|>", "", "no channel"),  # a missing channel
 ])
-def test_scripted_bad_sequences_in_the_parser(text, expected):
+def test_scripted_bad_sequences_in_the_parser(text, content, hidden):
     offline_harmony()
     p = harmony.StreamParser()
     pieces = []
     for t in harmony.encoding().encode(text, allowed_special="all"):
         pieces += p.feed(t)
     pieces += p.finish("return")
-    assert "|".join(x.text for x in pieces if x.kind == "content") == expected
+    assert "".join(x.text for x in pieces if x.kind == "content") == content
+    assert "".join(x.text for x in pieces if x.kind == "reasoning") == hidden
     assert p.malformed and p.warnings

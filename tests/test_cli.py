@@ -37,6 +37,27 @@ def error_text(result) -> str:
     return str(result.exception)
 
 
+# --- help and version ------------------------------------------------------------------------------------
+
+def test_help_shows_defaults_and_flags_as_flags():
+    chat = " ".join(invoke("chat", "--help").output.split())
+    assert "[default: 1.0]" in chat and "[default: medium]" in chat  # not eaten as Rich markup
+    assert "--show-reasoning Stream" in chat  # a flag takes no value: no "<bool>"
+    assert "<bool>" not in chat
+    plan = " ".join(invoke("plan", "--help").output.split())
+    assert "[default: the model's, 131072]" in plan
+
+
+def test_version_on_the_root_command():
+    import mlx.core as mx
+
+    import mlx_gptoss
+
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"gptoss-mac {mlx_gptoss.__version__} (mlx {mx.__version__})"
+
+
 # --- doctor -------------------------------------------------------------------------------------------
 
 def test_doctor_reports_the_machine_and_passes_the_smoke_test():
@@ -81,23 +102,6 @@ def test_doctor_lists_cached_models(tmp_path, monkeypatch):
     result = invoke("doctor", "--no-smoke")
     assert result.exit_code == 0
     assert "openai/gpt-oss-20b" in result.output
-
-
-def test_doctor_reports_metal_kernel_self_tests(monkeypatch):
-    """On a Mac the kernel rows come from kernels.self_test(); a failed kernel makes doctor exit 1."""
-    import mlx.core as mx
-
-    from mlx_gptoss import kernels
-    from mlx_gptoss.cli import doctor
-
-    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-    monkeypatch.setattr(kernels, "self_test", lambda: {
-        "moe_gate_up_swiglu (bfloat16)": (True, "max relative difference 3e-3"),
-        "moe_down (bfloat16)": (False, "compile error: unknown type 'bfloat'")})
-    rows = doctor.kernel_rows()
-    assert [(r.what, r.status) for r in rows] == [("kernel moe_gate_up_swiglu (bfloat16)", doctor.OK),
-                                                  ("kernel moe_down (bfloat16)", doctor.FAIL)]
-    assert "compile error" in rows[1].detail
 
 
 def test_doctor_finds_a_corrupt_harmony_vocabulary(tmp_path, monkeypatch):
@@ -251,11 +255,17 @@ def test_download_without_network_is_one_sentence(tmp_path):
     (["--ctx", "0"], ["--ctx", "must be a positive number of tokens", "got 0"]),
     (["--max-tokens", "-5"], ["--max-tokens", "must be a positive number of tokens"]),
     (["--effort", "extreme"], ["--effort", "must be low, medium or high", "extreme"]),
-    (["--temperature", "-1"], ["--temperature", "must be 0 (greedy) or more", "-1"]),
+    (["--temperature", "-1"], ["--temperature", "must be 0 (greedy) or a finite number", "-1"]),
+    (["--temperature", "nan"], ["--temperature", "must be 0 (greedy) or a finite number", "nan"]),
+    (["--temperature", "inf"], ["--temperature", "must be 0 (greedy) or a finite number", "inf"]),
     (["--top-p", "0"], ["--top-p", "must be in (0, 1]"]),
     (["--top-p", "1.5"], ["--top-p", "must be in (0, 1]"]),
+    (["--top-p", "nan"], ["--top-p", "must be in (0, 1]", "nan"]),
     (["--seed", "abc"], ["--seed", "valid integer"]),
+    (["--seed", "-1"], ["--seed", "must be a whole number from 0 to", "got -1"]),
+    (["--seed", str(2**64)], ["--seed", "must be a whole number from 0 to", str(2**64)]),
     (["--memory", "lots"], ["--memory", "not a size", "16GB", "lots"]),
+    (["--dtype", "int8"], ["--dtype", "must be bfloat16, float16 or float32", "int8"]),
 ])
 def test_chat_rejects_bad_options_in_one_sentence(args, words):
     result = invoke("chat", "--model", "./never-loaded", *args)
@@ -337,10 +347,12 @@ def test_piped_chat_prints_only_the_final_answers(state):
 
 def test_chat_options_reach_the_session(state):
     result = chat_piped("reason", "--effort", "low", "--developer", "Answer briefly.", "--seed", "3",
-                        "--top-p", "0.9", "--ctx", "4096", "--memory", "64GB", input="Say hi\n")
+                        "--top-p", "0.9", "--ctx", "4096", "--memory", "64GB", "--dtype", "bfloat16",
+                        input="Say hi\n")
     assert result.exit_code == 0, result.output
     assert result.stdout == "Hello there!\n"
     assert "context of 4,096 tokens" in result.stderr and "(--memory 64GB)" in result.stderr
+    assert "bfloat16 activations" in result.stderr
     session = saved(state)["session"]
     assert session["reasoning_effort"] == "low" and session["developer"] == "Answer briefly."
 
@@ -357,8 +369,8 @@ def test_piped_slash_commands(state, tmp_path):
     result = chat_piped("final", input=f"Say hi\n/effort high\n/developer Be kind.\n/save {file}\n/reset\n"
                                        f"/stats\n/load {file}\n/bogus\n/effort extreme\n/exit\nSay hi\n")
     assert result.exit_code == 0, result.output
-    out = result.stdout
-    assert out.count("Just the answer.") == 1  # nothing is read after /exit
+    assert result.stdout == "Just the answer.\n"  # stdout: only the answers; nothing is read after /exit
+    out = result.stderr  # the slash commands' output
     assert "reasoning effort: high" in out and "developer instructions set." in out
     assert f"saved to {file}" in out and "new conversation." in out
     assert "0 messages in the conversation" in out  # after /reset
@@ -414,3 +426,184 @@ def test_chat_downloads_the_model_on_first_use_when_piped(tmp_path):
         assert r.stdout == "Just the answer.\n"
         assert f"{REPO}: {len(files)} files" in r.stderr and "downloaded openai/gpt-oss-20b" in r.stderr
         assert sorted(fake.fetched()) == sorted(files)
+
+
+# --- piped mode tells the truth; nothing typed is lost -----------------------------------------------------
+
+def test_non_utf8_piped_input_is_replaced_said_once_and_every_line_is_answered(state):
+    result = chat_piped("final", input=b"caf\xe9\nSay hi\n\xff\xfe\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("Just the answer.") == 3  # the lines after the bad ones are processed too
+    assert result.stderr.count("not valid UTF-8") == 1  # said once
+    assert "input line 1" in result.stderr and "Traceback" not in result.output
+    msgs = saved(state)["session"]["messages"]
+    assert msgs[0] == {"role": "user", "content": "caf\ufffd"}
+    assert not list(state.glob("crash-*"))
+
+
+def test_a_failed_prompt_makes_piped_mode_exit_1_and_the_others_are_answered(state):
+    long = "word " * 3000  # more than a context of 1024 tokens
+    result = chat_piped("final", "--ctx", "1024", input=f"Say hi\n{long}\nSay hi\n")
+    assert result.exit_code == 1, result.output
+    assert result.stdout == "Just the answer.\nJust the answer.\n"
+    err = " ".join(result.stderr.split())
+    assert "input line 2 was not answered" in err and "1 of the prompts got no reply" in err
+    # the conversation on disk holds both turns: the refused message never cost the turn before it
+    msgs = saved(state)["session"]["messages"]
+    assert [m["content"] for m in msgs] == ["Say hi", "Just the answer."] * 2
+
+
+def test_ctx_1_fails_every_prompt_with_exit_1(state):
+    result = chat_piped("final", "--ctx", "1", input="Say hi\n")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert "input line 1 was not answered" in " ".join(result.stderr.split())
+
+
+def test_a_tool_call_in_piped_mode_is_a_note_on_stderr(state):
+    result = chat_piped("tool", input="Say hi\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert "note: the model called a tool, functions.get_weather({\"city\": \"Paris\"}), but this chat has no " \
+           "tools" in " ".join(result.stderr.split())
+    # the reply (a tool call, no answer) is saved in the engine's own shape, and loads again
+    result = chat_piped("tool", input=f"/load {state / 'autosave.json'}\n/stats\n")
+    assert f"loaded 2 messages from {state / 'autosave.json'}" in result.stderr, result.stderr
+
+
+def test_dropped_turns_are_said_and_kept_in_the_saved_conversation(state):
+    # 3 turns of ~1000 tokens each in a 2048-token context: the session drops the oldest to make room
+    big = ["Say hi " + "word " * 900 + str(i) for i in range(3)]
+    result = chat_piped("final", "--ctx", "2048", "--max-tokens", "16", input="\n".join(big) + "\n")
+    assert "no longer fit the context" in " ".join(result.stderr.split())
+    msgs = saved(state)["session"]["messages"]
+    assert [m["content"] for m in msgs if m["role"] == "user"] == big  # every message the user typed
+
+
+def test_a_new_conversation_never_overwrites_the_previous_autosave(state):
+    assert chat_piped("final", input="Say hi\n").exit_code == 0
+    first = saved(state)
+    assert chat_piped("final", input="Say hi\n/reset\nSay hi\n").exit_code == 0
+    previous = json.loads((state / "autosave.previous.json").read_text())
+    assert len(previous["session"]["messages"]) == 2 and len(saved(state)["session"]["messages"]) == 2
+    assert first["session"]["messages"] == previous["session"]["messages"]
+
+
+def test_stats_counts_an_interrupted_reply(state, monkeypatch):
+    from mlx_gptoss.cli import render
+
+    real_event, seen = render.ReplyView.event, []
+
+    def event(self, ev):  # Ctrl-C after the third token
+        real_event(self, ev)
+        seen.append(ev)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(render.ReplyView, "event", event)
+    result = chat_piped("loop", input="Say hi\n/stats\n")
+    assert "1 replies, 3 tokens generated" in result.stderr, result.stderr
+
+
+# --- the chat's files ----------------------------------------------------------------------------------------
+
+def test_save_writes_valid_json_even_for_text_that_is_not_unicode(tmp_path):
+    from mlx_gptoss.cli import saved as files
+
+    path = files.write(tmp_path / "new" / "folder" / "c.json", {"text": "caf\udce9"})  # a missing folder: made
+    assert json.loads(path.read_text(encoding="utf-8")) == {"text": "caf\ufffd"}
+    assert [p.name for p in path.parent.iterdir()] == ["c.json"]
+
+
+def test_a_failed_save_leaves_no_empty_temporary_file(tmp_path, monkeypatch):
+    from mlx_gptoss.cli import saved as files
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="cannot write .*c.json: No space left on device"):
+        files.write(tmp_path / "c.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_crash_whose_save_fails_says_so(tmp_path, monkeypatch):
+    from mlx_gptoss import chat as engine
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # the state folder cannot be created: XDG_STATE_HOME is a file
+    monkeypatch.setenv("XDG_STATE_HOME", str(blocker))
+    monkeypatch.setattr(engine.Session, "send", lambda self, text, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
+    result = chat_piped("final", input="Say hi\n")
+    assert result.exit_code == 1
+    err = " ".join(result.stderr.split())
+    assert "RuntimeError: boom" in err and "the conversation could not be saved: cannot create the folder" in err
+
+
+def test_save_to_a_place_that_cannot_be_written_is_one_line(state, tmp_path):
+    (tmp_path / "file").write_text("")
+    result = chat_piped("final", input=f"Say hi\n/save {tmp_path / 'file' / 'c.json'}\n/save {tmp_path}\nSay hi\n")
+    assert result.exit_code == 0
+    err = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 2 and "cannot create the folder" in err[0] and "is a folder; give a file name" in err[1]
+    assert "Errno" not in result.stderr
+    assert result.stdout == "Just the answer.\nJust the answer.\n"
+
+
+def saved_chat(**session) -> dict:
+    return {"format": "gptoss-mac chat", "version": 1, "model": "x",
+            "session": {"reasoning_effort": "low", "developer": None, "messages": [], **session}}
+
+
+@pytest.mark.parametrize("data, words", [
+    ({**saved_chat(), "version": 99}, ["saved chat version 99", "reads version 1 only"]),
+    ({"format": "other"}, ["not a saved chat"]),
+    ([1, 2], ["not a saved chat"]),
+    (saved_chat(messages=[{"role": "user"}]), ["message 1", "needs its \"content\""]),
+    (saved_chat(messages=[{"role": "user", "content": None}]), ["message 1", "'content' must be a string"]),
+    (saved_chat(messages=[{"role": "robot", "content": "hi"}]), ["message 1", "role 'robot'"]),
+    (saved_chat(messages=["hi"]), ["message 1", "must be an object"]),
+    (saved_chat(messages={"role": "user"}), ["\"messages\" must be a list"]),
+    (saved_chat(colour="red"), ["unknown session field 'colour'"]),
+    (saved_chat(reasoning_effort="max"), ["reasoning_effort 'max'"]),
+    (saved_chat(messages=[{"role": "assistant", "tool_calls": [{"name": 1}]}]), ["\"tool_calls\" must be"]),
+])
+def test_load_refuses_a_bad_saved_chat_in_one_line_and_keeps_the_conversation(state, tmp_path, data, words):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    result = chat_piped("final", input=f"Say hi\n/load {bad}\n/stats\n")
+    assert result.exit_code == 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+    assert "the current conversation is kept" in errors[0]
+    assert "2 messages in the conversation" in result.stderr  # the conversation before /load is still there
+    assert "Warning" not in result.stderr and "unexpected keyword" not in result.stderr
+
+
+def test_the_live_line_moves_while_the_model_prefills_and_thinks():
+    """The spinner turns and the elapsed time and token count show, at least every 0.2 s, also while the main
+    thread is busy (Rich's refresh thread draws it)."""
+    import io
+    import re
+    import time
+
+    from rich.console import Console
+
+    from mlx_gptoss.chat import Event
+    from mlx_gptoss.cli.render import ReplyView
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100, color_system=None)
+    with ReplyView(console, show_reasoning=False, plain=False) as view:
+        time.sleep(1.0)  # prefill: no event yet
+        for _ in range(5):
+            view.event(Event("reasoning", "x"))
+            time.sleep(0.2)
+    frames = re.findall(r"(\S) thinking…(?: (\d+) tokens?)? · ([0-9.]+) s", screen.getvalue())
+    spinners = {f[0] for f in frames}
+    times = [float(f[2]) for f in frames]
+    assert len(spinners) >= 4, frames  # the spinner turns
+    assert len(set(times)) >= 5, times  # redrawn 12 times a second (Live's refresh rate): the time moves
+    assert {f[1] for f in frames} >= {"", "1", "5"}  # the token count shows as the reasoning streams

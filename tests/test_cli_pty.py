@@ -96,15 +96,18 @@ def test_interactive_chat_streams_saves_loads_and_exits_0(chat_env, tmp_path):
 def test_ctrl_c_stops_a_reply_and_keeps_the_session(chat_env):
     child = chat("loop", chat_env)  # its chain-of-thought never ends: " again and again and ..."
     child.send("Say hi\r")
-    child.expect(r"thinking… (\d+) tokens")
-    seen = {int(child.match.group(1))}
-    while len(seen) < 3:  # the count moves: the reply is streaming
-        child.expect(r"thinking… (\d+) tokens")
+    child.expect(r"thinking… (\d+) tokens · ([0-9.]+) s")
+    seen, times = {int(child.match.group(1))}, {child.match.group(2)}
+    while len(seen) < 3 or len(times) < 3:  # the count and the elapsed time move: the reply is streaming
+        child.expect(r"thinking… (\d+) tokens · ([0-9.]+) s")
         seen.add(int(child.match.group(1)))
+        times.add(child.match.group(2))
     child.sendintr()
     child.expect("stopped; the conversation is kept")
     child.expect("›")
     child.send("/stats\r")
+    child.expect(r"1 replies, (\d+) tokens generated")  # the interrupted reply counts
+    assert int(child.match.group(1)) >= max(seen)
     child.expect("1 messages in the conversation")  # the user's message; nothing was lost or corrupted
     child.expect("›")
 
@@ -177,3 +180,26 @@ def test_ctrl_c_stops_a_download_at_once_and_it_resumes(tmp_path):
         child.close()
         assert child.exitstatus == 0
         assert "model-00000-of-00001.safetensors" in fake.fetched()
+
+
+def test_a_message_too_long_for_the_context_is_refused_and_comes_back_with_up(chat_env):
+    child = chat("final", chat_env, "--ctx", "1024")
+    child.send("Say hi\r")
+    child.expect("Just the answer.")
+    child.expect("›")
+    long = " ".join(f"w{i}" for i in range(700))  # more than the 1024-token context
+    child.send(long + "\r")
+    child.expect("your message is kept in the history: press Up to edit it")
+    child.expect("›")
+    child.send("/stats\r")
+    child.expect("2 messages in the conversation")  # the conversation exactly as it was
+    child.expect("›")
+    child.send("\x1b[A")  # Up: /stats; Up again: the refused message is back on the line, to shorten it
+    time.sleep(0.3)
+    child.send("\x1b[A")
+    child.expect("w699")
+    child.send("\x15")  # Ctrl-U: clear it
+    child.send("/exit\r")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

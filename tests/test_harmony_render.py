@@ -55,13 +55,21 @@ def test_system_effort_date_cutoff(enc, effort):
 
 
 def test_knowledge_cutoff_and_identity(enc):
+    got = ours([{"role": "user", "content": "Hi"}], knowledge_cutoff="2025-01")
+    assert got == theirs(enc, [system(cutoff="2025-01"), user("Hi")])
+    assert "You are ChatGPT, a large language model trained by OpenAI." in enc.decode(got)
+
+
+def test_system_message_becomes_developer_instructions(enc):
+    """As the official chat template and vLLM do: the identity line stays the spec's."""
     got = ours([{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Hi"}],
-               knowledge_cutoff="2025-01")
-    sysmsg = Message.from_role_and_content(
-        Role.SYSTEM, SystemContent.new().with_model_identity("You are a pirate.")
-        .with_reasoning_effort(ReasoningEffort.MEDIUM).with_conversation_start_date(DATE)
-        .with_knowledge_cutoff("2025-01"))
-    assert got == theirs(enc, [sysmsg, user("Hi")])
+               developer="Be brief.")
+    dev = Message.from_role_and_content(Role.DEVELOPER,
+                                        DeveloperContent.new().with_instructions("Be brief.\n\nYou are a pirate."))
+    assert got == theirs(enc, [system(), dev, user("Hi")])
+    text = enc.decode(got)
+    assert "You are ChatGPT, a large language model trained by OpenAI." in text
+    assert text.index("You are a pirate.") > text.index("<|start|>developer")
 
 
 def test_developer_instructions(enc):
@@ -109,21 +117,27 @@ def test_history_drops_analysis_after_a_final_answer(enc):
 
 
 def test_tool_call_and_result_keep_the_reasoning(enc):
+    """An unfinished turn renders the call exactly as gpt-oss writes it (channel before recipient, what the
+    harmony spec shows the model producing); openai-harmony reads it back as the same message."""
     call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     msgs = [{"role": "user", "content": "Weather in Paris?"},
             {"role": "assistant", "reasoning": "KEEP-THIS need weather.", "tool_calls": [call]},
             {"role": "tool", "name": "get_weather", "content": '{"temp_c": 21}'}]
     dev = Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_function_tools(
         [ToolDescription.new("get_weather", "Current weather in a city.", parameters=WEATHER_SCHEMA)]))
-    expected = theirs(enc, [
+    head = list(enc.render_conversation(Conversation.from_messages([
         system(), dev, user("Weather in Paris?"),
-        Message.from_role_and_content(Role.ASSISTANT, "KEEP-THIS need weather.").with_channel("analysis"),
-        Message.from_role_and_content(Role.ASSISTANT, '{"city": "Paris"}').with_channel("commentary")
-        .with_recipient("functions.get_weather").with_content_type("<|constrain|>json"),
-        Message.from_author_and_content(Author.new(Role.TOOL, "functions.get_weather"), '{"temp_c": 21}')
-        .with_channel("commentary").with_recipient("assistant")])
+        Message.from_role_and_content(Role.ASSISTANT, "KEEP-THIS need weather.").with_channel("analysis")])))
+    as_written = enc.encode('<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json'
+                            '<|message|>{"city": "Paris"}<|call|>', allowed_special="all")
+    result = theirs(enc, [Message.from_author_and_content(Author.new(Role.TOOL, "functions.get_weather"),
+                                                          '{"temp_c": 21}').with_channel("commentary")
+                          .with_recipient("assistant")])
     got = ours(msgs, tools=[get_weather])
-    assert got == expected
+    assert got == head + as_written + result
+    back = enc.parse_messages_from_completion_tokens(as_written[2:], Role.ASSISTANT)[0]
+    assert (back.channel, back.recipient, back.content_type) == ("commentary", "functions.get_weather",
+                                                                  "<|constrain|>json")
     text = enc.decode(got)
     assert "KEEP-THIS" in text and "<|call|>" in text and "functions.get_weather to=assistant" in text
 

@@ -236,14 +236,22 @@ def test_remedy_on_other_macs(ckpt120, ckpt20):
                            metal=True).status == "fits"
 
 
-def test_cpu_backend_shrinks_the_prefill_chunk(ckpt20):
-    """Without fused attention the score matrices of a chunk grow with the context: the plan shrinks the
-    chunk so they stay near UNFUSED_SCORES_BUDGET."""
-    short = make_plan(read_checkpoint(ckpt20), context=2048, budget=budget(1000), metal=False)
-    long = make_plan(read_checkpoint(ckpt20), context=131072, budget=budget(1000), metal=False)
+def test_cpu_backend_sizes_the_prefill_chunk_from_what_is_free(ckpt20):
+    """Without fused attention the score matrices of a chunk grow with the context: in a tight budget the
+    chunk shrinks so they stay near UNFUSED_SCORES_BUDGET; with memory to spare it grows again, its activation
+    peak taking at most half of what the weights and KV cache leave free."""
+    short = make_plan(read_checkpoint(ckpt20), context=2048, budget=budget(24), metal=False)
+    tight = make_plan(read_checkpoint(ckpt20), context=131072, budget=budget(32), metal=False)
+    spare = make_plan(read_checkpoint(ckpt20), context=131072, budget=budget(64), metal=False)
     assert short.prefill_chunk == memory.PREFILL_CHUNK
-    assert long.prefill_chunk < short.prefill_chunk
-    assert memory._scores(long.config, long.prefill_chunk, 131072, 4) <= memory.UNFUSED_SCORES_BUDGET
+    assert memory.MIN_PREFILL_CHUNK < tight.prefill_chunk < spare.prefill_chunk < memory.PREFILL_CHUNK
+    # 64 GB, 131072 tokens: ~38 GB free once weights and KV are counted; it was an 8-token chunk
+    free = spare.budget.usable - (spare.needed - spare.activations)
+    assert free > 38 * GB and spare.prefill_chunk >= 64
+    assert 2 * spare.activations <= free
+    bigger = memory.activation_peak(spare.config, 2 * spare.prefill_chunk, 131072, 4, fused=False)
+    assert 2 * bigger > free  # the largest chunk within half of it
+    assert make_plan(read_checkpoint(ckpt20), context=131072, budget=budget(1000), metal=False).prefill_chunk == 512
 
 
 def test_bad_input(ckpt20, tmp_path):
@@ -334,3 +342,85 @@ def test_plan_of_an_uncached_repo_id_offline_is_one_clear_error(tmp_path):
     r = plan_cli(env, "--model", "openai/gpt-oss-20b")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in " ".join(r.stderr.split())
+
+
+def test_float32_that_does_not_fit_says_whether_bfloat16_does(ckpt20, ckpt120):
+    p = make_plan(read_checkpoint(ckpt20), budget=budget(16), metal=False)
+    assert p.dtype == "float32" and p.status == "does not fit"
+    half = make_plan(read_checkpoint(ckpt20), budget=budget(16), metal=False, dtype="bfloat16")
+    assert half.status == "smaller context" and half.context >= 32768
+    assert f"In bfloat16 (`--dtype bfloat16`, the default on a Mac) it fits at a context of {half.context:,} " \
+           "tokens" in p.message
+    assert p.message.index("In bfloat16") < p.message.index("A smaller --ctx does not help")
+    # not said when bf16 does not fit either, nor when the plan is already bf16
+    assert "In bfloat16" not in make_plan(read_checkpoint(ckpt120), budget=budget(16), metal=False).message
+    assert "In bfloat16" not in make_plan(read_checkpoint(ckpt20), budget=budget(12), metal=True).message
+
+
+def test_plan_for_a_mac_from_another_machine(ckpt20):
+    """--device metal --memory 16GiB: bf16, fused attention, the working set of a 16 GiB Mac, its sysctl."""
+    b = memory.device_budget("metal", "16GiB")
+    assert b.metal and b.total == 16 * GIB and b.usable == 16 * GIB * 2 // 3
+    assert memory.device_budget("metal", "64GiB").usable == 48 * GIB
+    p = memory.plan(ckpt20, memory="16GiB", device="metal")
+    assert p.dtype == "bfloat16" and p.fused_attention and p.status == "does not fit"
+    assert "`sudo sysctl iogpu.wired_limit_mb=" in p.message and "Mac with 16GiB of memory" in p.message
+    assert memory.plan(ckpt20, memory="24GiB", device="metal").status != "does not fit"
+    cpu = memory.plan(ckpt20, memory="64GB", device="cpu")
+    assert cpu.dtype == "float32" and not cpu.fused_attention and not cpu.budget.metal
+    if not mx.metal.is_available():
+        with pytest.raises(GptOssError, match="--device metal on a machine without Metal: give the Mac's memory"):
+            memory.plan(ckpt20, device="metal")
+    with pytest.raises(GptOssError, match="--device 'gpu': use auto, metal or cpu"):
+        memory.plan(ckpt20, device="gpu")
+
+
+def test_plan_json_for_scripts(ckpt20):
+    from mlx_gptoss.cli.app import app
+
+    r = CliRunner().invoke(app, ["plan", "--model", str(ckpt20), "--memory", "24GB", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert set(d) == {"model", "sized_from", "backend", "dtype", "weights", "kv_cache", "activations", "overhead",
+                      "needed", "needed_at_min_context", "budget", "context", "decision", "fits", "message",
+                      "remedies", "levers", "lever_notes"}
+    p = make_plan(read_checkpoint(ckpt20), budget=budget(24))
+    assert d["weights"]["in_memory"] == p.weights and sum(d["weights"]["on_disk"].values()) == HUB_TOTAL_20B
+    assert d["weights"]["total"] == p.weight_bytes and d["kv_cache"]["total"] == p.kv_bytes
+    assert d["budget"]["usable"] == 24 * GB and d["budget"]["source"] == "--memory 24GB"
+    assert d["context"] == {"requested": 131072, "planned": p.context, "min": memory.MIN_CONTEXT}
+    assert d["decision"] == p.status and d["needed"] == p.needed and d["remedies"] == p.remedies
+    r = CliRunner().invoke(app, ["plan", "--model", str(ckpt20), "--memory", "8GB", "--json", "--device", "cpu",
+                                 "--offload", "none"])
+    d = json.loads(r.stdout)
+    assert r.exit_code == 1 and d["decision"] == "does not fit" and not d["fits"] and d["needed"] is None
+    assert d["remedies"] and d["needed_at_min_context"] > 8 * GB and d["levers"] == []
+    # the default --offload auto streams experts instead, and says so
+    r = CliRunner().invoke(app, ["plan", "--model", str(ckpt20), "--memory", "8GB", "--json", "--device", "cpu"])
+    d = json.loads(r.stdout)
+    assert r.exit_code == 0 and d["fits"] and "experts" in d["levers"] and d["lever_notes"]
+
+
+def test_memory_with_a_space_is_accepted(ckpt20):
+    env = dict(os.environ, COLUMNS="200")
+    for args in (["--memory", "24 GB"], ["--memory", "24", "GB"], ["--memory=24", "GB"]):
+        r = plan_cli(env, "--model", str(ckpt20), *args)
+        assert r.returncode == 0, (args, r.stderr)
+        assert "(--memory 24GB)" in r.stdout.replace("24 GB", "24GB")
+
+
+def test_plan_without_network_is_one_line_at_once(tmp_path):
+    """No cache, no network: one sentence, without huggingface_hub's retries or an exception's class name."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for endpoint in (f"http://127.0.0.1:{port}", "https://no-such-host.invalid"):
+        env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path), HF_HUB_OFFLINE="0",
+                   HF_ENDPOINT=endpoint, COLUMNS="300")
+        r = plan_cli(env, "--model", "openai/gpt-oss-20b")
+        assert r.returncode == 1
+        assert r.stderr.strip().splitlines() == [
+            "error: openai/gpt-oss-20b: not in the local Hugging Face cache, and the Hugging Face hub cannot be "
+            "reached (no network?); connect and run again, or pass a local folder"], r.stderr  # no retry lines

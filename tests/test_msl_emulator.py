@@ -5,6 +5,7 @@ memory, early return before a barrier, unwritten output) is caught. Also static 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -250,6 +251,78 @@ def test_broken_kernel_is_caught(bug, cxx):
         run(source, [mx.arange(128, dtype=mx.float32)], (128,), (128, 1, 1), (64, 1, 1), cxx=cxx)
 
 
+# ---- what the Metal compiler would reject: address spaces, the C++14 dialect; misaligned vector loads ------
+
+HAS_CLANG = shutil.which("clang++") is not None
+TYPE_BUGS = {
+    "device pointer passed as a thread pointer": (
+        "inline float first(thread const float* p) { return p[0]; }\n",
+        "out[thread_position_in_grid.x] = first(in0);"),
+    "constant input passed as a device pointer": (
+        "inline float first(const device float* p) { return p[0]; }\n",
+        "out[thread_position_in_grid.x] = first(small);"),
+    "threadgroup array taken as a device pointer": (
+        "", """threadgroup float t[64];
+        device float* p = t;
+        p[thread_position_in_threadgroup.x] = in0[thread_position_in_grid.x];
+        out[thread_position_in_grid.x] = t[0];"""),
+    "thread array taken as a device pointer": (
+        "", """float local[4] = {1.0f, 2.0f, 3.0f, 4.0f};
+        const device float* p = local;
+        out[thread_position_in_grid.x] = p[1];"""),
+    "C++17: if constexpr": (
+        "", "if constexpr (sizeof(float) == 4) { out[thread_position_in_grid.x] = in0[0]; }"),
+    "double (Metal has none)": (
+        "", "double d = in0[thread_position_in_grid.x]; out[thread_position_in_grid.x] = float(d);"),
+}
+
+
+def typed(header, body):
+    specs = [(mx.float32, (64,)), (mx.float32, (3,))]
+    return emu.generate("t", ["in0", "small"], ["out"], body, header, specs, [mx.float32])
+
+
+@pytest.mark.skipif(not HAS_CLANG, reason="the address-space check needs clang (g++ has no address spaces in C++)")
+@pytest.mark.parametrize("bug", list(TYPE_BUGS))
+def test_type_errors_metal_would_reject_do_not_compile(bug):
+    header, body = TYPE_BUGS[bug]
+    with pytest.raises(emu.EmulatorError, match="type check rejects"):
+        emu.check_types(*typed(header, body))
+
+
+@pytest.mark.skipif(not HAS_CLANG, reason="the address-space check needs clang")
+def test_type_check_accepts_correct_address_spaces():
+    header = "inline float first(const device float* p) { return p[0]; }\ninline float two(thread const float* p) { return p[1]; }\n"
+    body = """threadgroup float t[64];
+    threadgroup float* tp = t;
+    float local[2] = {in0[0], small[1]};
+    tp[thread_position_in_threadgroup.x] = first(in0) + two(local);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[thread_position_in_grid.x] = t[0];"""
+    assert emu.check_types(*typed(header, body)) is True
+
+
+MISALIGNED = {
+    "uint2 load from a 4-byte aligned address": "const uint2 q = *((const device uint2*)in0);",
+    "uint4 load from a 4-byte aligned address": "const uint4 q = *((const device uint4*)in0);",
+}
+
+
+@pytest.mark.parametrize("cxx", COMPILERS)
+@pytest.mark.parametrize("bug", list(MISALIGNED))
+def test_misaligned_vector_load_is_caught(bug, cxx):
+    body = MISALIGNED[bug] + "\nout[thread_position_in_grid.x] = float(q.x + q.y);"
+    words = mx.arange(64, dtype=mx.uint32)
+    with emu.alignment("element"), pytest.raises(emu.EmulatorError, match="misaligned access"):
+        run(body, [words], (32,), (32, 1, 1), (32, 1, 1), cxx=cxx)
+    # The same data through a packed vector (element alignment only) is fine, and so is an aligned uint2.
+    packed = "const packed_uint4 q = *((const device packed_uint4*)in0);\nout[thread_position_in_grid.x] = float(q[0] + q[1]);"
+    with emu.alignment("element"):
+        assert run(packed, [words], (32,), (32, 1, 1), (32, 1, 1), cxx=cxx)[0] == 1.0
+    with emu.alignment("end"):  # 256 bytes ending at a page: the start is 16-byte aligned
+        assert run(body, [words], (32,), (32, 1, 1), (32, 1, 1), cxx=cxx)[0] == 1.0
+
+
 def test_endless_loop_is_stopped(monkeypatch):
     monkeypatch.setattr(emu, "TIME_LIMIT", 0.5)
     with pytest.raises(emu.EmulatorError, match="did not finish in time"):
@@ -264,7 +337,7 @@ def test_unwritten_output_reads_as_nan():
 
 
 def test_compile_error_names_the_kernel():
-    with pytest.raises(emu.EmulatorError, match="could not compile custom_kernel_t"):
+    with pytest.raises(emu.EmulatorError, match=r"(could not compile|type check rejects) custom_kernel_t"):
         run("out[0] = undeclared_thing;", [mx.ones((8,))], (8,), (8, 1, 1), (8, 1, 1))
 
 

@@ -210,8 +210,9 @@ def test_cli_options(tiny_ckpt):
             "--bandwidth-bytes", "1000000", "--offload", "experts", "--kv-bits", "8", "--json")
     assert r.exit_code == 0, r.output
     off = json.loads(r.stdout)["offload"]
-    assert off["levers"] == ["kv8", "experts"] and set(off["streaming"]) == {"pp16", "tg4"}
-    assert off["streaming"]["tg4"]["hit_rate"] == 1.0 and off["streaming"]["tg4"]["bytes_per_token"] == 0
+    assert off["levers"] == ["kv8", "experts"] and set(off["streaming"]) == {"pp16 [auto]", "tg4 [auto]"}  # test [kernels]
+    tg = off["streaming"]["tg4 [auto]"]
+    assert tg["hit_rate"] == 1.0 and tg["bytes_per_token"] == 0
 
 
 def test_chat_with_tools_through_every_lever():

@@ -24,3 +24,15 @@ def test_console_script_runs():
     assert exe, "the gptoss-mac console script is not on PATH"
     out = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("gptoss-mac "), out.stderr
+
+
+def test_every_subpackage_is_in_the_distribution():
+    """pyproject lists the packages by hand (cli/ and metal/ are mapped): a new subpackage left out of that
+    list would work from a checkout and be missing from a real install."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"mlx_gptoss." + ".".join(d.relative_to(root / "mlx_gptoss").parts)
+             for d in (root / "mlx_gptoss").rglob("*") if (d / "__init__.py").is_file()}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"

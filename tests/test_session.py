@@ -26,6 +26,15 @@ def run(events):
     return evs, evs[-1].stats
 
 
+def part(channel, content, recipient=None, content_type=None, id=None):
+    return {"channel": channel, "content": content, "recipient": recipient, "content_type": content_type, "id": id}
+
+
+def summary(m):
+    """A message dict without its ordered parts."""
+    return {k: v for k, v in m.items() if k != "parts"}
+
+
 def answer(evs):
     return "".join(e.text for e in evs if e.kind == "content")
 
@@ -46,7 +55,8 @@ def test_five_turns_prefill_only_what_is_new():
             assert stats.prefilled_tokens < 30
         prev = stats.prompt_tokens
     assert [m["role"] for m in s.messages] == ["user", "assistant"] * 5
-    assert s.messages[1] == {"role": "assistant", "reasoning": "The user greets.", "content": "Hello there!"}
+    assert s.messages[1] == {"role": "assistant", "reasoning": "The user greets.", "content": "Hello there!",
+                             "parts": [part("analysis", "The user greets."), part("final", "Hello there!")]}
 
 
 def test_final_only_turns_are_incremental_too():
@@ -109,6 +119,47 @@ def test_reused_cache_gives_the_logits_of_a_fresh_prefill(random_gpt):
     close(logits, fresh(random_gpt, p5))
 
 
+def test_rotating_cache_state_round_trips_its_offsets(random_gpt):
+    """Runner._restore writes RotatingKVCache.state into a cache: that state must carry the offsets (mlx-lm
+    >= 0.32.2; before, a restore silently gave wrong logits). Restored into a fresh cache, it must continue
+    exactly as the original does."""
+    from mlx_lm.models.cache import KVCache
+
+    rng = np.random.default_rng(2)
+    ids = [int(x) for x in rng.integers(0, 199998, 21)]
+    a = random_gpt.make_cache()
+    random_gpt.model(mx.array([ids[:13]]), cache=a)
+    for t in ids[13:20]:  # single steps past the window of 8: the rotating layers wrapped mid-buffer
+        random_gpt.model(mx.array([[t]]), cache=a)
+    mx.eval([c.state for c in a])
+    rotating = [i for i, c in enumerate(a) if not isinstance(c, KVCache)]
+    assert rotating and all(a[i].offset == 20 for i in rotating)
+    b = random_gpt.make_cache()
+    for x, y in zip(a, b):
+        y.state = tuple(mx.array(v) if isinstance(v, mx.array) else v for v in x.state)
+    for i in rotating:
+        assert (b[i].offset, b[i]._idx) == (a[i].offset, a[i]._idx)
+    la = random_gpt.model(mx.array([[ids[20]]]), cache=a)[0, -1]
+    lb = random_gpt.model(mx.array([[ids[20]]]), cache=b)[0, -1]
+    close(lb, np.array(la))
+    close(la[None][0], np.array(random_gpt.model(mx.array([ids]))[0, -1]))
+
+
+def test_dependency_floors_match_the_code():
+    """The floors the code needs: RotatingKVCache.state with offsets (mlx-lm 0.32.2), the cache fixes of mlx
+    0.32.1, openai-harmony 0.0.5 (the API this code was checked against); the installed versions meet them."""
+    import tomllib
+    from importlib.metadata import version
+
+    deps = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = {"mlx>=0.32.1; sys_platform == 'darwin'", "mlx[cpu]>=0.32.1; sys_platform != 'darwin'",
+              "mlx-lm>=0.32.2", "openai-harmony>=0.0.5"}
+    assert floors <= set(deps), deps
+    as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:3])  # noqa: E731
+    assert as_tuple(version("mlx")) >= (0, 32, 1) and as_tuple(version("mlx-lm")) >= (0, 32, 2)
+    assert as_tuple(version("openai-harmony")) >= (0, 0, 5)
+
+
 def test_an_interrupted_forward_pass_is_repaired(random_gpt):
     rng = np.random.default_rng(1)
     r = Runner(random_gpt)
@@ -149,17 +200,22 @@ def test_random_model_session_never_raises(random_gpt):
 def test_tool_call_answered_by_hand():
     gpt = scripted_model("tool")
     s = gpt.session(tools=[get_weather])
-    calls = []
+    calls, ids = [], []
     for ev in s.send("What's the weather in Paris?", temperature=0):
-        if ev.kind == "tool_call":  # answered while the reply is still streaming
+        if ev.kind == "tool_call":  # answered while the reply is still streaming (its id found by name)
             calls.append((ev.name, ev.arguments))
+            ids.append(ev.id)
             s.add_tool_result(ev.name, get_weather(**json.loads(ev.arguments)))
     assert calls == [("get_weather", '{"city": "Paris"}')]
     assert [m["role"] for m in s.messages] == ["user", "assistant", "tool"]
     evs, stats = run(s.send(None, temperature=0))
     assert answer(evs) == "It is sunny and 21 C."
-    assert s.messages[-1] == {"role": "assistant", "content": "It is sunny and 21 C."}
-    assert s.messages[1]["tool_calls"] == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    assert summary(s.messages[-1]) == {"role": "assistant", "content": "It is sunny and 21 C."}
+    (call,) = s.messages[1]["tool_calls"]
+    assert call == {"id": ids[0], "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert re.fullmatch(r"call_[0-9a-f]{24}", call["id"])
+    assert s.messages[2] == {"role": "tool", "name": "get_weather", "tool_call_id": call["id"],
+                             "content": json.dumps(get_weather("Paris"))}
     assert stats.cached_tokens > 0 and stats.prefilled_tokens < 80
 
 
@@ -245,7 +301,8 @@ def test_keep_partial_and_cancel():
         if ev.kind == "content":
             s.cancel()  # e.g. from another thread
     assert evs[-1].kind == "done" and evs[-1].stats.stop_reason == "cancelled"
-    assert s.messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert s.messages[0] == {"role": "user", "content": "Hi"} and len(s.messages) == 2
+    assert summary(s.messages[1]) == {"role": "assistant", "reasoning": "The user greets.", "content": "Hello"}
     assert s.last_stats.stop_reason == "cancelled"
     evs, stats = run(s.send("More", temperature=0))  # the cancel flag does not stick
     assert stats.stop_reason == "return"
@@ -346,3 +403,57 @@ def test_schema_only_tools_are_left_to_the_caller():
     evs = list(s.send("What's the weather in Paris?", temperature=0, auto_tools=True))
     assert [e.kind for e in evs].count("done") == 1 and evs[-1].stats.stop_reason == "call"
     assert s.messages[-1]["role"] == "assistant" and s.messages[-1]["tool_calls"][0]["name"] == "get_weather"
+
+
+# --------------------------------------------------- issue 10: bad input never loses or corrupts a session
+
+def test_a_message_that_cannot_fit_is_refused_with_the_session_unchanged():
+    gpt = scripted_model("reason")
+    base = len(gpt.session().render([{"role": "user", "content": "Question 0"}]))
+    s = gpt.session(max_context=base + 200)
+    run(s.send("Question 0", temperature=0))
+    run(s.send("Question 1", temperature=0))
+    before, dropped = json.loads(json.dumps(s.messages)), s.dropped
+    with pytest.raises(GptOssError, match="does not fit the context.*nothing was dropped"):
+        s.send("word " * 600, temperature=0)  # alone it is over the cap: refused at once
+        pytest.fail("send() must refuse before returning a stream")
+    assert s.messages == before and s.dropped == dropped
+    evs, stats = run(s.send("Question 2", temperature=0))  # the session goes on, its cache intact
+    assert answer(evs) == "Hello there!" and stats.cached_tokens > 0
+
+
+def test_turns_are_dropped_only_for_a_message_that_then_fits():
+    gpt = scripted_model("reason")
+    base = len(gpt.session().render([{"role": "user", "content": "Question 0"}]))
+    s = gpt.session(max_context=base + 90)
+    for i in range(2):
+        run(s.send(f"Question {i}", temperature=0))
+    long = "word " * 60  # fits only once the earlier turns are gone
+    evs, stats = run(s.send(long, temperature=0, max_tokens=5))
+    assert stats.dropped_messages == s.dropped > 0 and s.messages[0]["role"] == "user"
+    assert {"role": "user", "content": long} in s.messages and len(s.messages) < 6
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")}, "temperature"),
+    ({"top_p": float("nan")}, "top_p"), ({"min_p": float("inf")}, "min_p"), ({"top_k": 1.5}, "top_k"),
+    ({"top_k": True}, "top_k"), ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": "7"}, "seed"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": True}, "max_tokens"), ({"temperature": -0.5}, "temperature")])
+def test_every_sampling_option_is_checked_before_anything_runs(kw, match):
+    gpt = scripted_model("reason")
+    s = gpt.session()
+    with pytest.raises(GptOssError, match=match):
+        s.send("Hi", **kw)  # at once, not at the first next()
+    assert s.messages == []
+    with pytest.raises(GptOssError, match=match):
+        gpt.chat([{"role": "user", "content": "Hi"}], **kw)
+
+
+def test_nan_weights_stop_at_the_first_token_with_the_likely_cause(tmp_path):
+    gpt = random_real_vocab_model(tmp_path / "nan", layers=2, seed=4, nan="model.norm.weight")
+    with pytest.raises(GptOssError, match="NaN or infinity.*corrupt or wrongly converted.*dtype"):
+        list(gpt.chat([{"role": "user", "content": "Hi"}], max_tokens=50))
+    s = gpt.session()
+    with pytest.raises(GptOssError, match="NaN"):
+        list(s.send("Hi", max_tokens=50))
+    assert s.messages == []  # the question was not taken

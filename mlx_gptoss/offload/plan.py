@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-
 from .. import memory
 from ..errors import GptOssError
 from ..memory import Budget, Checkpoint, Plan, gb
@@ -290,9 +289,11 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
     return p
 
 
-def plan(model, *, context: int | None = None, memory_: str | int | None = None, dtype=None, offload: str = "auto",
-         kv_bits: int | None = None) -> Plan:
-    """memory.plan() with the levers: the plan for a model folder or hub repo id on this machine."""
+def plan(model, *, context: int | None = None, memory_: str | int | None = None, dtype=None,
+         device: str | None = None, offload: str = "auto", kv_bits: int | None = None) -> Plan:
+    """memory.plan() with the levers: the plan for a model folder or hub repo id on this machine, or for
+    `device` (memory.device_budget: e.g. "metal" plans for a Mac from another machine)."""
     check_options(offload, kv_bits)
-    return make_offload_plan(memory.read_checkpoint(model), context=context, memory_=memory_, dtype=dtype,
+    budget = memory.device_budget(device, memory_)  # a bad --device or --memory is said before any file is read
+    return make_offload_plan(memory.read_checkpoint(model), context=context, budget=budget, dtype=dtype,
                              offload=offload, kv_bits=kv_bits)

@@ -7,11 +7,17 @@ test can monkeypatch `mx.fast.metal_kernel` with it. Each call:
    inputs as `const device T*` (`const constant T*` under 8 elements, `const constant T&` when 0-d), each
    followed by `x_shape`/`x_strides`/`x_ndim` only if the body names them, outputs `device T*`, then the thread
    attributes whose names occur in the body, the body, and the explicit instantiation line;
-2. compiles it with msl_shim.h in front and runtime.h behind. The one textual change: the attribute lists on
-   the explicit instantiation line are dropped (C++ forbids attributes there); every other attribute is an
+2. when clang is installed, type-checks that text as Metal would (msl_check.h: C++14, MSL's dialect, with
+   device / constant / threadgroup / thread kept as clang address spaces, so mixing them up does not
+   compile; no double; no C++17);
+3. compiles it as C++14 with msl_shim.h in front and runtime.h behind (address spaces erased, an alignment
+   sanitizer that traps on misaligned vector loads). The one textual change: the attribute lists on the
+   explicit instantiation line are dropped (C++ forbids attributes there); every other attribute is an
    unknown attribute the compiler ignores;
-3. runs the grid with runtime.h's scheduler in the chosen thread order and returns the outputs.
-Compiled libraries are cached per source text and compiler (in-process and as .so files in a temp dir).
+4. runs the grid with runtime.h's scheduler in the chosen thread order (thread_order) and buffer placement
+   (alignment) and returns the outputs.
+Compiled libraries and passed type checks are cached per source text and compiler (in-process and as files
+in a temp dir, $MSL_EMU_CACHE).
 """
 
 from __future__ import annotations
@@ -79,6 +85,22 @@ def compiler(cxx: str):
         yield
     finally:
         _settings.cxx = old
+
+
+@contextlib.contextmanager
+def alignment(mode: str):
+    """Buffer placement inside the block: "end" (the default: each buffer ends exactly at a guard page, so a
+    read one element past the end faults) or "element" (each buffer starts only as aligned as its element
+    type, at an address = element size mod 16, as a sliced MLX array may: a uint2 / uint4 load that assumes
+    more traps; the end guard is then up to 15 bytes away)."""
+    if mode not in ("end", "element"):
+        raise ValueError(f"alignment mode {mode!r}")
+    old = getattr(_settings, "alignment", "end")
+    _settings.alignment = mode
+    try:
+        yield
+    finally:
+        _settings.alignment = old
 
 
 def available_compilers() -> list[str]:
@@ -190,24 +212,63 @@ def _cache_dir() -> Path:
     return d
 
 
+LANGUAGE = "-std=c++14"
+
+
 def _flags(cxx: str) -> list[str]:
-    flags = ["-std=c++17", "-O1", "-g0", "-fPIC", "-shared", "-U_FORTIFY_SOURCE", "-fvisibility=hidden",
-             "-fno-strict-aliasing", f"-I{HERE}"]
+    # C++14: the dialect MSL is based on. The alignment sanitizer traps (SIGILL, reported by runtime.h) on a
+    # vector load or store at an address its MSL type's alignment does not divide (uint2 8, uint4 16 bytes).
+    flags = [LANGUAGE, "-O1", "-g0", "-fPIC", "-shared", "-U_FORTIFY_SOURCE", "-fvisibility=hidden",
+             "-fno-strict-aliasing", "-fsanitize=alignment", f"-I{HERE}"]
     if "clang" in cxx:
-        flags += ["-Wno-unknown-attributes", "-Wno-ignored-attributes"]
+        flags += ["-Wno-unknown-attributes", "-Wno-ignored-attributes", "-fsanitize-trap=alignment"]
         version = subprocess.run([cxx, "-dumpversion"], capture_output=True, text=True).stdout
         if int(version.split(".")[0] or 0) >= 16:
             flags += ["-Xclang", "-ffloat16-excess-precision=none"]
     else:
-        flags += ["-Wno-attributes", "-fno-gnu-unique"]
+        flags += ["-Wno-attributes", "-fno-gnu-unique", "-fsanitize-undefined-trap-on-error"]
     return flags
 
 
+_checked: set[str] = set()
+
+
+def check_types(kname: str, text: str) -> bool:
+    """clang's MSL type check of a generated kernel (msl_check.h: C++14, address spaces kept). Raises
+    EmulatorError on a type error; returns False when clang is not installed (g++ cannot check address spaces)."""
+    clang = shutil.which("clang++")
+    if not clang:
+        return False
+    src = f'#line 1 "{kname}.metal"\n' + _strip_host_name(kname, text)
+    header = HERE / "msl_check.h"
+    key = hashlib.sha256((clang + "\0" + src + header.read_text()).encode()).hexdigest()[:24]
+    marker = _cache_dir() / f"check_{key}.ok"
+    if key in _checked or marker.exists():
+        _checked.add(key)
+        return True
+    r = subprocess.run([clang, LANGUAGE, "-Werror=c++17-extensions", "-fsyntax-only", "-fno-exceptions", "-fno-rtti",
+                        "-Wno-unknown-attributes",
+                        "-Wno-ignored-attributes", "-include", str(header), "-x", "c++", "-"],
+                       input=src, capture_output=True, text=True, timeout=120)
+    if r.returncode:
+        raise EmulatorError(f"clang's MSL type check rejects {kname} (as the Metal compiler would):\n{r.stderr[-6000:]}")
+    marker.touch()
+    _checked.add(key)
+    return True
+
+
+def _strip_host_name(kname: str, text: str) -> str:
+    """C++ allows no attributes on an explicit instantiation: the one textual change to MLX's source."""
+    return text.replace(f'template [[host_name("{kname}")]] [[kernel]] decltype(', "template decltype(")
+
+
 def compile_kernel(kname: str, text: str, invoke: str, cxx: str):
-    """-> (ctypes function emu_run, [(offset, size)] of the kernel's threadgroup statics). Cached."""
+    """-> (ctypes function emu_run, [(offset, size)] of the kernel's threadgroup statics). Cached.
+    Runs clang's type check first when clang is installed (see check_types)."""
+    check_types(kname, text)
     tu = ('#include "msl_shim.h"\n' + f'#line 1 "{kname}.metal"\n' + text +
           '#include "runtime.h"\n' + invoke)
-    tu = tu.replace(f'template [[host_name("{kname}")]] [[kernel]] decltype(', "template decltype(")
+    tu = _strip_host_name(kname, tu)
     key = hashlib.sha256((cxx + "\0" + " ".join(_flags(cxx)) + "\0" + tu + (HERE / "msl_shim.h").read_text()
                           + (HERE / "runtime.h").read_text()).encode()).hexdigest()[:24]
     with _lock:
@@ -265,17 +326,21 @@ def launch(kname, text, invoke, arrays, output_shapes, output_dtypes, grid, thre
     if order is None:
         order, seed = getattr(_settings, "order", ("forward", 0))
     fn, statics, _ = compile_kernel(kname, text, invoke, cxx or _default_cxx())
-    host = []
+    host, esize = [], []
     for a, (shape_needed, strides_needed, ndim_needed) in arrays:
         host.append(np.ascontiguousarray(_to_host(a)).reshape(-1).view(np.uint8))
+        esize.append(a.dtype.size)
         if a.ndim > 0:
             if shape_needed:
                 host.append(np.array(a.shape, dtype=np.int32).view(np.uint8))
+                esize.append(4)
             if strides_needed:
                 strides = np.cumprod((list(a.shape[1:]) + [1])[::-1])[::-1]
                 host.append(np.array(strides, dtype=np.int64).view(np.uint8))
+                esize.append(8)
             if ndim_needed:
                 host.append(np.array([a.ndim], dtype=np.int32).view(np.uint8))
+                esize.append(4)
     n_in = len(host)
     outs = []
     for shape, dtype in zip(output_shapes, output_dtypes):
@@ -285,7 +350,10 @@ def launch(kname, text, invoke, arrays, output_shapes, output_dtypes, grid, thre
         else:
             buf = _to_host(mx.full((size,), init_value, dtype=dtype)).view(np.uint8).copy()
         outs.append(buf)
+        esize.append(dtype.size)
     host += outs
+    element = getattr(_settings, "alignment", "end") == "element"
+    base_mod = (ctypes.c_int * len(host))(*[(e % 16 if element else -1) for e in esize])
     n = len(host)
     ptrs = (ctypes.c_void_p * n)(*[h.ctypes.data for h in host])
     nbytes = (ctypes.c_uint64 * n)(*[h.nbytes for h in host])
@@ -295,7 +363,7 @@ def launch(kname, text, invoke, arrays, output_shapes, output_dtypes, grid, thre
     offs = (ctypes.c_int64 * max(1, len(statics)))(*[o for o, _ in statics])
     sizes = (ctypes.c_int64 * max(1, len(statics)))(*[s for _, s in statics])
     err = ctypes.create_string_buffer(4096)
-    rc = fn(n, ptrs, nbytes, writable, g, t, ORDERS[order], ctypes.c_uint64(seed), len(statics), offs, sizes,
+    rc = fn(n, ptrs, nbytes, writable, base_mod, g, t, ORDERS[order], ctypes.c_uint64(seed), len(statics), offs, sizes,
             ctypes.c_double(time_limit or TIME_LIMIT), err, len(err))
     if rc:
         raise EmulatorError(f"{kname}: {err.value.decode(errors='replace')}")

@@ -1,6 +1,6 @@
 // MSL-on-CPU shim: just enough of the Metal Shading Language (and of MLX's utils.h, which MLX prepends
 // to every custom kernel: `using namespace metal`, bfloat16_t, float16_t) for a kernel body to compile
-// as C++17 with g++ or clang. The scheduler lives in runtime.h; this file holds the types and builtins.
+// as C++14 (MSL's dialect) with g++ or clang. The scheduler lives in runtime.h; this file holds the types and builtins.
 //
 // Deliberate differences from Metal, all of them in the direction of catching more bugs:
 // - simd collectives and threadgroup_barrier require EVERY launched thread of the simdgroup / threadgroup
@@ -29,7 +29,7 @@
 #include <unistd.h>
 
 namespace emu {
-// Sync points implemented in runtime.h. `site` is the caller's return address: all lanes must agree on it.
+// Sync points implemented in runtime.h. `site` names the call (its source line, EMU_SITE): all lanes must agree on it.
 const unsigned char* simd_exchange(const void* value, int size, const void* site, unsigned* mask, int* lane);
 void barrier(const void* site);
 constexpr int kSimdWidth = 32;
@@ -94,37 +94,47 @@ namespace detail {
 template <class T, int N, int... I> struct swizzle {  // aliases the vector's storage inside its union
     T v[N];
     operator vec<T, int(sizeof...(I))>() const { return vec<T, int(sizeof...(I))>(v[I]...); }
-    swizzle& operator=(const vec<T, int(sizeof...(I))>& o) { int k = 0; ((v[I] = o[k++]), ...); return *this; }
+    swizzle& operator=(const vec<T, int(sizeof...(I))>& o) {
+        int k = 0; int unused[] = {(v[I] = o[k++], 0)...}; (void)unused; return *this; }
 };
 }  // namespace detail
 #define EMU_SW2(T, N) detail::swizzle<T, N, 0, 1> xy; detail::swizzle<T, N, 1, 0> yx; detail::swizzle<T, N, 0, 0> xx; \
     detail::swizzle<T, N, 1, 1> yy;
-template <class T> struct vec<T, 2> {
+template <class T> struct alignas(sizeof(T) * 2) vec<T, 2> {
     union { T v[2]; struct { T x, y; }; struct { T r, g; }; EMU_SW2(T, 2) };
     vec() = default;
     vec(T s) : v{s, s} {}
+    // User-provided, so that copying from a pointer binds a reference the alignment sanitizer checks.
+    vec(const vec& o) : v{o.v[0], o.v[1]} {}
+    vec& operator=(const vec& o) { for (int i = 0; i < 2; ++i) v[i] = o.v[i]; return *this; }
     vec(T a, T b) : v{a, b} {}
     template <class U> explicit vec(const vec<U, 2>& o) : v{T(o[0]), T(o[1])} {}
     T& operator[](int i) { return v[i]; }
     const T& operator[](int i) const { return v[i]; }
 };
-template <class T> struct vec<T, 3> {
+template <class T> struct alignas(sizeof(T) * 4) vec<T, 3> {
     union { T v[3]; struct { T x, y, z; }; struct { T r, g, b; }; EMU_SW2(T, 3)
             detail::swizzle<T, 3, 1, 2> yz; detail::swizzle<T, 3, 0, 1, 2> xyz; detail::swizzle<T, 3, 2, 1, 0> zyx; };
     vec() = default;
     vec(T s) : v{s, s, s} {}
+    // User-provided, so that copying from a pointer binds a reference the alignment sanitizer checks.
+    vec(const vec& o) : v{o.v[0], o.v[1], o.v[2]} {}
+    vec& operator=(const vec& o) { for (int i = 0; i < 3; ++i) v[i] = o.v[i]; return *this; }
     vec(T a, T b, T c) : v{a, b, c} {}
     vec(vec<T, 2> a, T c) : v{a[0], a[1], c} {}
     template <class U> explicit vec(const vec<U, 3>& o) : v{T(o[0]), T(o[1]), T(o[2])} {}
     T& operator[](int i) { return v[i]; }
     const T& operator[](int i) const { return v[i]; }
 };
-template <class T> struct vec<T, 4> {
+template <class T> struct alignas(sizeof(T) * 4) vec<T, 4> {
     union { T v[4]; struct { T x, y, z, w; }; struct { T r, g, b, a; }; EMU_SW2(T, 4)
             detail::swizzle<T, 4, 2, 3> zw; detail::swizzle<T, 4, 1, 2> yz; detail::swizzle<T, 4, 0, 1, 2> xyz;
             detail::swizzle<T, 4, 3, 2, 1, 0> wzyx; detail::swizzle<T, 4, 0, 1, 2, 3> xyzw; };
     vec() = default;
     vec(T s) : v{s, s, s, s} {}
+    // User-provided, so that copying from a pointer binds a reference the alignment sanitizer checks.
+    vec(const vec& o) : v{o.v[0], o.v[1], o.v[2], o.v[3]} {}
+    vec& operator=(const vec& o) { for (int i = 0; i < 4; ++i) v[i] = o.v[i]; return *this; }
     vec(T a, T b, T c, T d) : v{a, b, c, d} {}
     vec(vec<T, 2> a, vec<T, 2> b) : v{a[0], a[1], b[0], b[1]} {}
     vec(vec<T, 3> a, T d) : v{a[0], a[1], a[2], d} {}
@@ -145,6 +155,17 @@ template <class T> struct vec<T, 4> {
 EMU_VEC_OP(+) EMU_VEC_OP(-) EMU_VEC_OP(*) EMU_VEC_OP(/) EMU_VEC_OP(&) EMU_VEC_OP(|) EMU_VEC_OP(^)
 EMU_VEC_OP(<<) EMU_VEC_OP(>>) EMU_VEC_OP(%)
 #undef EMU_VEC_OP
+
+// packed_T2..4: MSL's vectors with only their element's alignment (a packed_uint4 may sit at any multiple of 4);
+// the plain vectors above have MSL's: 2, 4, 4 elements' worth (uint2 8 bytes, uint3 and uint4 16 bytes).
+template <class T, int N> struct packed_vec {
+    T v[N];
+    packed_vec() = default;
+    packed_vec(const vec<T, N>& o) { for (int i = 0; i < N; ++i) v[i] = o[i]; }
+    operator vec<T, N>() const { vec<T, N> o; for (int i = 0; i < N; ++i) o[i] = v[i]; return o; }
+    T& operator[](int i) { return v[i]; }
+    const T& operator[](int i) const { return v[i]; }
+};
 template <class T, int N> vec<T, N> operator-(vec<T, N> a) { for (int i = 0; i < N; ++i) a[i] = -a[i]; return a; }
 }  // namespace metal
 
@@ -154,6 +175,12 @@ EMU_VEC_NAMES(float, float) EMU_VEC_NAMES(half, half) EMU_VEC_NAMES(bfloat, bflo
 EMU_VEC_NAMES(uint, uint) EMU_VEC_NAMES(short, short) EMU_VEC_NAMES(ushort, ushort) EMU_VEC_NAMES(char, char)
 EMU_VEC_NAMES(uchar, uchar) EMU_VEC_NAMES(bool, bool)
 #undef EMU_VEC_NAMES
+#define EMU_PACKED_NAMES(T, name) typedef metal::packed_vec<T, 2> packed_##name##2; \
+    typedef metal::packed_vec<T, 3> packed_##name##3; typedef metal::packed_vec<T, 4> packed_##name##4;
+EMU_PACKED_NAMES(float, float) EMU_PACKED_NAMES(half, half) EMU_PACKED_NAMES(bfloat, bfloat) EMU_PACKED_NAMES(int, int)
+EMU_PACKED_NAMES(uint, uint) EMU_PACKED_NAMES(short, short) EMU_PACKED_NAMES(ushort, ushort) EMU_PACKED_NAMES(char, char)
+EMU_PACKED_NAMES(uchar, uchar)
+#undef EMU_PACKED_NAMES
 
 // ---- metal:: math, conversions and simd collectives -----------------------------------------------------
 namespace metal {
@@ -200,42 +227,42 @@ template <> struct numeric_limits<float> {
     static float min() { return 1.175494351e-38f; } static float infinity() { return INFINITY; } };
 
 enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
-__attribute__((noinline)) inline void threadgroup_barrier(mem_flags) { emu::barrier(__builtin_return_address(0)); }
-__attribute__((noinline)) inline void simdgroup_barrier(mem_flags) {
-    unsigned m; int l; char z = 0; emu::simd_exchange(&z, 1, __builtin_return_address(0), &m, &l); }
+__attribute__((noinline)) inline void threadgroup_barrier_at(const void* site, mem_flags) { emu::barrier(site); }
+__attribute__((noinline)) inline void simdgroup_barrier_at(const void* site, mem_flags) {
+    unsigned m; int l; char z = 0; emu::simd_exchange(&z, 1, site, &m, &l); }
 
 // Every collective posts its value, waits for all 32 lanes at the same call site, then reads every
 // lane's value from the snapshot; lanes combine in lane order, so all lanes get bit-identical results.
 #define EMU_COLLECTIVE_BEGIN(T, v)                                                                              \
     static_assert(sizeof(T) <= emu::kSlotBytes, "value too large for a simd collective");                    \
     unsigned mask; int lane;                                                                                   \
-    const unsigned char* all = emu::simd_exchange(&v, sizeof(T), __builtin_return_address(0), &mask, &lane);  \
+    const unsigned char* all = emu::simd_exchange(&v, sizeof(T), site, &mask, &lane);  \
     auto at = [&](int l) { T t; std::memcpy(&t, all + l * emu::kSlotBytes, sizeof(T)); return t; };          \
     (void)lane; (void)mask;
-template <class T> __attribute__((noinline)) T simd_sum(T v) {
+template <class T> __attribute__((noinline)) T simd_sum_at(const void* site, T v) {
     EMU_COLLECTIVE_BEGIN(T, v)
     T s = at(0); for (int l = 1; l < emu::kSimdWidth; ++l) if (mask >> l & 1u) s = s + at(l); return s; }
-template <class T> __attribute__((noinline)) T simd_max(T v) {
+template <class T> __attribute__((noinline)) T simd_max_at(const void* site, T v) {
     EMU_COLLECTIVE_BEGIN(T, v)
     T s = at(0); for (int l = 1; l < emu::kSimdWidth; ++l) if (mask >> l & 1u) s = max(s, at(l)); return s; }
-template <class T> __attribute__((noinline)) T simd_min(T v) {
+template <class T> __attribute__((noinline)) T simd_min_at(const void* site, T v) {
     EMU_COLLECTIVE_BEGIN(T, v)
     T s = at(0); for (int l = 1; l < emu::kSimdWidth; ++l) if (mask >> l & 1u) s = min(s, at(l)); return s; }
-template <class T> __attribute__((noinline)) T simd_prefix_exclusive_sum(T v) {
+template <class T> __attribute__((noinline)) T simd_prefix_exclusive_sum_at(const void* site, T v) {
     EMU_COLLECTIVE_BEGIN(T, v)
     T s = T(0); for (int l = 0; l < lane; ++l) s = s + at(l); return s; }
-template <class T> __attribute__((noinline)) T simd_prefix_inclusive_sum(T v) {
+template <class T> __attribute__((noinline)) T simd_prefix_inclusive_sum_at(const void* site, T v) {
     EMU_COLLECTIVE_BEGIN(T, v)
     T s = at(0); for (int l = 1; l <= lane; ++l) s = s + at(l); return s; }
-template <class T> __attribute__((noinline)) T simd_shuffle(T v, ushort src) {
+template <class T> __attribute__((noinline)) T simd_shuffle_at(const void* site, T v, ushort src) {
     EMU_COLLECTIVE_BEGIN(T, v) return at(src % emu::kSimdWidth); }
-template <class T> __attribute__((noinline)) T simd_broadcast(T v, ushort src) {
+template <class T> __attribute__((noinline)) T simd_broadcast_at(const void* site, T v, ushort src) {
     EMU_COLLECTIVE_BEGIN(T, v) return at(src % emu::kSimdWidth); }
-template <class T> __attribute__((noinline)) T simd_shuffle_down(T v, ushort d) {
+template <class T> __attribute__((noinline)) T simd_shuffle_down_at(const void* site, T v, ushort d) {
     EMU_COLLECTIVE_BEGIN(T, v) return lane + d < emu::kSimdWidth ? at(lane + d) : v; }
-template <class T> __attribute__((noinline)) T simd_shuffle_up(T v, ushort d) {
+template <class T> __attribute__((noinline)) T simd_shuffle_up_at(const void* site, T v, ushort d) {
     EMU_COLLECTIVE_BEGIN(T, v) return lane >= int(d) ? at(lane - d) : v; }
-template <class T> __attribute__((noinline)) T simd_shuffle_xor(T v, ushort m) {
+template <class T> __attribute__((noinline)) T simd_shuffle_xor_at(const void* site, T v, ushort m) {
     EMU_COLLECTIVE_BEGIN(T, v) return at((lane ^ m) % emu::kSimdWidth); }
 struct simd_vote {
     typedef uint64_t vote_t;
@@ -243,14 +270,14 @@ struct simd_vote {
     explicit operator vote_t() const { return bits; }
     bool any() const { return bits != 0; }
 };
-__attribute__((noinline)) inline simd_vote simd_ballot(bool b) {
+__attribute__((noinline)) inline simd_vote simd_ballot_at(const void* site, bool b) {
     EMU_COLLECTIVE_BEGIN(bool, b)
     simd_vote r{0}; for (int l = 0; l < emu::kSimdWidth; ++l) if ((mask >> l & 1u) && at(l)) r.bits |= uint64_t(1) << l;
     return r; }
-__attribute__((noinline)) inline bool simd_any(bool b) {
+__attribute__((noinline)) inline bool simd_any_at(const void* site, bool b) {
     EMU_COLLECTIVE_BEGIN(bool, b) for (int l = 0; l < emu::kSimdWidth; ++l) if ((mask >> l & 1u) && at(l)) return true;
     return false; }
-__attribute__((noinline)) inline bool simd_all(bool b) {
+__attribute__((noinline)) inline bool simd_all_at(const void* site, bool b) {
     EMU_COLLECTIVE_BEGIN(bool, b) for (int l = 0; l < emu::kSimdWidth; ++l) if ((mask >> l & 1u) && !at(l)) return false;
     return true; }
 #undef EMU_COLLECTIVE_BEGIN
@@ -334,7 +361,28 @@ typedef uint64_t ulong;
 
 using namespace metal;  // as MLX's utils.h does
 
-// Address-space qualifiers disappear; threadgroup variables become function statics, shared by all the
+// A sync point is identified by its source line (the kernel text is one file, numbered from 1), not by the
+// call's return address: a compiler may duplicate one call into several branches (g++ does, for a barrier
+// after an if), and lanes reaching the same source call through different copies are not divergent.
+#define EMU_SITE ((const void*)(uintptr_t)__LINE__)
+#define threadgroup_barrier(...) threadgroup_barrier_at(EMU_SITE, __VA_ARGS__)
+#define simdgroup_barrier(...) simdgroup_barrier_at(EMU_SITE, __VA_ARGS__)
+#define simd_sum(...) simd_sum_at(EMU_SITE, __VA_ARGS__)
+#define simd_max(...) simd_max_at(EMU_SITE, __VA_ARGS__)
+#define simd_min(...) simd_min_at(EMU_SITE, __VA_ARGS__)
+#define simd_prefix_exclusive_sum(...) simd_prefix_exclusive_sum_at(EMU_SITE, __VA_ARGS__)
+#define simd_prefix_inclusive_sum(...) simd_prefix_inclusive_sum_at(EMU_SITE, __VA_ARGS__)
+#define simd_shuffle(...) simd_shuffle_at(EMU_SITE, __VA_ARGS__)
+#define simd_broadcast(...) simd_broadcast_at(EMU_SITE, __VA_ARGS__)
+#define simd_shuffle_down(...) simd_shuffle_down_at(EMU_SITE, __VA_ARGS__)
+#define simd_shuffle_up(...) simd_shuffle_up_at(EMU_SITE, __VA_ARGS__)
+#define simd_shuffle_xor(...) simd_shuffle_xor_at(EMU_SITE, __VA_ARGS__)
+#define simd_ballot(...) simd_ballot_at(EMU_SITE, __VA_ARGS__)
+#define simd_any(...) simd_any_at(EMU_SITE, __VA_ARGS__)
+#define simd_all(...) simd_all_at(EMU_SITE, __VA_ARGS__)
+
+// Address-space qualifiers disappear here (msl_check.h, clang's type check, keeps and checks them);
+// threadgroup variables become function statics, shared by all the
 // fibers of the one threadgroup that runs at a time (runtime.h finds them in the symbol table, poisons
 // them before each threadgroup and checks their total size).
 #define device

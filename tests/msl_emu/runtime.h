@@ -3,7 +3,8 @@
 // can run, the scheduler resolves the sync points: a simdgroup whose 32 launched lanes all wait at the
 // same collective exchanges values; a threadgroup whose threads all wait at the same barrier proceeds;
 // anything else (a lane that returned, or waits elsewhere) is reported as a bug. Buffers sit between
-// PROT_NONE guard pages (inputs read-only); SIGSEGV/SIGBUS/SIGFPE inside a kernel become an error report.
+// PROT_NONE guard pages (inputs read-only); SIGSEGV/SIGBUS/SIGFPE inside a kernel become an error report, and so
+// does SIGILL: the alignment sanitizer's trap on a misaligned vector load or store.
 // Included after the kernel source by the translation unit emulator.py generates; it defines emu_run().
 #pragma once
 #undef device
@@ -157,6 +158,12 @@ static void on_signal(int sig, siginfo_t* info, void*) {
     }
     char msg[400];
     uintptr_t addr = uintptr_t(info->si_addr);
+    if (sig == SIGILL) {  // the sanitizer does not say the address; the thread is what it can name
+        fail("misaligned access: a load or store through a pointer whose type needs more alignment than the "
+             "address has (a uint2 / uint4 load needs 8 / 16 bytes; packed_uint4 only 4)" +
+             (run_->current >= 0 ? " by " + where(run_->fibers[run_->current].a) : std::string()));
+        siglongjmp(run_->jump, 1);
+    }
     std::snprintf(msg, sizeof msg, "%s at address %#lx", sig == SIGFPE ? "arithmetic fault (integer division by zero?)"
                   : "invalid memory access", (unsigned long)addr);
     std::string text = msg;
@@ -181,7 +188,8 @@ static void on_signal(int sig, siginfo_t* info, void*) {
 // Runs the kernel over the grid. args[i] are host copies (inputs, then outputs, in MLX's buffer order);
 // tg_offsets are the threadgroup statics' addresses relative to emu_run. Returns 0, or 1 with err filled.
 extern "C" __attribute__((visibility("default"))) int emu_run(
-    int nargs, void** host, const uint64_t* nbytes, const int* writable, const int64_t* grid, const int64_t* group,
+    int nargs, void** host, const uint64_t* nbytes, const int* writable, const int* base_mod, const int64_t* grid,
+    const int64_t* group,
     int order, uint64_t seed, int ntg, const int64_t* tg_offsets, const int64_t* tg_sizes, double time_limit,
     char* err, int errlen) {
     using namespace emu;
@@ -200,14 +208,18 @@ extern "C" __attribute__((visibility("default"))) int emu_run(
              std::to_string(kMaxThreadsPerThreadgroup));
     if (!R.error.empty()) { std::snprintf(err, errlen, "%s", R.error.c_str()); run_ = nullptr; return 1; }
 
-    // Guarded device buffers: the data ends exactly at a PROT_NONE page; another guards the start.
+    // Guarded device buffers: the data ends exactly at a PROT_NONE page; another guards the start. With
+    // base_mod[b] >= 0 the start is moved down (by < 16 bytes) to an address = base_mod[b] (mod 16) instead:
+    // only as aligned as its element type, to expose loads that assume more.
     std::vector<void*> args(nargs);
     for (int b = 0; b < nargs; ++b) {
-        size_t data_pages = (nbytes[b] + page - 1) / page;
+        const size_t slack = base_mod[b] >= 0 ? 16 : 0;
+        size_t data_pages = (nbytes[b] + slack + page - 1) / page;
         size_t bytes = (data_pages + 2) * page;
         auto* region = static_cast<unsigned char*>(mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
                                                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
         unsigned char* data = region + (data_pages + 1) * page - nbytes[b];
+        if (base_mod[b] >= 0) data -= (uintptr_t(data) - uintptr_t(base_mod[b])) % 16;
         std::memcpy(data, host[b], nbytes[b]);
         mprotect(region, page, PROT_NONE);
         mprotect(region + (data_pages + 1) * page, page, PROT_NONE);
@@ -232,9 +244,10 @@ extern "C" __attribute__((visibility("default"))) int emu_run(
     stack_t ss{}, old_ss{};
     ss.ss_sp = alt; ss.ss_size = sizeof alt;
     sigaltstack(&ss, &old_ss);
-    struct sigaction sa{}, old_segv{}, old_bus{}, old_fpe{};
+    struct sigaction sa{}, old_segv{}, old_bus{}, old_fpe{}, old_ill{};
     sa.sa_sigaction = on_signal; sa.sa_flags = SA_SIGINFO | SA_ONSTACK; sigemptyset(&sa.sa_mask);
     sigaction(SIGSEGV, &sa, &old_segv); sigaction(SIGBUS, &sa, &old_bus); sigaction(SIGFPE, &sa, &old_fpe);
+    sigaction(SIGILL, &sa, &old_ill);
     struct sigaction old_alrm{};
     sigaction(SIGALRM, &sa, &old_alrm);
     timed_out = 0;
@@ -303,6 +316,7 @@ extern "C" __attribute__((visibility("default"))) int emu_run(
     setitimer(ITIMER_REAL, &off, nullptr);
     sigaction(SIGALRM, &old_alrm, nullptr);
     sigaction(SIGSEGV, &old_segv, nullptr); sigaction(SIGBUS, &old_bus, nullptr); sigaction(SIGFPE, &old_fpe, nullptr);
+    sigaction(SIGILL, &old_ill, nullptr);
     sigaltstack(&old_ss, nullptr);
     for (int b = 0; b < nargs; ++b) {
         if (writable[b]) std::memcpy(host[b], R.buffers[b].data, nbytes[b]);

@@ -1,0 +1,93 @@
+"""`gptoss-mac serve`: the OpenAI-compatible server (mlx_gptoss.server) from the command line.
+
+Loads the model once on the model thread (progress bar, the memory plan line), prints the URL and a client
+snippet, logs one line per request, and stops cleanly on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from mlx_gptoss import hub
+from mlx_gptoss.errors import GptOssError
+
+from .chat import _memory, _positive, load_model
+
+err = Console(stderr=True, highlight=False)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _port(value: int) -> int:
+    if not 0 < value < 65536:
+        raise typer.BadParameter(f"must be a TCP port (1-65535); got {value}")
+    return value
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before loading the model when the address cannot be bound."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise GptOssError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None
+
+
+def serve(
+    model: str = typer.Option(hub.DEFAULT_MODEL, "--model", "-m",
+                              help="Hugging Face repo id or local folder; a repo is downloaded on first use."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (any but the loopback needs "
+                             "--api-key or --no-auth)."),
+    port: int = typer.Option(8000, "--port", callback=_port, help="TCP port."),
+    ctx: int | None = typer.Option(None, "--ctx", callback=_positive("8192"),
+                                   help="Context length in tokens (default: what fits in memory)."),
+    memory: str | None = typer.Option(None, "--memory", callback=_memory,
+                                      help="Memory budget for the plan, like 16GB (default: this machine's)."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY",
+                                       help="Require `Authorization: Bearer KEY` (also $GPTOSS_API_KEY)."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Serve a non-loopback --host without an API key."),
+    cors: list[str] = typer.Option([], "--cors", help="Allow browser requests from this origin (repeatable; "
+                                   "* for any)."),
+    slots: int | None = typer.Option(None, "--slots", callback=_positive("4"),
+                                     help="KV cache slots (default: from the memory plan, at most 8)."),
+    max_queue: int = typer.Option(16, "--max-queue", callback=_positive("16"),
+                                  help="Requests that may wait; more get 429."),
+    max_body: int = typer.Option(16, "--max-body", callback=_positive("16"), help="Largest request body, in MB."),
+) -> None:
+    """Serve gpt-oss over OpenAI's API (Responses, Chat Completions, Completions) for agents and apps."""
+    from mlx_gptoss.server import Settings, Worker, make_server
+
+    if host not in LOOPBACK:
+        if not api_key and not no_auth:
+            raise typer.BadParameter(f"--host {host} is reachable from other machines: give --api-key KEY "
+                                     "(or --no-auth to serve without one)", param_hint="--host")
+        err.print(f"[yellow]warning:[/] listening on {host}: other machines can reach this server"
+                  + ("" if api_key else " and it has NO API key"))
+    _check_port(host, port)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    interactive = err.is_terminal
+    worker = Worker(lambda: load_model(model, ctx=ctx, memory=memory, interactive=interactive), slots=slots,
+                    max_queue=max_queue)
+    worker.start()  # loads on the model thread; a GptOssError ends here as one red line
+    model_id = Path(model).name if Path(model).expanduser().exists() else model
+    settings = Settings(model_id, api_key=api_key, cors=list(cors), max_body=max_body << 20)
+    server = make_server(worker, settings, host, port)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
+    key = api_key and "$GPTOSS_API_KEY" or "none"
+    err.print(f"serving {model_id} at [bold]{url}[/] ({worker.engine.pool.size} KV slots, queue {max_queue}); "
+              "Ctrl-C stops\n"
+              f"  curl {url}/responses -H 'Content-Type: application/json'"
+              + (" -H \"Authorization: Bearer $GPTOSS_API_KEY\"" if api_key else "")
+              + f" -d '{{\"model\": \"{model_id}\", \"input\": \"Hello\"}}'\n"
+              f"  python: OpenAI(base_url=\"{url}\", api_key=\"{key}\").responses.create(model=\"{model_id}\", "
+              "input=\"Hello\")", markup=True, soft_wrap=True)
+    try:
+        server.run()
+    finally:
+        worker.shutdown()
+    err.print("stopped")

@@ -1,0 +1,365 @@
+"""The ASGI app (FastAPI): routes, request reading (size limit, JSON), API-key check, CORS, SSE streaming.
+
+Routes: POST /v1/responses, GET /v1/responses/{id}, POST /v1/chat/completions, POST /v1/completions,
+GET /v1/models, GET /v1/models/{id}, GET /health. Every failure is OpenAI's error object (errors.py).
+Prompts are rendered here (off the event loop); generation happens on the model thread (worker.py), whose
+events come back through the job's queue and go out as JSON or as server-sent events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from .. import harmony
+from ..errors import GptOssError
+from . import chat_completions, completions, inputs, responses
+from . import schemas as S
+from .errors import APIError, bad, error_body, from_validation
+from .worker import Job, Worker
+
+log = logging.getLogger("gptoss_mac.server")
+POLL = 0.25  # seconds between checks for a disconnected client or a shutdown while waiting for events
+
+
+@dataclass
+class Settings:
+    model_id: str  # the id /v1/models shows and requests name
+    api_key: str | None = None
+    cors: list[str] = field(default_factory=list)
+    max_body: int = 16 << 20
+    store_size: int = 256
+
+    def served(self) -> set[str]:
+        return {self.model_id, Path(self.model_id.rstrip("/")).name}
+
+
+def create_app(worker: Worker, settings: Settings) -> FastAPI:
+    app = FastAPI(title="gptoss-mac", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker, app.state.settings = worker, settings
+    app.state.store = responses.Store(settings.store_size)
+    app.state.stopping = stopping = threading.Event()
+    app.state.calls = calls = responses.CallMemory()
+    store = app.state.store
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        msg = {404: f"no route {request.method} {request.url.path}; see GET /v1/models, POST /v1/responses, "
+                    "/v1/chat/completions, /v1/completions",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        return JSONResponse(error_body(e.status_code, msg), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, e):
+        return bad(f"invalid request: {e.errors()[0].get('msg')}").response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
+
+    # ------------------------------------------------------------------------------- helpers
+    async def read(request: Request, model: type):
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > settings.max_body:
+            raise too_large(int(size))
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > settings.max_body:
+                raise too_large(len(body))
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"the request body is not valid JSON ({e}); send a JSON object") from None
+        if not isinstance(data, dict):
+            raise bad(f"the request body must be a JSON object, got {type(data).__name__}")
+        try:
+            req = model.model_validate(data)
+        except ValidationError as e:
+            raise from_validation(e) from None
+        inputs.check_model(req.model, settings.served(), settings.model_id)
+        return req
+
+    def too_large(n: int) -> APIError:
+        return APIError(413, f"the request body has {n:,} bytes, over the limit of {settings.max_body:,} "
+                        "(gptoss-mac serve --max-body)", code="request_too_large")
+
+    def gpt():
+        return worker.engine.gpt
+
+    def check_length(prompt: list[int], param: str) -> None:
+        cap = worker.engine.cap
+        if len(prompt) >= cap:
+            raise bad(f"the prompt has {len(prompt):,} tokens, and this server's context is {cap:,} tokens "
+                      "(with room for at least one token of reply); shorten the conversation or restart the "
+                      "server with a larger --ctx", param=param, code="context_length_exceeded")
+
+    def render(turn: inputs.Turn, developer: str | None, param: str):
+        try:
+            ids = harmony.render(turn.messages, model_path=gpt().path, developer=developer, **turn.render_settings())
+        except GptOssError as e:
+            raise bad(str(e), param=param) from None
+        parser = harmony.StreamParser(gpt().path)
+        if turn.forced:
+            forced = harmony.encoding().encode(turn.forced, allowed_special="all")
+            for t in forced:
+                parser.feed(t)
+            ids = ids + forced
+        check_length(ids, param)
+        return ids, parser
+
+    def submit(kind: str, jid: str, prompt, parser, **sampling) -> Job:
+        sampling = {k: v for k, v in sampling.items() if v is not None}
+        job = Job(jid, kind, prompt, parser, sampling, asyncio.get_running_loop())
+        worker.submit(job)
+        return job
+
+    async def events(job: Job, request: Request | None):
+        """The job's Events until "done"; an APIError from the model thread is raised. Leaving early (a
+        disconnect, a cancelled stream) cancels the job."""
+        checked = time.monotonic()
+        try:
+            while True:
+                item = await job.next(POLL)
+                if item is None or time.monotonic() - checked > POLL:  # also while tokens flow
+                    checked = time.monotonic()
+                    if stopping.is_set() or (request is not None and await request.is_disconnected()):
+                        job.stop()
+                    if not worker.thread.is_alive():
+                        raise APIError(500, "the model thread stopped")
+                if item is None:
+                    continue
+                if isinstance(item, APIError):
+                    raise item
+                yield item
+                if item.kind == "done":
+                    return
+        finally:
+            if not job.finished.is_set():
+                job.stop()
+
+    def sse(gen):
+        return EventSourceResponse(gen, ping=15, send_timeout=30)
+
+    # -------------------------------------------------------------------------------- routes
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_id, "queued": worker.queue.qsize(),
+                "busy": worker.current is not None}
+
+    def model_card():
+        return {"id": settings.model_id, "object": "model", "created": int(time.time()), "owned_by": "openai"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        inputs.check_model(name, settings.served(), settings.model_id)
+        return model_card()
+
+    @app.get("/v1/responses/{rid}")
+    async def get_response(rid: str):
+        r = store.get(rid)
+        if r is None:
+            raise APIError(404, f"no stored response has the id {rid!r}", param="response_id", code="not_found")
+        return r
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request):
+        req = await read(request, S.ResponsesRequest)
+        inputs.refuse(req.background, "background responses are not supported", "background")
+        inputs.refuse(req.text and req.text.format and req.text.format.type != "text",
+                      "structured output (text.format other than text) is not supported", "text.format")
+        inputs.refuse(req.top_logprobs, "logprobs are not supported", "top_logprobs")
+        inputs.refuse(req.max_tool_calls is not None, "max_tool_calls is not supported", "max_tool_calls")
+        inputs.refuse(req.conversation is not None, "conversations are not supported; use previous_response_id",
+                      "conversation")
+        inputs.refuse(req.prompt is not None, "prompt templates are not supported", "prompt")
+        inputs.refuse(req.truncation not in (None, "disabled"), "truncation \"auto\" is not supported", "truncation")
+        prior = store.messages(req.previous_response_id) if req.previous_response_id else []
+        msgs = inputs.response_messages(req.input, prior, calls.calls)
+        turn = inputs.Turn(msgs, inputs.response_tools(req.tools),
+                           inputs.effort_of(req.reasoning.effort if req.reasoning else None))
+        inputs.apply_tool_choice(turn, req.tool_choice)
+        prompt, parser = await run_in_threadpool(render, turn, req.instructions, "input")
+        rid = responses.new_id("resp")
+        builder = responses.ResponseBuilder(responses.response_object(rid, req, settings.model_id, req.tools or [],
+                                                                      turn.effort))
+        job = submit("responses", rid, prompt, parser, max_tokens=req.max_output_tokens,
+                     temperature=req.temperature, top_p=req.top_p)
+
+        def finish(stats):
+            calls.remember(getattr(parser, "parts", None))
+            failed = "the server is shutting down; retry" if stats.stop_reason == "cancelled" else None
+            out = builder.finish(stats, failed=failed)
+            if req.store and not failed:
+                store.put(builder.snapshot(), msgs + [builder.assistant_message(job.parser)])
+            return out
+
+        if not req.stream:
+            async for ev in events(job, request):
+                if ev.kind == "done":
+                    finish(ev.stats)
+                else:
+                    builder.feed(ev)
+            return builder.snapshot()
+
+        async def stream():
+            for e in builder.start():
+                yield {"event": e["type"], "data": json.dumps(e)}
+            try:
+                async for ev in events(job, None):
+                    for e in (finish(ev.stats) if ev.kind == "done" else builder.feed(ev)):
+                        yield {"event": e["type"], "data": json.dumps(e)}
+            except APIError as err:
+                e = builder.event("error", code=err.code, message=err.message, param=err.param)
+                yield {"event": "error", "data": json.dumps(e)}
+        return sse(stream())
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = await read(request, S.ChatRequest)
+        inputs.refuse(req.n not in (None, 1), "n > 1 is not supported (one choice per request)", "n")
+        inputs.refuse(req.stop, "stop sequences are not supported (harmony's stop tokens end every reply)", "stop")
+        inputs.refuse(req.logprobs or req.top_logprobs, "logprobs are not supported", "logprobs")
+        inputs.refuse(req.logit_bias, "logit_bias is not supported", "logit_bias")
+        inputs.refuse(req.response_format and req.response_format.get("type") != "text",
+                      "response_format other than text is not supported", "response_format")
+        inputs.refuse(req.frequency_penalty or req.presence_penalty, "frequency and presence penalties are not "
+                      "supported", "frequency_penalty" if req.frequency_penalty else "presence_penalty")
+        inputs.refuse(req.functions is not None or req.function_call is not None,
+                      "the legacy functions/function_call fields are not supported; use tools", "functions")
+        inputs.refuse(req.modalities not in (None, ["text"]), "only text output is supported", "modalities")
+        turn = inputs.Turn(inputs.chat_messages(req.messages, calls.calls), inputs.chat_tools(req.tools),
+                           inputs.effort_of(req.reasoning_effort))
+        inputs.apply_tool_choice(turn, req.tool_choice)
+        prompt, parser = await run_in_threadpool(render, turn, None, "messages")
+        cid = responses.new_id("chatcmpl")
+        builder = chat_completions.ChatBuilder(cid, settings.model_id)
+        job = submit("chat.completions", cid, prompt, parser, max_tokens=req.max_completion_tokens or req.max_tokens,
+                     temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        if not req.stream:
+            async for ev in events(job, request):
+                if ev.kind == "done":
+                    calls.remember(parser.parts)
+                    return builder.completion(ev.stats)
+                builder.feed(ev)
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def stream():
+            for c in builder.start():
+                yield {"data": json.dumps(c)}
+            try:
+                async for ev in events(job, None):
+                    if ev.kind == "done":
+                        calls.remember(parser.parts)
+                    for c in (builder.finish(ev.stats, usage) if ev.kind == "done" else builder.feed(ev)):
+                        yield {"data": json.dumps(c)}
+            except APIError as err:
+                yield {"data": json.dumps(err.body())}
+            yield {"data": "[DONE]"}
+        return sse(stream())
+
+    @app.post("/v1/completions")
+    async def complete(request: Request):
+        req = await read(request, S.CompletionRequest)
+        inputs.refuse(req.n not in (None, 1) or req.best_of not in (None, 1), "n > 1 is not supported", "n")
+        inputs.refuse(req.stop, "stop sequences are not supported", "stop")
+        inputs.refuse(req.echo, "echo is not supported", "echo")
+        inputs.refuse(req.logprobs, "logprobs are not supported", "logprobs")
+        inputs.refuse(req.suffix, "suffix is not supported", "suffix")
+        inputs.refuse(req.logit_bias, "logit_bias is not supported", "logit_bias")
+        inputs.refuse(req.frequency_penalty or req.presence_penalty, "penalties are not supported",
+                      "frequency_penalty")
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            inputs.refuse(len(prompt) > 1, "one prompt per request", "prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = await run_in_threadpool(harmony.encoding().encode, prompt, allowed_special="all")
+        else:
+            vocab = gpt().config.vocab_size
+            bad_ids = [t for t in prompt if not 0 <= t < vocab]
+            if bad_ids:
+                raise bad(f"prompt: token id {bad_ids[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+            ids = list(prompt)
+        if not ids:
+            raise bad("prompt: empty; give text or token ids", param="prompt")
+        check_length(ids, "prompt")
+        cid = responses.new_id("cmpl")
+        job = submit("completions", cid, ids, completions.RawText(harmony.encoding()), max_tokens=req.max_tokens,
+                     temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        if not req.stream:
+            text = []
+            async for ev in events(job, request):
+                if ev.kind == "done":
+                    return completions.completion(cid, settings.model_id, "".join(text), ev.stats)
+                text.append(ev.text)
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def stream():
+            try:
+                async for ev in events(job, None):
+                    if ev.kind != "done":
+                        yield {"data": json.dumps(completions.completion(cid, settings.model_id, ev.text))}
+                        continue
+                    last = completions.completion(cid, settings.model_id, "", ev.stats)
+                    u = last.pop("usage")
+                    yield {"data": json.dumps(last)}
+                    if usage:
+                        yield {"data": json.dumps({**last, "choices": [], "usage": u})}
+            except APIError as err:
+                yield {"data": json.dumps(err.body())}
+            yield {"data": "[DONE]"}
+        return sse(stream())
+
+    # the API key guards everything but /health; CORS is outermost so its headers reach errors too
+    if settings.api_key:
+        app.add_middleware(RequireKey, key=settings.api_key)
+    if settings.cors:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["*"])
+    return app
+
+
+class RequireKey:
+    """Pure ASGI middleware: `Authorization: Bearer KEY` (or `api-key: KEY`), compared in constant time."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health" or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"")
+        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"api-key", b"")
+        if hmac.compare_digest(given, self.key):
+            return await self.app(scope, receive, send)
+        msg = ("Incorrect API key provided" if given else
+               "Missing API key: send it as `Authorization: Bearer KEY`") + " (gptoss-mac serve --api-key)"
+        resp = JSONResponse(error_body(401, msg, code="invalid_api_key"), status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+        await resp(scope, receive, send)

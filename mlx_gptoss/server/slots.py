@@ -1,0 +1,84 @@
+"""The KV slot pool: several prompt caches (chat.Runner), so several agents each stay incremental.
+
+Each request goes to the slot whose cache can be reused for the longest prefix of its prompt: the slot's
+cache as it is when it holds a prefix of the prompt, else its longest snapshot that is one (the engine
+snapshots the sliding-window layers at the end of every prompt, which is also where a finished turn's
+history diverges from what was generated: the next prompt drops that turn's reasoning). With no reuse
+anywhere, an empty slot is taken, else the least recently used one.
+
+Memory: the slots share one token budget, what the memory plan leaves for KV after the weights, the
+activation peak and the runtime's reserve (at least the planned context). Before a request runs, the least
+recently used other slots are emptied until all caches plus this prompt and its reply fit that budget.
+"""
+
+from __future__ import annotations
+
+from ..chat import Runner
+
+MAX_SLOTS = 8
+TOKENS_PER_SLOT = 4096  # the default slot count: one per this many tokens of budget (an agent's typical size)
+
+
+def token_budget(gpt) -> int | None:
+    """How many cached tokens all slots together may hold (None: no plan, unbounded)."""
+    plan = getattr(gpt, "plan", None)
+    if plan is None or not getattr(plan, "kv_per_token", 0):
+        return None
+    spare = plan.budget.usable - plan.weight_bytes - plan.activations - plan.overhead
+    return max(plan.context, (spare - MAX_SLOTS * plan.kv_sliding) // plan.kv_per_token)
+
+
+def default_slots(gpt) -> int:
+    budget = token_budget(gpt)
+    return MAX_SLOTS if budget is None else max(1, min(MAX_SLOTS, budget // TOKENS_PER_SLOT))
+
+
+def reusable(runner: Runner, prompt: list[int]) -> int:
+    """How many prompt tokens runner.prefill(prompt) would take from this cache (mirrors Runner.prefill)."""
+    n = len(runner.ids)
+    if n and not runner.dirty and n < len(prompt) and runner.ids == prompt[:n]:
+        return n
+    return max((s.n for s in runner.snapshots if s.n <= len(prompt) and runner.ids[:s.n] == prompt[:s.n]),
+               default=0)
+
+
+class SlotPool:
+    """Up to `size` Runners, created on first use, ordered by last use. Used only by the model thread."""
+
+    def __init__(self, gpt, size: int | None = None, budget: int | None = -1):
+        self.gpt = gpt
+        self.size = max(1, size or default_slots(gpt))
+        self.budget = token_budget(gpt) if budget == -1 else budget
+        self.slots: list[Runner] = []  # least recently used first
+        self.evictions = 0
+
+    def acquire(self, prompt: list[int], reserve: int = 0) -> Runner:
+        """The slot to run `prompt` on (marked most recently used), after making room for it."""
+        scored = [(reusable(r, prompt), -i, r) for i, r in enumerate(self.slots)]
+        best = max(scored, key=lambda s: (s[0], s[1]), default=None)
+        if best is not None and best[0] > 0:
+            runner = best[2]
+        elif len(self.slots) < self.size:
+            runner = Runner(self.gpt)
+        else:
+            empty = [r for r in self.slots if not r.ids]
+            runner = empty[0] if empty else self.slots[0]  # the least recently used
+        if runner in self.slots:
+            self.slots.remove(runner)
+        self.slots.append(runner)
+        self._fit(runner, len(prompt) + reserve)
+        return runner
+
+    def _fit(self, runner: Runner, need: int) -> None:
+        if self.budget is None:
+            return
+        for other in list(self.slots):
+            held = sum(len(r.ids) for r in self.slots if r is not runner)
+            if held + need <= self.budget:
+                return
+            if other is not runner and other.ids:
+                other.reset()
+                self.evictions += 1
+
+    def held_tokens(self) -> list[int]:
+        return [len(r.ids) for r in self.slots]

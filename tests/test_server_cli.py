@@ -1,0 +1,91 @@
+"""`gptoss-mac serve` as a real process: loads, prints the URL and a client snippet, logs one line per
+request, refuses an exposed host without a key, ends open streams with a final event on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from mlx_gptoss.server import free_port
+from scripted_checkpoint import scripted_path
+from server_fixtures import sse_events, wait_for
+
+
+def serve(*args, **kw) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    return subprocess.Popen([sys.executable, "-m", "mlx_gptoss.cli.app", "serve", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def quick(*args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "mlx_gptoss.cli.app", "serve", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_serve_process_end_to_end():
+    path = scripted_path("loop")
+    port = free_port()
+    proc = serve("--model", str(path), "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+    err_lines: list[str] = []
+    reader = threading.Thread(target=lambda: err_lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        def up():
+            if proc.poll() is not None:
+                raise AssertionError("serve exited: " + "".join(err_lines))
+            try:
+                return httpx.get(url + "/health", timeout=2).is_success
+            except httpx.TransportError:
+                return False
+        wait_for(up, 180, "the server to come up")
+        r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+        wait_for(lambda: any("stop=max_tokens" in line for line in err_lines), 30, "the request's log line")
+        with httpx.stream("POST", url + "/v1/responses", timeout=60,
+                          json={"input": "Loop", "stream": True, "temperature": 0}) as resp:
+            lines = resp.iter_lines()
+            for line in lines:
+                if "reasoning_text.delta" in line:
+                    break
+            proc.send_signal(signal.SIGTERM)
+            rest = sse_events(lines)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    reader.join(10)
+    text = "".join(err_lines)
+    assert f"http://127.0.0.1:{port}/v1" in text and "OpenAI(base_url=" in text and "curl" in text
+    assert "memory plan:" in text
+    log = next(line for line in err_lines if "stop=max_tokens" in line)
+    assert "prompt=" in log and "cached=0" in log and "generated=6" in log and "tok/s" in log
+    last = json.loads(rest[-1][1])
+    assert last["type"] == "response.failed" and last["response"]["error"]["code"] == "server_shutting_down"
+
+
+def test_exposed_host_needs_a_key():
+    r = quick("--model", "/nonexistent", "--host", "0.0.0.0")
+    assert r.returncode == 2 and "--api-key" in r.stderr and "--no-auth" in r.stderr
+
+
+def test_bad_port_and_busy_port():
+    r = quick("--port", "70000")
+    assert r.returncode == 2 and "1-65535" in r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = quick("--model", "/nonexistent", "--port", str(s.getsockname()[1]))
+    assert r.returncode == 1 and "cannot listen on 127.0.0.1" in r.stderr and "Traceback" not in r.stderr
