@@ -100,7 +100,10 @@ def test_resident_does_not_fit_the_budget(big_ckpt, resident_run):
 
 def test_streaming_under_the_budget_is_exact(big_ckpt, resident_run):
     b, mlx_part = budget_below_resident(big_ckpt)
+    mx.clear_cache()
+    mx.reset_peak_memory()
     gpt = mlx_gptoss.load(big_ckpt, memory=b, ctx=CTX, offload="experts", kv_bits=16)
+    assert mx.get_peak_memory() <= mlx_part  # loading too: streamed experts are never read whole
     p = gpt.plan
     assert isinstance(p, OffloadPlan) and p.levers.names() == ["experts"]
     assert 0 < p.levers.expert_slots < BIG["num_local_experts"]
@@ -210,3 +213,54 @@ def test_cli_options(tiny_ckpt):
     assert off["levers"] == ["kv8", "experts"] and set(off["streaming"]) == {"pp16 [auto]", "tg4 [auto]"}  # test [kernels]
     tg = off["streaming"]["tg4 [auto]"]
     assert tg["hit_rate"] == 1.0 and tg["bytes_per_token"] == 0
+
+
+def test_chat_with_tools_through_every_lever():
+    """A whole harmony turn with a tool call (the Runner's pipelined decode, prompt cache and a second
+    prefill) through every lever: the scripted model (wide margins) replays its script as it does resident."""
+    from mlx_gptoss.offload import Levers
+    from scripted_checkpoint import get_weather, scripted_path
+
+    lv = Levers(embedding=True, kv_bits=8, weight_bits=8, expert_slots=1)
+
+    def turn(offload):
+        gpt = mlx_gptoss.load(scripted_path("tool"), allow_download=False, memory="64GB", ctx=4096, offload=offload)
+        evs = list(gpt.session(tools=[get_weather]).send("What is MXFP4?", auto_tools=True, temperature=0))
+        return [(e.kind, e.text) for e in evs if e.kind != "done"], gpt
+
+    want, _ = turn("none")
+    got, gpt = turn(lv)
+    assert got == want and ("tool_call", '{"city": "Paris"}') in got
+    assert gpt.offload.stats.misses > 0
+
+
+def test_all_resident_decode_runs_on_the_slot_arrays_exactly(tiny_ckpt, monkeypatch):
+    """With every expert resident, prefill goes through the stacked path and each decode step through the
+    slot arrays directly (no copy); both give the resident model's logits bit for bit."""
+    seen = []
+    real = kernels.moe
+
+    def spy(x, gate_up, down, ids, weights, **kw):
+        seen.append((ids.size, gate_up[0].shape[0]))
+        return real(x, gate_up, down, ids, weights, **kw)
+
+    prompt = mx.array(np.random.default_rng(4).integers(0, 512, (1, 24)).astype(np.int32))
+
+    def run(gpt):
+        cache = gpt.make_cache()
+        out = [gpt.model(prompt, cache=cache)[0]]
+        tok = mx.array([[7]], dtype=mx.int32)
+        for _ in range(8):
+            out.append(gpt.model(tok, cache=cache)[0])
+            tok = mx.argmax(out[-1][-1:], axis=-1)[None].astype(mx.int32)
+        return np.array(mx.concatenate(out))
+
+    ref = run(mlx_gptoss.load(tiny_ckpt, memory="64GB", ctx=CTX))
+    gpt = mlx_gptoss.load(tiny_ckpt, memory="64GB", ctx=CTX, offload="experts", resident_experts=1.0)
+    monkeypatch.setattr(kernels, "moe", spy)
+    got = run(gpt)
+    np.testing.assert_array_equal(got, ref)
+    E, layers = gpt.config.num_local_experts, gpt.config.num_hidden_layers
+    decode = [n for size, n in seen if size < kernels.SORT_THRESHOLD]
+    assert len(decode) == 8 * layers and all(n == E for n in decode)  # the slot arrays themselves
+    assert gpt.offload.stats.misses == 0 and gpt.offload.reader.bytes_read == 0

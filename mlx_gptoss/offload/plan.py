@@ -10,16 +10,15 @@ Levers, in order of cost (what the user gives up):
   4. experts: expert streaming (offload.experts) with as many experts resident as still fit. Exact, but
      every miss reads an expert from the SSD: the cost is speed, and it grows as the resident share falls.
 The plan takes levers in this order until the model fits, and for the last one keeps as many experts
-resident as the budget allows, but at least MIN_RESIDENT_SHARE of them (--offload experts goes below). Everything is arithmetic on the safetensors headers (memory.py's model of
-weights, KV cache, activations and reserve), plus the streaming buffer: one step's experts of one layer.
+resident as the budget allows, but at least MIN_RESIDENT_SHARE of them (--offload experts goes below).
+Everything is arithmetic on the safetensors headers (memory.py's model of weights, KV cache, activations
+and reserve), plus the streaming buffer: one step's experts of one layer.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-
-import mlx.core as mx
 
 from .. import memory
 from ..errors import GptOssError
@@ -81,7 +80,8 @@ class OffloadPlan(Plan):
     def lever_notes(self) -> list[str]:
         lv, cfg, out = self.levers, self.config, []
         if lv.embedding:
-            out.append(f"embedding read from the checkpoint file (exact; saves {gb(self.resident_weights['embedding'])})")
+            saved = gb(self.resident_weights["embedding"])
+            out.append(f"embedding read from the checkpoint file (exact; saves {saved})")
         if lv.kv_bits == 8:
             out.append("8-bit KV cache in the full-attention layers (small logit error, see README)")
         if lv.weight_bits == 8:
@@ -129,7 +129,7 @@ def _is_mxfp4(ckpt: Checkpoint) -> bool:
     return any(n.endswith("_blocks") for n in ckpt.tensors)
 
 
-def sized(ckpt: Checkpoint, levers: Levers, context: int, budget: Budget, act: int, metal: bool) -> dict:
+def sized(ckpt: Checkpoint, levers: Levers, context: int, act: int, metal: bool) -> dict:
     """Every figure of the plan at `context` tokens with `levers`."""
     cfg = ckpt.config
     base = ckpt.loaded_bytes(act)
@@ -173,12 +173,13 @@ def sized(ckpt: Checkpoint, levers: Levers, context: int, budget: Budget, act: i
 
 
 def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: str | int | None = None,
-                      budget: Budget | None = None, dtype=None, metal: bool | None = None, offload: str = "auto",
+                      budget: Budget | None = None, dtype=None, metal: bool | None = None,
+                      offload: "str | Levers" = "auto",
                       kv_bits: int | None = None, resident_experts: float | None = None) -> Plan:
     """The plan load() applies. offload: "auto" (levers only when the model does not fit resident),
-    "none" (never), "experts" (stream experts even if they fit), or a Levers (exactly those). kv_bits: 8 or 16 forces the KV cache
-    width (None: the plan's choice). resident_experts: the share of each layer's experts kept resident
-    when streaming (default: as many as fit)."""
+    "none" (never), "experts" (stream experts even if they fit), or a Levers (exactly those). kv_bits: 8 or
+    16 forces the KV cache width (None: the plan's choice). resident_experts: the share of each layer's
+    experts kept resident when streaming (default: as many as fit)."""
     check_options(offload, kv_bits)
     if resident_experts is not None and not 0 <= resident_experts <= 1:
         raise GptOssError(f"resident_experts={resident_experts}: a share between 0 and 1")
@@ -199,7 +200,7 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
     fixed_slots = None if resident_experts is None else round(resident_experts * E)
 
     def build(lv: Levers, ctx: int) -> OffloadPlan:
-        s = sized(ckpt, lv, ctx, budget, act, metal)
+        s = sized(ckpt, lv, ctx, act, metal)
         fits = s["needed"] <= budget.usable
         p = OffloadPlan(ckpt.name, ckpt.source, ckpt.config, base.dtype, metal, ckpt.file_bytes(), s["weights"],
                         s["kv_per_token"], s["kv_sliding"], s["prefill_chunk"], s["activations"], s["overhead"],
