@@ -10,23 +10,12 @@ import mlx.core as mx
 
 from .checkpoint import load_weights
 from .config import GptOssConfig
-from .errors import ConfigError, GptOssError
+from .errors import GptOssError
+from .harmony import check_vocabulary
 from .hub import resolve
 from .memory import Plan, apply as apply_plan, bounded_cache, check_context, local_checkpoint
 from .model import Transformer
 from .offload import Levers, make_offload_plan, prepare
-
-
-def check_chat_vocabulary(cfg: GptOssConfig, where: str | Path) -> None:
-    """Refuse a model whose vocabulary cannot hold the harmony chat tokens: their ids (up to 200012) would
-    index past its embedding, which reads out of bounds (garbage, or a segmentation fault)."""
-    from . import harmony as h
-
-    highest = max(h.START, h.END, h.MESSAGE, h.CHANNEL, h.CONSTRAIN, h.RETURN, h.CALL)  # harmony's special ids
-    if cfg.vocab_size <= highest:
-        raise ConfigError(f"{where}: vocab_size {cfg.vocab_size:,} cannot hold the harmony chat tokens (ids up to "
-                          f"{highest:,}; gpt-oss has 201,088), so this model cannot chat; its raw forward pass "
-                          "(gpt.model) still works")
 
 
 def default_dtype() -> mx.Dtype:
@@ -62,7 +51,7 @@ class GptOss:
         """The exact prompt ids chat() feeds the model, ending with <|start|>assistant."""
         from .harmony import render
 
-        check_chat_vocabulary(self.config, self.path)
+        check_vocabulary(self.config.vocab_size, self.path)
         return render(messages, model_path=self.path, reasoning_effort=reasoning_effort, tools=tools,
                       developer=developer, date=date)
 
@@ -73,14 +62,14 @@ class GptOss:
         """Stream one assistant reply to `messages` as Events (mlx_gptoss.chat): reasoning, preamble, content,
         tool_call, then done with the Stats. A bad option raises GptOssError here; a prompt over the context
         cap (or a model whose output is NaN) raises it at the first next()."""
-        from .chat import _context_cap, check_sampling, generate_events, runner_for
+        from .chat import context_cap, check_sampling, generate_events, runner_for
 
-        check_chat_vocabulary(self.config, self.path)
+        check_vocabulary(self.config.vocab_size, self.path)
         check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                        max_tokens=max_tokens)
         prompt = self.encode_chat(messages, reasoning_effort=reasoning_effort, tools=tools, developer=developer,
                                   date=date)
-        return generate_events(runner_for(self), prompt, cap=_context_cap(self, max_context), max_tokens=max_tokens,
+        return generate_events(runner_for(self), prompt, cap=context_cap(self, max_context), max_tokens=max_tokens,
                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
 
     def generate(self, prompt: str, **kw) -> str:
@@ -92,8 +81,7 @@ class GptOss:
         """A multi-turn chat keeping its KV cache between turns: mlx_gptoss.chat.Session(self, **kw)."""
         from .chat import Session
 
-        check_chat_vocabulary(self.config, self.path)
-        return Session(self, **kw)
+        return Session(self, **kw)  # which refuses a vocabulary without the harmony tokens
 
 
 def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bool = True,
@@ -121,7 +109,7 @@ def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bo
     ckpt = local_checkpoint(path, check_size=True)  # config + every header, checked before any data is read
     cfg = ckpt.config
     if for_chat:
-        check_chat_vocabulary(cfg, path / "config.json")
+        check_vocabulary(cfg.vocab_size, path / "config.json")
     dtype = dtype or default_dtype()
     if group is not None:
         from .distributed import join

@@ -237,12 +237,26 @@ class Runner:
         self.cache = self.gpt.make_cache()
         self.ids, self.snapshots, self.dirty = [], [], False
 
+    def _extends(self, prompt: list[int]) -> bool:
+        """The cache as it is holds a proper prefix of prompt."""
+        n = len(self.ids)
+        return not self.dirty and n < len(prompt) and self.ids == prompt[:n]
+
+    def _best_snapshot(self, prompt: list[int]) -> "_Snapshot | None":
+        return max((s for s in self.snapshots if s.n <= len(prompt) and self.ids[:s.n] == prompt[:s.n]),
+                   key=lambda s: s.n, default=None)
+
+    def reusable(self, prompt: list[int]) -> int:
+        """How many tokens of prompt prefill(prompt) would take from this cache (e.g. to pick a cache)."""
+        if self.ids and self._extends(prompt):
+            return len(self.ids)
+        best = self._best_snapshot(prompt)
+        return best.n if best else 0
+
     def prefill(self, prompt: list[int]) -> tuple[mx.array, int]:
         """Bring the cache to exactly `prompt`; returns (the last position's logits, tokens prefilled)."""
-        n = len(self.ids)
-        if self.dirty or n >= len(prompt) or self.ids != prompt[:n]:
-            best = max((s for s in self.snapshots if s.n <= len(prompt) and self.ids[:s.n] == prompt[:s.n]),
-                       key=lambda s: s.n, default=None)
+        if not self._extends(prompt):
+            best = self._best_snapshot(prompt)
             if best is None:
                 self.reset()
             else:
@@ -283,7 +297,8 @@ class Runner:
             self.ids[-1] = token
 
 
-def _context_cap(gpt, max_context: int | None) -> int:
+def context_cap(gpt, max_context: int | None) -> int:
+    """The most tokens a prompt plus its reply may hold: the model's context, the plan's, max_context."""
     cap = gpt.config.max_position_embeddings
     planned = getattr(gpt, "max_context", 0) or 0
     if planned:
@@ -415,12 +430,13 @@ class Session:
     def __init__(self, gpt, *, reasoning_effort: str = "medium", developer: str | None = None, tools=None,
                  messages: list[dict] | None = None, max_context: int | None = None, drop_oldest: bool = True,
                  date: str | None = None):
+        harmony.check_vocabulary(gpt.config.vocab_size, gpt.path)
         self.gpt = gpt
         self.effort = reasoning_effort
         self.developer = developer or None
         self.tools = harmony.tool_specs(tools)
         self.date = date or time.strftime("%Y-%m-%d")  # fixed for the session: the prompt prefix stays cached
-        self.cap = _context_cap(gpt, max_context)
+        self.cap = context_cap(gpt, max_context)
         self.drop_oldest = drop_oldest
         self.messages: list[dict] = copy.deepcopy(list(messages or []))
         self.runner = runner_for(gpt)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import GptOssError
+from .errors import ConfigError, GptOssError
 
 VOCAB_FILE = "o200k_base.tiktoken"
 VOCAB_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
@@ -116,6 +116,16 @@ def ensure_vocab(model_path: Path | None = None) -> Path:
     tmp.replace(folder / VOCAB_FILE)  # atomic: a concurrent reader never sees half a file
     os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(folder)
     return folder
+
+
+def check_vocabulary(vocab_size: int, where) -> None:
+    """Refuse a model whose vocabulary cannot hold the harmony chat tokens: their ids (up to 200012) would
+    index past its embedding, which reads out of bounds (garbage, or a segmentation fault)."""
+    highest = max(START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL)
+    if vocab_size <= highest:
+        raise ConfigError(f"{where}: vocab_size {vocab_size:,} cannot hold the harmony chat tokens (ids up to "
+                          f"{highest:,}; gpt-oss has 201,088), so this model cannot chat; its raw forward pass "
+                          "(gpt.model) still works")
 
 
 _ENCODING = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mlx_gptoss import harmony
-from mlx_gptoss.server.slots import SlotPool, default_slots, reusable, token_budget
+from mlx_gptoss.server.slots import SlotPool, default_slots, token_budget
 from scripted_checkpoint import forget_models, scripted_model
 
 
@@ -41,7 +41,7 @@ def test_each_conversation_keeps_its_slot(gpt):
     assert ra is not rb and len(pool.slots) == 2
     a2 = a + harmony.encoding().encode("<|channel|>final<|message|>Sure.<|end|><|start|>user<|message|>More"
                                        "<|end|><|start|>assistant", allowed_special="all")
-    assert reusable(ra, a2) == len(a) and reusable(rb, a2) < len(a)
+    assert ra.reusable(a2) == len(a) and rb.reusable(a2) < len(a)
     assert pool.acquire(a2) is ra  # the slot holding A's prefix, not the most recent one
     c = prompt("a third one")
     rc = run(pool, c)

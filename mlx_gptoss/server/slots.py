@@ -33,15 +33,6 @@ def default_slots(gpt) -> int:
     return MAX_SLOTS if budget is None else max(1, min(MAX_SLOTS, budget // TOKENS_PER_SLOT))
 
 
-def reusable(runner: Runner, prompt: list[int]) -> int:
-    """How many prompt tokens runner.prefill(prompt) would take from this cache (mirrors Runner.prefill)."""
-    n = len(runner.ids)
-    if n and not runner.dirty and n < len(prompt) and runner.ids == prompt[:n]:
-        return n
-    return max((s.n for s in runner.snapshots if s.n <= len(prompt) and runner.ids[:s.n] == prompt[:s.n]),
-               default=0)
-
-
 class SlotPool:
     """Up to `size` Runners, created on first use, ordered by last use. Used only by the model thread."""
 
@@ -54,7 +45,7 @@ class SlotPool:
 
     def acquire(self, prompt: list[int], reserve: int = 0) -> Runner:
         """The slot to run `prompt` on (marked most recently used), after making room for it."""
-        scored = [(reusable(r, prompt), -i, r) for i, r in enumerate(self.slots)]
+        scored = [(r.reusable(prompt), -i, r) for i, r in enumerate(self.slots)]
         best = max(scored, key=lambda s: (s[0], s[1]), default=None)
         if best is not None and best[0] > 0:
             runner = best[2]

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..chat import Event, Stats, _context_cap, generate_events
+from ..chat import Event, Stats, context_cap, generate_events
 from ..errors import GptOssError
 from ..memory import ContextLengthError
 from .errors import APIError
@@ -36,7 +36,7 @@ class Engine:
     def __init__(self, gpt, slots: int | None = None):
         self.gpt = gpt
         self.pool = SlotPool(gpt, slots)
-        self.cap = _context_cap(gpt, None)
+        self.cap = context_cap(gpt, None)
 
     def run(self, prompt: list[int], parser, cancel: threading.Event, *, max_tokens: int | None = None,
             temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None):
