@@ -31,11 +31,11 @@ def test_the_raw_forward_pass_still_loads_and_runs(small_vocab):
     assert gpt.model(mx.array([[1, 2, 8191]])).shape == (1, 3, 8192)
 
 
-@pytest.mark.parametrize("use", ["session", "chat", "generate", "encode_chat"])
+@pytest.mark.parametrize("use", ["session", "Session", "chat", "generate", "encode_chat"])
 def test_chat_on_a_small_vocabulary_is_one_clear_error(small_vocab, use):
     gpt = mlx_gptoss.load(small_vocab, allow_download=False)
     msgs = [{"role": "user", "content": "hi"}]
-    calls = {"session": lambda: gpt.session(), "chat": lambda: next(gpt.chat(msgs)),
+    calls = {"session": lambda: gpt.session(), "Session": lambda: mlx_gptoss.Session(gpt), "chat": lambda: next(gpt.chat(msgs)),
              "generate": lambda: gpt.generate("hi"), "encode_chat": lambda: gpt.encode_chat(msgs)}
     with pytest.raises(GptOssError, match=r"vocab_size 8,192 cannot hold the harmony chat tokens \(ids up to 200,012"):
         calls[use]()
