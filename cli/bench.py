@@ -16,6 +16,8 @@ from mlx_gptoss import bench as B
 from mlx_gptoss.hub import DEFAULT_MODEL
 from mlx_gptoss.memory import gb
 
+from . import options
+
 err = Console(stderr=True)
 
 
@@ -34,10 +36,8 @@ def bench(
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context to plan for [default: the model's, or what fits]."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Activation dtype [default: bfloat16 on Metal, "
                                         "float32 on the CPU]."),
-    offload: str = typer.Option("auto", "--offload", help="auto: stream experts / 8-bit weights only when the "
-                                "model does not fit; none: never; experts: stream experts anyway."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="KV cache of the full-attention layers: 8 or "
-                                          "16 bits [default: the plan's choice]."),
+    offload: str = options.OFFLOAD,
+    kv_bits: Optional[int] = options.KV_BITS,
     as_json: bool = typer.Option(False, "--json", help="Print the whole result as JSON."),
     as_csv: bool = typer.Option(False, "--csv", help="Print one CSV row per test."),
     bandwidth_bytes: int = typer.Option(1 << 30, "--bandwidth-bytes", hidden=True,

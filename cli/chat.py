@@ -22,8 +22,7 @@ from rich.markup import escape
 from mlx_gptoss import hub
 from mlx_gptoss.errors import GptOssError
 
-from . import download as dl
-from . import saved
+from . import download as dl, options, saved
 from .render import ReplyView, stats_line
 
 EFFORTS = saved.EFFORTS
@@ -133,10 +132,8 @@ def chat(
                                       help="Memory budget for the plan, like 16GB (default: this machine's)."),
     dtype: str | None = typer.Option(None, "--dtype", callback=_dtype, help="Activation dtype: bfloat16, float16 "
                                      "or float32 (default: bfloat16 on Metal, float32 on MLX's CPU backend)."),
-    offload: str = typer.Option("auto", "--offload", help="auto: stream experts / 8-bit weights only when the "
-                                "model does not fit; none: never; experts: stream experts anyway."),
-    kv_bits: int | None = typer.Option(None, "--kv-bits", help="KV cache of the full-attention layers: 8 or 16 "
-                                       "bits [default: the plan's choice]."),
+    offload: str = options.OFFLOAD,
+    kv_bits: int | None = options.KV_BITS,
 ) -> None:
     """Chat with gpt-oss in the terminal (reads one prompt per line when stdin is not a terminal)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()

@@ -13,6 +13,8 @@ from mlx_gptoss import memory
 from mlx_gptoss.hub import DEFAULT_MODEL
 from mlx_gptoss.memory import gb
 
+from . import options
+
 console = Console()
 STYLE = {"fits": "bold green", "smaller context": "bold yellow", "does not fit": "bold red"}
 
@@ -26,10 +28,8 @@ def plan(
                                         "[default: bfloat16 on Metal, float32 on MLX's CPU backend]."),
     device: str = typer.Option("auto", "--device", help="Plan for: auto (this machine), metal (a Mac: fused "
                                "attention, bf16, the GPU working set of a Mac with --memory) or cpu."),
-    offload: str = typer.Option("auto", "--offload", help="auto: stream experts / 8-bit weights only when the "
-                                "model does not fit; none: never; experts: stream experts anyway."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="KV cache of the full-attention layers: 8 or "
-                                          "16 bits [default: the plan's choice]."),
+    offload: str = options.OFFLOAD,
+    kv_bits: Optional[int] = options.KV_BITS,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (keys in the README), for scripts."),
     ranks: int = typer.Option(1, "--ranks", help="Plan one Mac of N sharing the model under mlx.launch."),
 ) -> None:

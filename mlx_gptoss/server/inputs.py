@@ -191,15 +191,7 @@ def response_messages(items: str | list, prior: list[dict] | None = None, known:
 
 
 def response_tools(tools: list | None) -> list[harmony.Tool]:
-    out = []
-    for i, t in enumerate(tools or []):
-        kind = t.get("type") if isinstance(t, dict) else None
-        if kind != "function":
-            raise unsupported(f"tools[{i}]: {kind!r} tools are not supported; only function tools are",
-                              param=f"tools[{i}].type")
-        f = validate(S.FunctionTool, t, f"tools[{i}]")
-        out.append({"name": f.name, "description": f.description or "", "parameters": f.parameters})
-    return specs(out)
+    return function_tools(tools, lambda t, where: validate(S.FunctionTool, t, where))
 
 
 # ------------------------------------------------------------------------------------ Chat Completions
@@ -236,13 +228,18 @@ def chat_messages(raw: list, known: dict | None = None) -> list[dict]:
 
 
 def chat_tools(tools: list | None) -> list[harmony.Tool]:
+    return function_tools(tools, lambda t, where: validate(S.ChatTool, t, where).function)
+
+
+def function_tools(tools: list | None, function) -> list[harmony.Tool]:
+    """Function tools of either API (function(raw, where) -> its validated name/description/parameters)."""
     out = []
     for i, t in enumerate(tools or []):
         kind = t.get("type") if isinstance(t, dict) else None
         if kind != "function":
             raise unsupported(f"tools[{i}]: {kind!r} tools are not supported; only function tools are",
                               param=f"tools[{i}].type")
-        f = validate(S.ChatTool, t, f"tools[{i}]").function
+        f = function(t, f"tools[{i}]")
         out.append({"name": f.name, "description": f.description or "", "parameters": f.parameters})
     return specs(out)
 
