@@ -60,7 +60,11 @@ def serve(
     max_body: int = typer.Option(16, "--max-body", callback=_positive("16"), help="Largest request body, in MB."),
 ) -> None:
     """Serve gpt-oss over OpenAI's API (Responses, Chat Completions, Completions) for agents and apps."""
+    from mlx_gptoss.distributed import launched_rank
     from mlx_gptoss.server import Settings, Worker, make_server
+
+    if launched_rank():  # under mlx.launch, ranks > 0 load their share and replay rank 0's model calls: never serve
+        load_model(model, ctx=ctx, memory=memory, interactive=False)  # returns on rank 0 only
 
     if host not in LOOPBACK:
         if not api_key and not no_auth:

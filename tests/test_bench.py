@@ -38,6 +38,7 @@ def result(tiny_ckpt):
 def test_json_has_every_field(result, tiny_ckpt, tiny_cfg):
     assert set(result) == {"machine", "model", "load_seconds", "peak_memory_load_bytes", "peak_memory_bytes",
                            "bandwidth", "results", "comparison", "notes", "roofline", "offload", "distributed", "settings"}
+    assert result["distributed"] is None  # one process (see test_distributed.py for mlx.launch)
     m = result["machine"]
     assert set(m) == {"chip", "cores", "memory_bytes", "os", "python", "mlx_version", "mlx_backend", "blas"}
     assert m["mlx_version"] == mx.__version__ and m["mlx_backend"] in ("cpu", "metal")

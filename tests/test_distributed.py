@@ -198,6 +198,36 @@ def test_bench_under_mlx_launch_reports_communication_and_the_per_rank_roofline(
     assert mine["unembedding"] == full["unembedding"]
 
 
+@pytest.mark.slow
+def test_serve_under_mlx_launch_answers_from_rank_0_with_both_ranks_computing(two_rank_final, tmp_path):
+    import httpx
+
+    from distributed_worker import free_ports
+
+    port = free_ports(1)
+    answers = {}
+
+    def ask_then_stop(proc, stderr):
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and "serving" not in stderr.read_text():
+            assert proc.poll() is None, stderr.read_text()[-3000:]
+            time.sleep(0.3)
+        pids = rank_pids(proc.pid)
+        assert len(pids) == 2, stderr.read_text()[-3000:]
+        for i in range(2):  # the same conversation twice: the second reuses the mirrored cache snapshots
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+                "model": "final", "temperature": 0, "messages": [{"role": "user", "content": "Say hi"}]})
+            answers[i] = r.json()["choices"][0]["message"]["content"]
+        os.kill(pids[0], 15)  # stop the server the way mlx.launch or a service manager would
+
+    r = launch(2, [GPTOSS, "serve", "--model", str(two_rank_final), "--port", str(port)], timeout=600,
+               env=chat_env(tmp_path), on_start=ask_then_stop)
+    assert answers == {0: "Just the answer.", 1: "Just the answer."}, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    # only rank 0 served: one "serving" line, one port
+    assert r.stderr.count("serving ") == 1
+
+
 def rank_pids(launcher_pid: int) -> dict[int, int]:
     """MLX_RANK -> pid of the ranks mlx.launch started (their process group is the launcher's)."""
     out = {}

@@ -70,6 +70,7 @@ CORPUS = [
     (C, {"messages": USER, "tools": [CHAT_TOOL], "tool_choice": {"type": "function", "function": {"name": "x"}}},
      400, "tool_choice", None),
     (C, {"messages": USER, "model": "llama"}, 404, "model", "model_not_found"),
+    (C, {"messages": USER, "seed": -1, "stream": True}, 400, "seed", None),
     (C, {"messages": USER, "n": 2}, 422, "n", "unsupported"),
     (C, {"messages": USER, "stop": ["\n"]}, 422, "stop", "unsupported"),
     (C, {"messages": USER, "logprobs": True}, 422, "logprobs", "unsupported"),

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from .. import harmony
+from ..chat import check_sampling
 from ..errors import GptOssError
 from . import chat_completions, completions, inputs, responses
 from . import schemas as S
@@ -130,6 +131,10 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
 
     def submit(kind: str, jid: str, prompt, parser, **sampling) -> Job:
         sampling = {k: v for k, v in sampling.items() if v is not None}
+        try:  # the engine's own checks, before the request is queued (and before a stream says 200)
+            check_sampling(**sampling)
+        except GptOssError as e:
+            raise bad(str(e), param=str(e).split()[0]) from None
         job = Job(jid, kind, prompt, parser, sampling, asyncio.get_running_loop())
         worker.submit(job)
         return job

@@ -13,7 +13,7 @@ recently used other slots are emptied until all caches plus this prompt and its 
 
 from __future__ import annotations
 
-from ..chat import Runner
+from ..chat import Runner, runner_for
 
 MAX_SLOTS = 8
 TOKENS_PER_SLOT = 4096  # the default slot count: one per this many tokens of budget (an agent's typical size)
@@ -59,7 +59,7 @@ class SlotPool:
         if best is not None and best[0] > 0:
             runner = best[2]
         elif len(self.slots) < self.size:
-            runner = Runner(self.gpt)
+            runner = runner_for(self.gpt)  # under mlx.launch, a cache mirrored on every rank
         else:
             empty = [r for r in self.slots if not r.ids]
             runner = empty[0] if empty else self.slots[0]  # the least recently used

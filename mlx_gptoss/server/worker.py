@@ -23,6 +23,7 @@ from typing import Callable
 
 from ..chat import Event, Stats, _context_cap, generate_events
 from ..errors import GptOssError
+from ..memory import ContextLengthError
 from .errors import APIError
 from .slots import SlotPool
 
@@ -196,7 +197,7 @@ class Worker:
                 job.emit(tap.annotate(ev))
         except GptOssError as e:  # e.g. the context filled up in a way the request check could not foresee
             self._finish(job, t0)
-            job.emit(APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None))
+            job.emit(APIError(400, str(e), code="context_length_exceeded" if isinstance(e, ContextLengthError) else None))
         except Exception as e:  # a bug: the client gets its name, the log the traceback
             log.exception("request %s failed", job.id)
             self._finish(job, t0)
