@@ -49,6 +49,7 @@ def measure(reps: int) -> dict:
     from mlx_gptoss import bench
 
     folder = checkpoint()
+    load_before = os.getloadavg()
     variants = {"resident": mlx_gptoss.load(folder, ctx=CTX, offload="none")}
     for s in SHARES:
         variants[f"streaming, {s:.0%} resident"] = mlx_gptoss.load(folder, ctx=CTX, offload="experts",
@@ -74,6 +75,7 @@ def measure(reps: int) -> dict:
                     streamed[name][t].append((d.hits, d.misses, d.bytes_streamed, d.tokens))
             print(f"  rep {r + 1}/{reps} {t} done", file=sys.stderr, flush=True)
     out = {"variants": {}, "machine": bench.machine_info(), "bandwidth": bench.measure_bandwidth(),
+           "load_average": [load_before, os.getloadavg()],
            "config": {k: getattr(cfg, k) for k in ("num_hidden_layers", "num_local_experts", "hidden_size",
                                                    "intermediate_size", "vocab_size")}}
     for name in variants:
@@ -94,7 +96,9 @@ def table(run: dict) -> str:
     lines = [f"Machine: {m['chip']}, {m['cores']} cores, {m['os']}, MLX {m['mlx_version']} ({m['mlx_backend']}), "
              f"BLAS {m['blas']}; read bandwidth {run['bandwidth']['best_read']:.1f} GB/s. Checkpoint: "
              f"{run['config']}. The checkpoint files are in the page cache (Linux): streamed experts are memory "
-             "copies here, SSD reads on a Mac.", "",
+             "copies here, SSD reads on a Mac." + (" Load average (1/5/15 min) at the start and end: " + " / ".join(
+                 ", ".join(f"{x:.1f}" for x in la) for la in run["load_average"]) if "load_average" in run else ""),
+             "",
              "| variant | " + " | ".join(f"{t} tok/s (x resident)" for t, _, _ in TESTS) +
              " | expert hit rate (tg) | MB streamed per token (tg) |",
              "|---|" + "---:|" * (len(TESTS) + 2)]
