@@ -17,12 +17,12 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..safetensors_header import DTYPE_BYTES, TensorInfo
+from ..tensor_read import NUMPY, pread_exact, to_mx
 from .layout import Slice
 
 SPAN_BYTES = 8 << 20  # the most bytes of other ranks' slices held at once
 LONG_RUN = 4096  # runs of a page or more are read one by one; shorter ones share their pages with other ranks
-NUMPY = {"U8": np.uint8, "I8": np.int8, "F16": np.float16, "BF16": np.uint16, "F32": np.float32,
-         "U32": np.uint32, "I32": np.int32, "I64": np.int64}
+REMEDY = "download it again"
 
 
 class ReadStats:
@@ -54,28 +54,19 @@ def read_slice(info: TensorInfo, s: Slice | None, stats: ReadStats | None = None
     try:
         if run == stride or run >= LONG_RUN:
             for o in range(outer):
-                _pread(fd, memoryview(out)[o * run:(o + 1) * run], info.start + o * stride + offset, info)
+                pread_exact(fd, memoryview(out)[o * run:(o + 1) * run], info.start + o * stride + offset, info, REMEDY)
             stats.read += outer * run
         else:
             rows = max(1, SPAN_BYTES // stride)
             buf = np.empty(rows * stride, dtype=np.uint8)
             for o in range(0, outer, rows):
                 k = min(rows, outer - o)
-                _pread(fd, memoryview(buf)[:k * stride], info.start + o * stride, info)
+                pread_exact(fd, memoryview(buf)[:k * stride], info.start + o * stride, info, REMEDY)
                 out[o * run:(o + k) * run] = buf[:k * stride].reshape(k, stride)[:, offset:offset + run].reshape(-1)
                 stats.read += k * stride
     finally:
         os.close(fd)
     stats.kept += out.size
     shape[s.axis] = s.hi - s.lo
-    a = mx.array(out.view(NUMPY[info.dtype]).reshape(info.shape and shape or ()))
-    return a.view(mx.bfloat16) if info.dtype == "BF16" else a
+    return to_mx(out.view(NUMPY[info.dtype]).reshape(info.shape and shape or ()), info.dtype)
 
-
-def _pread(fd: int, dest: memoryview, offset: int, info: TensorInfo) -> None:
-    got = 0
-    while got < len(dest):
-        n = os.preadv(fd, [dest[got:]], offset + got)
-        if n <= 0:
-            raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name}; download it again")
-        got += n

@@ -16,7 +16,8 @@ import mlx.nn as nn
 import numpy as np
 
 from ..safetensors_header import TensorInfo
-from .reader import ShardReader, to_mx
+from ..tensor_read import to_mx
+from .reader import ShardReader
 
 BITS, GROUP = 8, 64
 ROWS_PER_BLOCK = 8192  # rows of lm_head quantized at a time

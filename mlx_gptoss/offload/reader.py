@@ -12,13 +12,11 @@ import os
 from collections import Counter
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
 from ..errors import CheckpointError
 from ..safetensors_header import TensorInfo
-
-NUMPY = {"U8": np.uint8, "BF16": np.uint16, "F16": np.float16, "F32": np.float32}
+from ..tensor_read import NUMPY, pread_exact
 REMEDY = "the checkpoint changed while the model was running; restore or download it again, then reload"
 
 
@@ -55,9 +53,7 @@ class ShardReader:
             raise CheckpointError(f"{info.file}: shard shrank to {size} bytes but {info.name} ends at byte "
                                   f"{info.end}; {REMEDY}")
         buf = np.empty(n, dtype=np.uint8)
-        got = os.preadv(self._fd(info.file), [buf], start)
-        if got != n:
-            raise CheckpointError(f"{info.file}: short read of {info.name} ({got} of {n} bytes at {start}); {REMEDY}")
+        pread_exact(self._fd(info.file), memoryview(buf), start, info, REMEDY)
         for i in range(index, index + count):
             self.reads[(info.name, i)] += 1
         self.bytes_read += n
@@ -74,10 +70,3 @@ class ShardReader:
         except Exception:  # interpreter shutdown
             pass
 
-
-def to_mx(a: np.ndarray, dtype: str, cast: mx.Dtype | None = None) -> mx.array:
-    """A numpy array read from a shard -> MLX (bf16 bit patterns become bf16), cast if asked."""
-    x = mx.array(a)
-    if dtype == "BF16":
-        x = mx.view(x, mx.bfloat16)
-    return x.astype(cast) if cast is not None and x.dtype != cast else x
