@@ -412,16 +412,7 @@ def _pieces_to_events(pieces) -> list[Event]:
 
 def assistant_message(parser: "harmony.StreamParser") -> dict:
     """The message dict of a reply (what the history keeps): its ordered "parts", and the summary keys."""
-    m: dict = {"role": "assistant", "parts": copy.deepcopy(parser.parts)}
-    reasoning = parser.reasoning
-    if reasoning:
-        m["reasoning"] = harmony.REASONING_SEPARATOR.join(reasoning)
-    calls = parser.tool_calls
-    if calls:
-        m["tool_calls"] = calls
-    if parser.content or not calls:
-        m["content"] = "".join(parser.content)
-    return m
+    return harmony.assistant_dict(parser.parts)
 
 
 class Session:

@@ -336,6 +336,22 @@ def assistant_tool_calls(m: dict) -> list[dict]:
     return out
 
 
+def assistant_dict(parts: list[dict]) -> dict:
+    """An assistant message dict from its ordered parts (copied), with the summary keys: "reasoning" (the
+    analysis texts joined by REASONING_SEPARATOR), "tool_calls", "content" (the final text; also when no call)."""
+    m: dict = {"role": "assistant", "parts": [dict(p) for p in parts]}
+    reasoning = [p["content"] for p in parts if p["channel"] == "analysis" and not p["recipient"]]
+    if reasoning:
+        m["reasoning"] = REASONING_SEPARATOR.join(reasoning)
+    calls = assistant_tool_calls({"parts": parts})
+    if calls:
+        m["tool_calls"] = calls
+    final = [p["content"] for p in parts if p["channel"] == "final" and not p["recipient"]]
+    if final or not calls:
+        m["content"] = "".join(final)
+    return m
+
+
 def _head(messages: list[dict], reasoning_effort: str, tools, developer: str | None, date: str | None,
           knowledge_cutoff: str):
     """The system message and the developer message (instructions: developer=, then every system and

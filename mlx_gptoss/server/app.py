@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from .. import harmony
-from ..chat import check_sampling
+from ..chat import assistant_message, check_sampling
 from ..errors import GptOssError
 from . import chat_completions, completions, inputs, responses
 from . import schemas as S
@@ -216,11 +216,11 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
                      temperature=req.temperature, top_p=req.top_p)
 
         def finish(stats):
-            calls.remember(getattr(parser, "parts", None))
+            calls.remember(parser.parts)
             failed = "the server is shutting down; retry" if stats.stop_reason == "cancelled" else None
             out = builder.finish(stats, failed=failed)
             if req.store and not failed:
-                store.put(builder.snapshot(), msgs + [builder.assistant_message(job.parser)])
+                store.put(builder.snapshot(), msgs + [assistant_message(parser)])
             return out
 
         if not req.stream:

@@ -92,23 +92,7 @@ class _Assistant:
         for i, p in enumerate(self.parts):
             if p["channel"] == "final" and i < last_call:
                 p["channel"] = "commentary"
-        return assistant_dict(self.parts)
-
-
-def assistant_dict(parts: list[dict]) -> dict:
-    """An assistant message dict from its ordered parts, with the summary keys."""
-    m: dict = {"role": "assistant"}
-    reasoning = [p["content"] for p in parts if p["channel"] == "analysis" and not p["recipient"]]
-    calls = harmony.assistant_tool_calls({"parts": parts})
-    final = [p["content"] for p in parts if p["channel"] == "final" and not p["recipient"]]
-    if reasoning:
-        m["reasoning"] = "\n\n".join(reasoning)  # as the engine joins analysis messages
-    if calls:
-        m["tool_calls"] = calls
-    if final or not calls:
-        m["content"] = "".join(final)
-    m["parts"] = [dict(p) for p in parts]
-    return m
+        return harmony.assistant_dict(self.parts)
 
 
 def call_names(messages: list[dict]) -> dict[str, str]:

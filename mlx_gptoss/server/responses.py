@@ -16,7 +16,6 @@ import secrets
 import time
 from collections import OrderedDict
 
-from .inputs import assistant_dict
 from .errors import bad
 
 
@@ -40,7 +39,6 @@ class ResponseBuilder:
         self.seq = 0
         self.open: dict | None = None  # the item being streamed
         self.reasoning_tokens = 0
-        self.parts: list[dict] = []  # the assistant message's harmony parts, for the store
 
     def event(self, kind: str, **fields) -> dict:
         ev = {"type": kind, "sequence_number": self.seq, **fields}
@@ -108,12 +106,10 @@ class ResponseBuilder:
             part = {"type": "reasoning_text", "text": text}
             done = self.event("response.reasoning_text.done", item_id=item["id"], output_index=idx,
                               content_index=0, text=text)
-            self.parts.append(_part("analysis", text))
         else:
             part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
             done = self.event("response.output_text.done", item_id=item["id"], output_index=idx, content_index=0,
                               text=text, logprobs=[])
-            self.parts.append(_part("final" if kind == "message" else "commentary", text))
         item["content"] = [part]
         return [done, self.event("response.content_part.done", item_id=item["id"], output_index=idx,
                                  content_index=0, part=part),
@@ -135,8 +131,6 @@ class ResponseBuilder:
                               arguments=args, name=ev.name))
         item.update(arguments=args, status="completed")
         out.append(self.event("response.output_item.done", output_index=idx, item=dict(item)))
-        self.parts.append(_part("commentary", args, ev.recipient or f"functions.{ev.name}", "<|constrain|>json",
-                                call_id))
         return out
 
     @staticmethod
@@ -144,7 +138,7 @@ class ResponseBuilder:
         return {k: v for k, v in item.items() if not k.startswith("_")}
 
     # ---- the end
-    def finish(self, stats, parser=None, failed: str | None = None) -> list[dict]:
+    def finish(self, stats, failed: str | None = None) -> list[dict]:
         out = self.close()
         r = self.response
         r["usage"] = usage(stats, self.reasoning_tokens)
@@ -162,21 +156,11 @@ class ResponseBuilder:
         out.append(self.event(kind, response=self.snapshot()))
         return out
 
-    def assistant_message(self, parser=None) -> dict:
-        """The reply as a message dict for the store: the parser's exact parts when it has them."""
-        parts = getattr(parser, "parts", None)
-        return assistant_dict([_part(p["channel"], p["content"], p.get("recipient"), p.get("content_type"),
-                                     p.get("id")) for p in parts] if parts else self.parts)
-
 
 def visible_kind(ev) -> str:
     """The event's kind as clients see it: text outside any valid harmony message (the engine hides it as
     reasoning, channel None) is shown as content, with the warning in the response."""
     return "content" if ev.kind == "reasoning" and ev.channel is None else ev.kind
-
-
-def _part(channel, content, recipient=None, content_type=None, id=None) -> dict:
-    return {"channel": channel, "content": content, "recipient": recipient, "content_type": content_type, "id": id}
 
 
 def response_object(rid: str, req, model: str, tools: list, effort: str) -> dict:
