@@ -344,6 +344,17 @@ class Plan:
                 f"and {gb(self.budget.usable)} is available ({self.budget.source}). " + " ".join(self.remedies))
 
 
+def smaller_contexts(target: int):
+    """The contexts to try, largest first, when `target` does not fit: multiples of CONTEXT_STEP below it,
+    down to MIN_CONTEXT."""
+    ctx = target // CONTEXT_STEP * CONTEXT_STEP
+    if ctx == target:
+        ctx -= CONTEXT_STEP
+    while ctx >= MIN_CONTEXT:
+        yield ctx
+        ctx -= CONTEXT_STEP
+
+
 def make_plan(ckpt: Checkpoint, *, context: int | None = None, budget: Budget | None = None,
               memory: str | int | None = None, dtype: mx.Dtype | str | None = None,
               metal: bool | None = None, ranks_remedy: bool = True) -> Plan:
@@ -367,13 +378,11 @@ def make_plan(ckpt: Checkpoint, *, context: int | None = None, budget: Budget | 
     status = "fits"
     if need > budget.usable:
         status = "does not fit"
-        ctx = requested // CONTEXT_STEP * CONTEXT_STEP
-        while ctx >= MIN_CONTEXT:
+        for ctx in smaller_contexts(requested):
             need, chunk, acts, sliding = at(ctx)
             if need <= budget.usable:
                 status = "smaller context"
                 break
-            ctx -= CONTEXT_STEP
     n_full = sum(t == "full_attention" for t in cfg.layer_types)
     kv_per_token = n_full * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype.size
     plan = Plan(ckpt.name, ckpt.source, cfg, _dtype_name(dtype), metal, ckpt.file_bytes(), weights,

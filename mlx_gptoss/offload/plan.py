@@ -275,15 +275,11 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
         return p
     if base.fits and offload == "auto" and kv_bits is None:
         return base  # the levers cannot reach the context asked for; a smaller one fits resident
-    ctx = target // memory.CONTEXT_STEP * memory.CONTEXT_STEP
-    if ctx == target:
-        ctx -= memory.CONTEXT_STEP
-    while ctx >= memory.MIN_CONTEXT:  # as memory.make_plan: the largest context that fits, in steps
+    for ctx in memory.smaller_contexts(target):  # the largest context that fits, as memory.make_plan
         p = choose(ctx)
         if p.fits:
             p.status, p.requested_context = "smaller context", target
             return p
-        ctx -= memory.CONTEXT_STEP
     p.status, p.context = "does not fit", 0
     p.remedies += [r for r in base.remedies if "--ctx" not in r]
     return p
