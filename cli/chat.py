@@ -43,25 +43,6 @@ def state_dir() -> Path:
 
 # --- option checks: one sentence each, exit status 2 (click's usage error) -------------------------------
 
-def _positive(example: str):
-    def check(value):
-        if value is not None and value <= 0:
-            raise typer.BadParameter(f"must be a positive number of tokens, like {example}; got {value}")
-        return value
-    return check
-
-
-def _memory(value: str | None) -> str | None:
-    from mlx_gptoss.memory import parse_size
-
-    if value is not None:
-        try:
-            parse_size(value)
-        except GptOssError:
-            raise typer.BadParameter(f"not a size: write it like 16GB, 24GiB or 64G; got {value!r}") from None
-    return value
-
-
 def _dtype(value: str | None) -> str | None:
     if value is not None and value not in DTYPES:
         raise typer.BadParameter(f"must be bfloat16, float16 or float32; got {value!r}")
@@ -122,13 +103,13 @@ def chat(
     temperature: float = typer.Option(1.0, "--temperature", callback=_temperature,
                                       help="Sampling temperature; 0 is greedy. OpenAI recommends 1.0."),
     top_p: float = typer.Option(1.0, "--top-p", callback=_top_p, help="Nucleus sampling threshold."),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", callback=_positive("2048"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", callback=options.positive("2048"),
                                           help="Most tokens per reply (reasoning included)."),
-    ctx: int | None = typer.Option(None, "--ctx", callback=_positive("8192"),
+    ctx: int | None = typer.Option(None, "--ctx", callback=options.positive("8192"),
                                    help="Context length in tokens (default: what fits in memory)."),
     developer: str | None = typer.Option(None, "--developer", help="Developer instructions (system prompt)."),
     seed: int | None = typer.Option(None, "--seed", callback=_seed, help="Random seed, for reproducible sampling."),
-    memory: str | None = typer.Option(None, "--memory", callback=_memory,
+    memory: str | None = typer.Option(None, "--memory", callback=options.memory_size,
                                       help="Memory budget for the plan, like 16GB (default: this machine's)."),
     dtype: str | None = typer.Option(None, "--dtype", callback=_dtype, help="Activation dtype: bfloat16, float16 "
                                      "or float32 (default: bfloat16 on Metal, float32 on MLX's CPU backend)."),

@@ -16,7 +16,8 @@ from rich.console import Console
 from mlx_gptoss import hub
 from mlx_gptoss.errors import GptOssError
 
-from .chat import _memory, _positive, load_model
+from . import options
+from .chat import load_model
 
 err = Console(stderr=True, highlight=False)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -44,20 +45,20 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (any but the loopback needs "
                              "--api-key or --no-auth)."),
     port: int = typer.Option(8000, "--port", callback=_port, help="TCP port."),
-    ctx: int | None = typer.Option(None, "--ctx", callback=_positive("8192"),
+    ctx: int | None = typer.Option(None, "--ctx", callback=options.positive("8192"),
                                    help="Context length in tokens (default: what fits in memory)."),
-    memory: str | None = typer.Option(None, "--memory", callback=_memory,
+    memory: str | None = typer.Option(None, "--memory", callback=options.memory_size,
                                       help="Memory budget for the plan, like 16GB (default: this machine's)."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY",
                                        help="Require `Authorization: Bearer KEY` (also $GPTOSS_API_KEY)."),
     no_auth: bool = typer.Option(False, "--no-auth", help="Serve a non-loopback --host without an API key."),
     cors: list[str] = typer.Option([], "--cors", help="Allow browser requests from this origin (repeatable; "
                                    "* for any)."),
-    slots: int | None = typer.Option(None, "--slots", callback=_positive("4"),
+    slots: int | None = typer.Option(None, "--slots", callback=options.positive("4"),
                                      help="KV cache slots (default: from the memory plan, at most 8)."),
-    max_queue: int = typer.Option(16, "--max-queue", callback=_positive("16"),
+    max_queue: int = typer.Option(16, "--max-queue", callback=options.positive("16"),
                                   help="Requests that may wait; more get 429."),
-    max_body: int = typer.Option(16, "--max-body", callback=_positive("16"), help="Largest request body, in MB."),
+    max_body: int = typer.Option(16, "--max-body", callback=options.positive("16"), help="Largest request body, in MB."),
 ) -> None:
     """Serve gpt-oss over OpenAI's API (Responses, Chat Completions, Completions) for agents and apps."""
     from mlx_gptoss.distributed import launched_rank
