@@ -119,20 +119,16 @@ class CompletionRequest(Sampling):
 
 # ----------------------------------------------------------------------- items, messages, tools
 
-class FunctionTool(Strict):
-    """A Responses function tool (flat: name at the top level)."""
-    type: Literal["function"]
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
-    description: str | None = None
-    parameters: dict | None = None
-    strict: bool | None = None
-
-
 class ChatFunction(Strict):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
     description: str | None = None
     parameters: dict | None = None
     strict: bool | None = None
+
+
+class FunctionTool(ChatFunction):
+    """A Responses function tool: the same fields flat, beside its type."""
+    type: Literal["function"]
 
 
 class ChatTool(Strict):
