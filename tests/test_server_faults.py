@@ -25,9 +25,12 @@ def _free_models():
     forget_models()
 
 
-def test_a_stream_client_that_never_reads_is_cut_by_the_write_timeout():
+def test_a_stream_client_that_never_reads_is_cut_by_the_write_timeout(monkeypatch):
     """It sends a streaming request and then never reads: once the (small) socket buffers fill, the writes
     block, and after write_timeout seconds the stream is closed and its job cancelled, long before the cap."""
+    from mlx_gptoss.server import run
+
+    monkeypatch.setattr(run, "SEND_BUFFER", 4096)  # fills sooner than the default 64 KB: a faster test
     with ServerThread(model("loop"), model_id="gpt-oss-20b", write_timeout=1.0, default_max_tokens=100_000) as s:
         body = json.dumps({**ASK, "stream": True}).encode()
         sock = socket.socket()
@@ -38,7 +41,7 @@ def test_a_stream_client_that_never_reads_is_cut_by_the_write_timeout():
         try:
             wait_for(lambda: s.worker.done, 120, "the job of the client that does not read to be cancelled")
             job = s.worker.done[-1]
-            assert job.stats.stop_reason == "cancelled" and job.stats.generated_tokens < 20_000
+            assert job.stats.stop_reason == "cancelled" and job.stats.generated_tokens < 5_000
             # the server goes on serving others
             r = client(s).responses.create(**ASK, max_output_tokens=5)
             assert r.status == "incomplete"
