@@ -115,11 +115,14 @@ class Assistant:
 
     def call(self, call_id: str, recipient: str, arguments: str, known: dict | None) -> None:
         """A tool call sent back by a client. If this server generated it (known: call id -> the part's channel,
-        recipient, content type), it is rendered exactly as generated (e.g. on the analysis channel), which the
-        client's JSON does not say; else as a commentary call to the recipient with <|constrain|>json."""
+        recipient, content type, text, ids: responses.CallMemory), it is rendered exactly as generated (e.g. on
+        the analysis channel, with the model's own tokenization), which the client's JSON does not say; else as
+        a commentary call to the recipient with <|constrain|>json."""
         meta = (known or {}).get(call_id)
         if meta and harmony.call_name(meta["recipient"]) == harmony.call_name(recipient):  # also a bare `python`
             self.add(meta["channel"], arguments, meta["recipient"], meta["content_type"], call_id)
+            if meta.get("ids") and meta.get("content") == arguments:  # the very tokens generated
+                self.exact[harmony.part_key(self.parts[-1])] = meta["ids"]
         else:
             self.add("commentary", arguments, recipient, "<|constrain|>json", call_id)
 
@@ -144,6 +147,11 @@ def analysis_text(ids: list[int]) -> str | None:
     except Exception:  # ids outside the vocabulary: not a message we made
         return None
     return text if "<|channel|>analysis" in head and " to=" not in head else None
+
+
+def generated_ids(parser) -> dict[tuple, list[int]]:
+    """part_key -> ids of each well-formed part of a reply (for render(exact=) in a later request)."""
+    return {harmony.part_key(p): ids for p, ids in zip(parser.parts, parser.part_ids) if ids}
 
 
 def sealed_message(parser, message: int) -> str | None:
