@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .. import harmony
 from ..errors import GptOssError
+from . import schemas as S
 from . import sealed
 from .errors import bad, unsupported
 
@@ -35,7 +36,7 @@ IMAGE_PARTS = ("image_url", "input_image", "input_audio", "input_file", "file", 
 @dataclass
 class Turn:
     """What one generation needs: the conversation, the tools, how the reply must start, and the exact ids of
-    the parts sent back sealed."""
+    the parts the server generated that came back (sealed reasoning, known calls, a stored reply)."""
     messages: list[dict]
     tools: list[harmony.Tool] = field(default_factory=list)
     effort: str = "medium"
@@ -58,6 +59,8 @@ def render(turn: Turn, model_path: Path, developer: str | None, param: str, *, s
         ids = harmony.render(turn.messages, model_path=model_path, developer=developer, **turn.render_settings())
     except GptOssError as e:
         raise bad(str(e), param=param) from None
+    except ValueError as e:  # openai-harmony's own refusals, e.g. a tool schema nested past its JSON limit
+        raise bad(f"this conversation cannot be written in harmony: {e}", param=param) from None
     parser = harmony.StreamParser(model_path, stream_arguments=stream_arguments)
     if turn.forced:
         forced = harmony.encoding().encode(turn.forced, allowed_special="all")
@@ -69,8 +72,6 @@ def render(turn: Turn, model_path: Path, developer: str | None, param: str, *, s
 
 def text_of(content, where: str) -> str:
     """A message's text: a string, or a list of text parts ({"type": ..., "text"}; joined by newlines)."""
-    from . import schemas as S
-
     if content is None or isinstance(content, str):
         return content or ""
     texts = []
