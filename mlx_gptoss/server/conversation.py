@@ -114,11 +114,14 @@ class Assistant:
         elif text:
             self.add("analysis", text)
 
-    def call(self, call_id: str, recipient: str, arguments: str, known: dict | None) -> None:
+    def call(self, call_id: str, recipient: str, arguments: str, known: dict | None, where: str = "tool call") -> None:
         """A tool call sent back by a client. If this server generated it (known: call id -> the part's channel,
         recipient, content type, text, ids: responses.CallMemory), it is rendered exactly as generated (e.g. on
         the analysis channel, with the model's own tokenization), which the client's JSON does not say; else as
         a commentary call to the recipient with <|constrain|>json."""
+        if not harmony.RECIPIENT.fullmatch(recipient):
+            raise bad(f"{where}: {harmony.call_name(recipient)!r} is not a tool name (letters, digits, _ and -, "
+                      "optionally dotted)", param=where)
         meta = (known or {}).get(call_id)
         if meta and harmony.call_name(meta["recipient"]) == harmony.call_name(recipient):  # also a bare `python`
             self.add(meta["channel"], arguments, meta["recipient"], meta["content_type"], call_id)
@@ -232,7 +235,7 @@ def specs(tools: list[dict]) -> list[harmony.Tool]:
     try:
         return harmony.tool_specs(tools)
     except GptOssError as e:
-        raise bad(f"tools: {e}", param="tools") from None
+        raise bad(str(e) if str(e).startswith("tools") else f"tools: {e}", param="tools") from None
 
 
 def apply_tool_choice(turn: Turn, choice) -> Turn:

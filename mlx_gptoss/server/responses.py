@@ -141,11 +141,12 @@ def read_input(items: str | list, prior: list[dict], known: dict, turn: Turn) ->
             msgs.append({"role": "user" if m.role == "user" else "developer", "content": text})
         elif kind == "function_call":
             c = S.validate(S.FunctionCallItem, raw, where)
-            assistant().call(c.call_id, conversation.recipient(c.name, c.namespace), c.arguments, known)
+            assistant().call(c.call_id, conversation.recipient(c.name, c.namespace), c.arguments, known,
+                             f"{where}.name")
         elif kind == "custom_tool_call":
             c = S.validate(S.CustomToolCallItem, raw, where)
             assistant().call(c.call_id, conversation.recipient(c.name, c.namespace),
-                             _as_generated(known, c.call_id, {"input": c.input}), known)
+                             _as_generated(known, c.call_id, {"input": c.input}), known, f"{where}.name")
         elif kind == "local_shell_call":
             c = S.validate(S.LocalShellCallItem, raw, where)
             cid = c.call_id or c.id
