@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .rendering import CHANNELS, CONTENT_TYPE, REASONING_SEPARATOR, RECIPIENT, assistant_tool_calls
-from .vocabulary import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, N_ORDINARY, RETURN, START, STOP_TOKENS, encoding, token_bytes
+from .vocabulary import (CALL, CHANNEL, CONSTRAIN, END, MESSAGE, N_ORDINARY, RETURN, START, STOP_TOKENS, encoding,
+                         token_bytes)
 
 MAX_HEADER = 16  # tokens; a header cut off by max_tokens within this is not called malformed
 
