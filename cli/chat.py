@@ -26,7 +26,6 @@ from . import download as dl, options, saved
 from .render import ReplyView, stats_line
 
 EFFORTS = saved.EFFORTS
-DTYPES = ("bfloat16", "float16", "float32")
 err = Console(stderr=True, highlight=False)
 
 
@@ -42,18 +41,6 @@ def state_dir() -> Path:
 
 
 # --- option checks: one sentence each, exit status 2 (click's usage error) -------------------------------
-
-def _dtype(value: str | None) -> str | None:
-    if value is not None and value not in DTYPES:
-        raise typer.BadParameter(f"must be bfloat16, float16 or float32; got {value!r}")
-    return value
-
-
-def _effort(value: str) -> str:
-    if value not in EFFORTS:
-        raise typer.BadParameter(f"must be low, medium or high; got {value!r}")
-    return value
-
 
 def _temperature(value: float) -> float:
     if not math.isfinite(value) or value < 0:
@@ -98,7 +85,8 @@ class Totals:
 def chat(
     model: str = typer.Option(hub.DEFAULT_MODEL, "--model", "-m",
                               help="Hugging Face repo id or local folder; a repo is downloaded on first use."),
-    effort: str = typer.Option("medium", "--effort", callback=_effort, help="Reasoning effort: low, medium or high."),
+    effort: str = typer.Option("medium", "--effort", callback=options.choice(*EFFORTS),
+                               help="Reasoning effort: low, medium or high."),
     show_reasoning: bool = typer.Option(False, "--show-reasoning", help="Stream the chain-of-thought (dimmed)."),
     temperature: float = typer.Option(1.0, "--temperature", callback=_temperature,
                                       help="Sampling temperature; 0 is greedy. OpenAI recommends 1.0."),
@@ -111,8 +99,8 @@ def chat(
     seed: int | None = typer.Option(None, "--seed", callback=_seed, help="Random seed, for reproducible sampling."),
     memory: str | None = typer.Option(None, "--memory", callback=options.memory_size,
                                       help="Memory budget for the plan, like 16GB (default: this machine's)."),
-    dtype: str | None = typer.Option(None, "--dtype", callback=_dtype, help="Activation dtype: bfloat16, float16 "
-                                     "or float32 (default: bfloat16 on Metal, float32 on MLX's CPU backend)."),
+    dtype: str | None = typer.Option(None, "--dtype", callback=options.choice(*options.DTYPES),
+                                     help="Activation dtype: bfloat16, float16 or float32 (default: bfloat16 on Metal, float32 on MLX's CPU backend)."),
     offload: str = options.OFFLOAD,
     kv_bits: int | None = options.KV_BITS,
 ) -> None:
@@ -365,6 +353,8 @@ class Chat:
                         break
                     continue
                 self.turn(line)
+        except typer.Exit:
+            raise
         except Exception as e:  # a crash never loses the conversation
             path = state_dir() / f"crash-{time.strftime('%Y%m%d-%H%M%S')}.json"
             error(f"{type(e).__name__}: {e}")
@@ -393,9 +383,13 @@ class Chat:
             if events is not None:
                 events.close()  # the session restores its cache and keeps the answer so far
             self._count(view, None, t0)
-            self.out.print("[dim]stopped; the conversation is kept, with the answer so far.[/]")
             self.conv.archive_dropped()
             self._autosave()
+            if not self.interactive:  # piped: Ctrl-C ends the run, said on stderr (stdout holds only answers)
+                err.print(f"stopped; the conversation, with the answer so far, is autosaved in {self.autosave_path}",
+                          soft_wrap=True)
+                raise typer.Exit(130)
+            self.out.print("[dim]stopped; the conversation is kept, with the answer so far.[/]")
             return
         except GptOssError as e:
             if events is not None:

@@ -24,6 +24,8 @@ from rich.table import Table
 
 from mlx_gptoss import machine
 
+from . import options
+
 console = Console()
 
 OK, NOTE, FAIL, INFO = "ok", "note", "FAIL", ""
@@ -47,9 +49,12 @@ def doctor(
                                           "a bench of --model with each MoE backend)."),
     model: str = typer.Option("openai/gpt-oss-20b", "--model", "-m", help="With --report: the downloaded model "
                               "to bench (skipped, and said so, when it is not on this machine)."),
-    bench_prompt: int = typer.Option(512, "--bench-prompt", help="With --report: prompt tokens of the bench (ppN)."),
-    bench_gen: int = typer.Option(128, "--bench-gen", help="With --report: generated tokens of the bench (tgN)."),
-    bench_repetitions: int = typer.Option(3, "--bench-repetitions", help="With --report: timed repetitions."),
+    bench_prompt: int = typer.Option(512, "--bench-prompt", callback=options.positive("512"),
+                                     help="With --report: prompt tokens of the bench (ppN)."),
+    bench_gen: int = typer.Option(128, "--bench-gen", callback=options.positive("128"),
+                                  help="With --report: generated tokens of the bench (tgN)."),
+    bench_repetitions: int = typer.Option(3, "--bench-repetitions", callback=options.count("3"),
+                                          help="With --report: timed repetitions."),
     bandwidth_bytes: int = typer.Option(1 << 30, "--bandwidth-bytes", hidden=True,
                                         help="With --report: buffer size of the bench's bandwidth measurement."),
 ) -> None:

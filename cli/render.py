@@ -12,10 +12,7 @@ import sys
 import time
 
 from rich.console import Console, Group
-from rich.live import Live
-from rich.markdown import Markdown
 from rich.padding import Padding
-from rich.spinner import Spinner
 from rich.text import Text
 
 
@@ -29,7 +26,7 @@ class ReplyView:
         self.reasoning_tokens = 0
         self.tokens = 0  # reasoning and answer pieces seen (one per token): counts an interrupted reply too
         self.started = time.perf_counter()
-        self.spinner = Spinner("dots", style="dim")  # one spinner: a new one each refresh would never move
+        self.spinner = None  # one spinner: a new one each refresh would never move
         self.notes: list[str] = []
         self.interrupted = False
         self.live: Live | None = None
@@ -37,6 +34,10 @@ class ReplyView:
 
     def __enter__(self) -> "ReplyView":
         if not self.plain:
+            from rich.live import Live  # here, not at the top: `gptoss-mac --help` never pays for it
+            from rich.spinner import Spinner
+
+            self.spinner = Spinner("dots", style="dim")
             # get_renderable: the Markdown is parsed at the refresh rate in Live's thread, not once per token.
             self.live = Live(console=self.console, get_renderable=self._view, refresh_per_second=12,
                              transient=False, vertical_overflow="visible")
@@ -74,6 +75,8 @@ class ReplyView:
                               f"({getattr(ev, 'arguments', '')}), but this chat has no tools: the reply ends here")
 
     def _view(self):
+        from rich.markdown import Markdown
+
         final = self.final
         parts = []
         if self.show_reasoning and self.reasoning_text:

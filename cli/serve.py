@@ -42,7 +42,7 @@ def _check_port(host: str, port: int) -> None:
 def serve(
     model: str = typer.Option(hub.DEFAULT_MODEL, "--model", "-m",
                               help="Hugging Face repo id or local folder; a repo is downloaded on first use."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (any but the loopback needs "
+    host: str = typer.Option("127.0.0.1", "--host", callback=options.host, help="Address to listen on (any but the loopback needs "
                              "--api-key or --no-auth)."),
     port: int = typer.Option(8000, "--port", callback=_port, help="TCP port."),
     ctx: int | None = typer.Option(None, "--ctx", callback=options.positive("8192"),
@@ -54,11 +54,12 @@ def serve(
     no_auth: bool = typer.Option(False, "--no-auth", help="Serve a non-loopback --host without an API key."),
     cors: list[str] = typer.Option([], "--cors", help="Allow browser requests from this origin (repeatable; "
                                    "* for any)."),
-    slots: int | None = typer.Option(None, "--slots", callback=options.positive("4"),
+    slots: int | None = typer.Option(None, "--slots", callback=options.count("4"),
                                      help="KV cache slots (default: from the memory plan, at most 8)."),
-    max_queue: int = typer.Option(16, "--max-queue", callback=options.positive("16"),
+    max_queue: int = typer.Option(16, "--max-queue", callback=options.count("16"),
                                   help="Requests that may wait; more get 429."),
-    max_body: int = typer.Option(16, "--max-body", callback=options.positive("16"), help="Largest request body, in MB."),
+    max_body: int = typer.Option(16, "--max-body", callback=options.positive("16", "MB"),
+                                  help="Largest request body, in MB."),
 ) -> None:
     """Serve gpt-oss over OpenAI's API (Responses, Chat Completions, Completions) for agents and apps."""
     from mlx_gptoss.distributed import launched_rank

@@ -237,16 +237,19 @@ def test_download_of_an_unknown_repo(hub_env):
     assert "no such model on the Hugging Face hub" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_download_without_network_is_one_sentence(tmp_path):
+@pytest.mark.parametrize("command", [["download"], ["chat"]])
+def test_without_network_a_first_run_is_one_sentence_naming_the_local_folder_way(tmp_path, command):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path), HF_HUB_OFFLINE="0",
                HF_HUB_CACHE=str(tmp_path / "hub"), COLUMNS="300")
-    r = gptoss(env, "download")
+    r = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli.app", *command], input="hi\n", env=env,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
-        "error: openai/gpt-oss-20b: cannot reach the Hugging Face hub; check the internet connection and try again"]
+        "error: openai/gpt-oss-20b: cannot reach the Hugging Face hub; check the internet connection and try again, "
+        "or run a model folder you already have: --model PATH"]
 
 
 # --- chat: options and bad input ---------------------------------------------------------------------------
@@ -489,7 +492,7 @@ def test_a_new_conversation_never_overwrites_the_previous_autosave(state):
     assert first["session"]["messages"] == previous["session"]["messages"]
 
 
-def test_stats_counts_an_interrupted_reply(state, monkeypatch):
+def test_ctrl_c_in_a_piped_chat_ends_it_on_stderr_with_status_130(state, monkeypatch):
     from mlx_gptoss.cli import render
 
     real_event, seen = render.ReplyView.event, []
@@ -501,8 +504,13 @@ def test_stats_counts_an_interrupted_reply(state, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(render.ReplyView, "event", event)
-    result = chat_piped("loop", input="Say hi\n/stats\n")
-    assert "1 replies, 3 tokens generated" in result.stderr, result.stderr
+    result = chat_piped("loop", input="Say hi\nSay hi\n")
+    assert result.exit_code == 130
+    assert result.stdout == ""  # stdout holds only answers
+    assert f"stopped; the conversation, with the answer so far, is autosaved in {state / 'autosave.json'}" in \
+        " ".join(result.stderr.split())
+    assert len(seen) == 3  # the second line is not read: Ctrl-C ends a piped run
+    assert [m["role"] for m in saved(state)["session"]["messages"]] == ["user"]  # only reasoning so far
 
 
 # --- the chat's files ----------------------------------------------------------------------------------------
