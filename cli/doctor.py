@@ -269,14 +269,22 @@ def _matmul_gflops(n: int = MATMUL_N, reps: int = 3) -> float:
 # ---- --report --------------------------------------------------------------------------------------------
 
 def _check_writable(path: Path) -> None:
+    """Before anything runs: the report can be written there (tried, not guessed: root passes os.access
+    checks on /proc, a read-only disk passes them too)."""
     from mlx_gptoss.errors import GptOssError
 
     if path.is_dir():
         raise GptOssError(f"--report {path}: is a folder; give a file name, e.g. {path / 'gptoss-report.json'}")
     if not path.parent.is_dir():
         raise GptOssError(f"--report {path}: the folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise GptOssError(f"--report {path}: cannot write there; choose another file")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise GptOssError(f"--report {path}: cannot write there ({e.strerror}); choose another file") from None
+    if not existed:
+        path.unlink(missing_ok=True)
 
 
 def build_report(rows: list[Row], kernel_dtypes, model: str, n_prompt: int, n_gen: int, repetitions: int,

@@ -117,3 +117,17 @@ def test_report_path_errors_are_one_line(tmp_path, where, message):
     target = tmp_path if where == "dir" else tmp_path / where
     r = invoke("doctor", "--no-smoke", "--report", str(target))
     assert r.exit_code != 0 and isinstance(r.exception, GptOssError) and message in str(r.exception)
+
+
+@pytest.mark.skipif(not doctor.sys.platform.startswith("linux"), reason="/proc is Linux's")
+def test_an_unwritable_report_path_is_one_line_before_anything_runs():
+    """/proc lets nobody create files, not even root, whom os.access() says yes to: the path is tried."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli.app", "doctor", "--report", "/proc/r.json"],
+                       capture_output=True, text=True, timeout=120, env={**doctor.os.environ, "COLUMNS": "300"})
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "error: --report /proc/r.json: cannot write there (No such file or directory); choose another file"]
+    assert r.stdout == ""  # nothing ran: no table, no smoke test
