@@ -63,6 +63,8 @@ drop_oldest=True)`), keeps the KV cache between turns so turn N prefills only wh
         several "done" events can then occur (one per model call); the last one ends the reply.
     add_tool_result(name, content, *, tool_call_id=None): append a tool message answering a "tool_call"
         (pass the event's .id; without it the oldest unanswered call of that name gets it), then send(None).
+        A result for no pending call (an id never generated, a name the model did not call, a call answered
+        already) raises GptOssError naming the pending calls. pending_calls(): those calls.
     messages: list of message dicts (a copy is safe to json.dumps).
     reset(): forget messages and cache (keeps settings).
     set_effort("low"|"medium"|"high"), set_developer(text | None), set_tools(tools): change the system/
@@ -461,23 +463,33 @@ class Session:
     def cancel(self) -> None:
         self._cancel.set()
 
+    def pending_calls(self) -> list[dict]:
+        """The tool calls of the current turn (since the last user message, and of the reply still streaming)
+        that no tool message answers yet, in order: {"id", "name", "arguments"} (+ "recipient")."""
+        answered = {m.get("tool_call_id") for m in self.messages + self._pending if m.get("role") == "tool"}
+        last_user = max((i for i, m in enumerate(self.messages) if m.get("role") == "user"), default=-1)
+        calls = [c for m in self.messages[last_user + 1:] if m.get("role") == "assistant"
+                 for c in harmony.assistant_tool_calls(m)]
+        if self._busy and self._parser:
+            calls += self._parser.tool_calls
+        return [c for c in calls if c.get("id") is None or c["id"] not in answered]
+
     def add_tool_result(self, name: str, content, *, tool_call_id: str | None = None) -> None:
-        """Answer a tool call (best with the "tool_call" event's .id; else the oldest unanswered call of that
-        name gets it). While its reply is still streaming, the result is added right after it."""
+        """Answer a pending tool call (best with the "tool_call" event's .id; else the oldest unanswered call of
+        that name gets it). While its reply is still streaming, the result is added right after it. A result
+        for a call that was never made (or is answered already) raises GptOssError naming the pending calls."""
         text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, default=str)
-        if tool_call_id is None:
-            answered = {m.get("tool_call_id") for m in self.messages + self._pending if m.get("role") == "tool"}
-            calls = self._parser.tool_calls if self._busy and self._parser else [
-                c for m in self.messages[-1:] if m.get("role") == "assistant"
-                for c in harmony.assistant_tool_calls(m)]
-            if not calls:  # the reply's calls are answered in the messages after it
-                last = max((i for i, m in enumerate(self.messages) if m.get("role") == "assistant"), default=None)
-                calls = harmony.assistant_tool_calls(self.messages[last]) if last is not None else []
-            tool_call_id = next((c.get("id") for c in calls if c.get("id") and c.get("id") not in answered
-                                 and name in (c["name"], c.get("recipient"))), None)
+        pending = self.pending_calls()
+        call = next((c for c in pending if (c.get("id") == tool_call_id if tool_call_id is not None
+                                            else name in (c["name"], c.get("recipient")))), None)
+        if call is None:
+            asked = f"tool_call_id {tool_call_id!r}" if tool_call_id is not None else f"a call of {name!r}"
+            waiting = ", ".join(f"{c['name']} (tool_call_id {c.get('id')!r})" for c in pending) or "none"
+            raise GptOssError(f"add_tool_result({name!r}): there is no pending tool call with {asked}; "
+                              f"the calls waiting for a result: {waiting}")
         msg = {"role": "tool", "name": name, "content": text}
-        if tool_call_id:
-            msg["tool_call_id"] = tool_call_id
+        if call.get("id"):
+            msg["tool_call_id"] = call["id"]
         (self._pending if self._busy else self.messages).append(msg)
 
     # -- persistence

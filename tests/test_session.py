@@ -3,6 +3,7 @@ interruption, save/load, settings changes, dropping the oldest turns."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import re
@@ -217,6 +218,26 @@ def test_tool_call_answered_by_hand():
     assert s.messages[2] == {"role": "tool", "name": "get_weather", "tool_call_id": call["id"],
                              "content": json.dumps(get_weather("Paris"))}
     assert stats.cached_tokens > 0 and stats.prefilled_tokens < 80
+
+
+def test_a_result_for_a_call_never_made_is_refused_naming_the_pending_calls():
+    gpt = scripted_model("tool")
+    s = gpt.session(tools=[get_weather])
+    with pytest.raises(GptOssError, match=r"add_tool_result\('nope'\): there is no pending tool call with a call "
+                                          r"of 'nope'; the calls waiting for a result: none"):
+        s.add_tool_result("nope", "42")  # nothing was called yet
+    evs, _ = run(s.send("What's the weather in Paris?", temperature=0))
+    (call,) = [e for e in evs if e.kind == "tool_call"]
+    before = copy.deepcopy(s.messages)
+    for args in (("nope", "42"), ("get_weather", "42", "call_000")):
+        with pytest.raises(GptOssError, match=f"the calls waiting for a result: get_weather \\(tool_call_id "
+                                              f"'{call.id}'\\)"):
+            s.add_tool_result(*args[:2], tool_call_id=args[2] if len(args) > 2 else None)
+    assert s.messages == before  # nothing was kept
+    s.add_tool_result("get_weather", get_weather("Paris"), tool_call_id=call.id)
+    with pytest.raises(GptOssError, match="waiting for a result: none"):  # answered already
+        s.add_tool_result("get_weather", "again", tool_call_id=call.id)
+    assert [m["role"] for m in s.messages] == ["user", "assistant", "tool"]
 
 
 def test_auto_tools_run_python_functions():
