@@ -183,13 +183,13 @@ class Conversation:
         return self.session.send(text, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                  seed=s.seed, keep_partial=True)
 
-    def archive_dropped(self) -> int:
-        """After a turn: keep the oldest messages the session dropped to fit the context; how many."""
+    def archive_dropped(self) -> list[dict]:
+        """After a turn: keep the oldest messages the session dropped to fit the context; returns them."""
         before, after = self._before, self.session.messages
         n = next(k for k in range(len(before) + 1) if after[:len(before) - k] == before[k:])
         self.archive += before[:n]
         self._before = list(after)
-        return n
+        return before[:n]
 
     def messages(self) -> list[dict]:
         return self.archive + self.session.messages
@@ -225,12 +225,15 @@ class Conversation:
         return len(session.messages)
 
 
-def notes(stats, settings: Settings, dropped: int = 0) -> list[str]:
+def notes(stats, settings: Settings, dropped: list[dict] = ()) -> list[str]:
     """What the user should know about a finished reply beyond its text."""
     out = []
     if dropped:
-        out.append(f"({dropped} of the oldest messages no longer fit the context: the model does not see them "
-                   "any more; saves still hold them)")
+        users = [_short(m.get("content")) for m in dropped if m.get("role") == "user"] or ["…"]
+        span = f'"{users[0]}"' + (f' to "{users[-1]}"' if len(users) > 1 else "")
+        out.append(f"(the context was full: the model no longer sees the {len(users)} oldest turn"
+                   f"{'s' if len(users) != 1 else ''} ({len(dropped)} messages, {span}), dropped so that the "
+                   "conversation fills at most half of the context; saves still hold them)")
     if stats is None:
         return out
     if stats.stop_reason == "max_tokens":
@@ -240,6 +243,11 @@ def notes(stats, settings: Settings, dropped: int = 0) -> list[str]:
     if stats.malformed:
         out.append("(the model's output did not follow the chat format; it is shown as it came)")
     return out
+
+
+def _short(text, n: int = 30) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= n else text[:n - 1] + "…"
 
 
 def _stdin_lines():

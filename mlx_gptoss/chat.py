@@ -92,8 +92,10 @@ pipelined as in mlx-lm (the next forward pass is queued before Python handles th
 
 Context: a prompt longer than the context cap (max_context, default min(config max_position_embeddings,
 the memory plan's context)) raises GptOssError from GptOss.chat(); a Session with drop_oldest=True drops
-the oldest user turns instead, keeping room for max_tokens (default: a quarter of the context, at most 4096
-tokens), and reports it in stats.dropped_messages (never silently). Turns are dropped only when the message
+the oldest user turns instead when the prompt leaves less room than max_tokens (default: a quarter of the
+context, at most 4096 tokens): as many as it takes for the conversation to fill at most half of the context
+(DROP_TO) with that room kept, so that the turns after it are incremental again (one re-prefill per drop,
+not one per turn), and reports it in stats.dropped_messages (never silently). Turns are dropped only when the message
 then fits: one that cannot fit even alone is refused with the session unchanged.
 
 Sampling options are checked before anything runs (one GptOssError naming the option): temperature >= 0,
@@ -124,6 +126,7 @@ from . import harmony
 from .errors import GptOssError
 
 DEFAULT_PREFILL_CHUNK = 512
+DROP_TO = 0.5  # a full context drops the oldest turns until the conversation fills at most this fraction of it
 MAX_SNAPSHOTS = 8
 
 
@@ -511,12 +514,18 @@ class Session:
                               date=self.date, exact=lambda p: self._exact.get(harmony.part_key(p)))
 
     def _fit(self, reserve: int) -> tuple[list[int], int]:
-        """The prompt ids, dropping the oldest whole turns while it leaves less than `reserve` tokens for the
-        reply. Turns are dropped only if the prompt then fits: a message that cannot fit at all raises
-        GptOssError and leaves the messages exactly as they were."""
+        """The prompt ids; when they leave less than `reserve` tokens for the reply, the oldest whole turns are
+        dropped until the prompt fills at most DROP_TO of the context (and leaves `reserve`). Turns are dropped
+        only if the prompt then fits: a message that cannot fit at all raises GptOssError and leaves the
+        messages exactly as they were."""
         msgs, dropped = self.messages, 0
         prompt = self.render(msgs)
-        while self.drop_oldest and len(prompt) + reserve > self.cap:
+        # Once turns must go, enough of them go that the conversation fills at most DROP_TO of the context:
+        # dropping changes the prompt right after the system prefix (one re-prefill), and the turns after it
+        # are incremental again until the context fills up once more (dropping one turn per turn would
+        # re-prefill the whole conversation every turn).
+        target = min(int(self.cap * DROP_TO), self.cap - reserve)
+        while self.drop_oldest and len(prompt) + reserve > self.cap or dropped and len(prompt) > target:
             users = [i for i, m in enumerate(msgs) if m.get("role") == "user"]
             if len(users) < 2:  # only the current turn is left
                 break

@@ -478,9 +478,25 @@ def test_dropped_turns_are_said_and_kept_in_the_saved_conversation(state):
     # 3 turns of ~1000 tokens each in a 2048-token context: the session drops the oldest to make room
     big = ["Say hi " + "word " * 900 + str(i) for i in range(3)]
     result = chat_piped("final", "--ctx", "2048", "--max-tokens", "16", input="\n".join(big) + "\n")
-    assert "no longer fit the context" in " ".join(result.stderr.split())
+    import re
+
+    assert re.search(r'the context was full: the model no longer sees the \d oldest turns? \(\d messages, "Say hi word',
+                     " ".join(result.stderr.split())), result.stderr
     msgs = saved(state)["session"]["messages"]
     assert [m["content"] for m in msgs if m["role"] == "user"] == big  # every message the user typed
+
+
+def test_a_full_context_drops_turns_once_in_a_while_not_every_turn(state):
+    """`--ctx 200` and ten short prompts: dropping frees half the context, so it happens a few times, and each
+    time says which turns went."""
+    result = chat_piped("final", "--ctx", "200", input="".join(f"Say hi {i}\n" for i in range(10)))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Just the answer.\n" * 10
+    notes = [line for line in result.stderr.splitlines() if "the context was full" in line]
+    assert 1 <= len(notes) <= 3, result.stderr
+    assert 'oldest turns (' in notes[0] and '"Say hi 0" to "Say hi' in notes[0] and "half of the context" in notes[0]
+    msgs = saved(state)["session"]["messages"]
+    assert [m["content"] for m in msgs if m["role"] == "user"] == [f"Say hi {i}" for i in range(10)]
 
 
 def test_a_new_conversation_never_overwrites_the_previous_autosave(state):

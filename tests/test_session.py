@@ -395,6 +395,30 @@ def test_oldest_turns_are_dropped_to_fit_and_reported():
     assert strict.dropped == 0 and strict.messages[-1]["role"] == "assistant"  # the refused question is not kept
 
 
+def test_after_dropping_turns_the_following_turns_are_incremental_again():
+    """A 200-token context (the newcomer's `chat --ctx 200`): once turns must go, enough go that the
+    conversation fills at most half the context; the turns after that prefill only what is new, instead of
+    dropping one turn and re-prefilling the whole conversation every turn."""
+    from mlx_gptoss.chat import DROP_TO
+
+    gpt = scripted_model("final")
+    s = gpt.session(max_context=200)
+    turns = []
+    for i in range(12):
+        _, stats = run(s.send(f"Say hi {i}", temperature=0))
+        turns.append(stats)
+    drops = [i for i, t in enumerate(turns) if t.dropped_messages]
+    assert drops and len(drops) <= 3, [t.dropped_messages for t in turns]  # not one drop per turn
+    incremental = turns[1].prefilled_tokens  # a normal second turn: the new message and the reply's tail
+    assert incremental < turns[1].prompt_tokens / 3
+    for i in drops:
+        assert turns[i].prompt_tokens <= 200 * DROP_TO  # the conversation after the drop fits the documented half
+        if i + 1 < len(turns) and i + 1 not in drops:
+            assert turns[i + 1].prefilled_tokens == incremental, (i, turns[i + 1])
+            assert turns[i + 1].cached_tokens == turns[i + 1].prompt_tokens - incremental
+    assert sum(t.prefilled_tokens == incremental for t in turns) >= len(turns) - 1 - len(drops)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _free_models():
     yield
