@@ -225,8 +225,10 @@ class Conversation:
         return len(session.messages)
 
 
-def notes(stats, settings: Settings, dropped: list[dict] = ()) -> list[str]:
-    """What the user should know about a finished reply beyond its text."""
+def notes(stats, settings: Settings, dropped: list[dict] = (), stray: str = "",
+          interactive: bool = True) -> list[str]:
+    """What the user should know about a finished reply beyond its text (stray: what the model wrote outside
+    any message, which ReplyView shows dimmed on a terminal)."""
     out = []
     if dropped:
         users = [_short(m.get("content")) for m in dropped if m.get("role") == "user"] or ["…"]
@@ -241,7 +243,10 @@ def notes(stats, settings: Settings, dropped: list[dict] = ()) -> list[str]:
     elif stats.stop_reason == "context":
         out.append("(the context is full: /reset, or start with a larger --ctx)")
     if stats.malformed:
-        out.append("(the model's output did not follow the chat format; it is shown as it came)")
+        why = "; ".join(stats.warnings) or "it did not follow the chat format"
+        where = ("" if not stray.strip() else "; what it wrote outside a message is shown dimmed above" if interactive
+                 else f"; what it wrote outside a message (not an answer): {stray.strip()!r}")
+        out.append(f"(the model's output did not follow the chat format: {why}{where})")
     return out
 
 
@@ -409,7 +414,7 @@ class Chat:
             error(f"{e} ({kept})")
             return
         self._count(view, stats, t0)
-        for note in notes(stats, self.conv.settings, self.conv.archive_dropped()):
+        for note in notes(stats, self.conv.settings, self.conv.archive_dropped(), view.stray_text, self.interactive):
             err.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
         if self.interactive:
             line = stats_line(stats, view.reasoning_tokens)

@@ -499,6 +499,17 @@ def test_a_full_context_drops_turns_once_in_a_while_not_every_turn(state):
     assert [m["content"] for m in msgs if m["role"] == "user"] == [f"Say hi {i}" for i in range(10)]
 
 
+@pytest.mark.parametrize("show", [[], ["--show-reasoning"]])
+def test_malformed_output_is_shown_on_stderr_when_piped_never_as_an_answer(state, show):
+    result = chat_piped("no_header", *show, input="Say hi\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""  # not an answer
+    err = " ".join(result.stderr.split())
+    assert ("(the model's output did not follow the chat format: the model's output never opened a message (no "
+            "<|message|>); what it wrote outside a message (not an answer): 'hello world')") in err, err
+    assert "shown as it came" not in err
+
+
 def test_a_new_conversation_never_overwrites_the_previous_autosave(state):
     assert chat_piped("final", input="Say hi\n").exit_code == 0
     first = saved(state)
