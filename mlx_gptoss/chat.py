@@ -334,7 +334,7 @@ def _check_finite(logits: mx.array) -> None:
     if not bool(mx.isfinite(logits).all().item()):
         raise GptOssError("the model's output (logits) holds NaN or infinity: the weights are probably corrupt or "
                           "wrongly converted, or the dtype overflows (try --dtype float32); check the checkpoint "
-                          "(gptoss-mac doctor) and download it again if needed")
+                          "(gptoss-mac doctor -m MODEL) and download it again if needed")
 
 
 def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: int | None = None,
