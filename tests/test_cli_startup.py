@@ -39,15 +39,18 @@ def test_help_and_version_import_nothing_heavy(args):
 
 
 def test_help_answers_in_well_under_a_second():
-    """0.3 s on this machine unloaded (README); the bound is generous for a loaded CI runner: best of three."""
-    for args in (["--help"], ["--version"], ["chat", "--help"], ["serve", "--help"]):
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            r = gptoss(*args)
-            best = min(best, time.perf_counter() - t0)
-            assert r.returncode == 0
-        assert best < 1.0, (args, best)
+    """About 0.2-0.3 s here (README). Bounded generously, in the CPU time the process itself used (user + sys,
+    from the kernel's accounting): the wall time of a shared, loaded 2-core runner says more about the other
+    jobs than about this command."""
+    import resource
+
+    for args in (["--help"], ["--version"], ["chat", "--help"], ["serve", "--help"], ["plan", "--help"]):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        r = gptoss(*args)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        assert r.returncode == 0
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        assert cpu < 1.0, (args, cpu)
 
 
 # --- option errors: one line naming the option and what it accepts, exit status 2 --------------------------
