@@ -33,7 +33,8 @@ is gone, so the cache diverges there); `<|return|>` is stored as `<|end|>`.
 Events (`Event`, yielded by `GptOss.chat()` and `Session.send()`), `.kind` is one of:
     "reasoning"  .text: a piece of chain-of-thought (analysis channel; hide it from end users by default).
                  Two analysis messages are separated by one "\n\n" reasoning event. Text the model wrote
-                 without a valid channel or header is also reasoning (hidden), with stats.malformed set.
+                 without a valid channel or header is also reasoning, with .channel None (the only text
+                 event without a channel: a UI can show it as what it is) and stats.malformed set.
     "preamble"   .text: a piece of commentary without recipient: what the model tells the user before a
                  tool call (show it, e.g. dimmed, before the call)
     "content"    .text: a piece of the answer (final channel)

@@ -634,7 +634,7 @@ def test_the_live_line_moves_while_the_model_prefills_and_thinks():
     with ReplyView(console, show_reasoning=False, plain=False) as view:
         time.sleep(1.0)  # prefill: no event yet
         for _ in range(5):
-            view.event(Event("reasoning", "x"))
+            view.event(Event("reasoning", "x", channel="analysis"))
             time.sleep(0.2)
     frames = re.findall(r"(\S) thinking…(?: (\d+) tokens?)? · ([0-9.]+) s", screen.getvalue())
     spinners = {f[0] for f in frames}
