@@ -123,14 +123,14 @@ def usage_error(e) -> None:
     sys.exit(e.exit_code)
 
 
-def interrupted(line: str = "interrupted") -> None:
+def interrupted() -> None:
     """Ctrl-C outside a reply: one line, status 130, at once (no thread or cleanup may print a traceback)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
-    os.write(2, f"\n{line}\n".encode())
+    os.write(2, b"\ninterrupted\n")
     os._exit(130)
 
 

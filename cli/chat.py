@@ -100,7 +100,8 @@ def chat(
     memory: str | None = typer.Option(None, "--memory", callback=options.memory_size,
                                       help="Memory budget for the plan, like 16GB (default: this machine's)."),
     dtype: str | None = typer.Option(None, "--dtype", callback=options.choice(*options.DTYPES),
-                                     help="Activation dtype: bfloat16, float16 or float32 (default: bfloat16 on Metal, float32 on MLX's CPU backend)."),
+                                     help="Activation dtype: bfloat16, float16 or float32 (default: bfloat16 on "
+                                     "Metal, float32 on MLX's CPU backend)."),
     offload: str = options.OFFLOAD,
     kv_bits: int | None = options.KV_BITS,
 ) -> None:

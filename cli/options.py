@@ -46,18 +46,21 @@ def count(example: str):
     return check
 
 
-SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*[kmgt]?i?b?\s*", re.IGNORECASE)
+ZERO = re.compile(r"\s*0*\.?0*\s*[kmgt]?i?b?\s*", re.IGNORECASE)  # "0GB", "0.0", "0 GiB": a size, but no memory
 
 
 def memory_size(value: str | None) -> str | None:
-    """A memory budget: 16GB, 24GiB, 64G (mlx_gptoss.memory.parse_size reads it)."""
-    if value is None:
-        return value
-    m = SIZE.fullmatch(value)
-    if not m:
-        raise typer.BadParameter(f"not a size: write it like 16GB, 24GiB or 64G; got {value!r}")
-    if float(m.group(1)) <= 0:
-        raise typer.BadParameter(f"must be more than zero, like 16GB; got {value!r}")
+    """A memory budget: 16GB, 24GiB, 64G, as mlx_gptoss.memory.parse_size reads it."""
+    from mlx_gptoss.errors import GptOssError
+    from mlx_gptoss.memory import parse_size
+
+    if value is not None:
+        try:
+            parse_size(value)
+        except GptOssError:
+            if ZERO.fullmatch(value) and any(c.isdigit() for c in value):
+                raise typer.BadParameter(f"must be more than zero, like 16GB; got {value!r}") from None
+            raise typer.BadParameter(f"not a size: write it like 16GB, 24GiB or 64G; got {value!r}") from None
     return value
 
 

@@ -61,8 +61,8 @@ def client_lines(url: str, model_id: str, api_key: str | None) -> list[str]:
 def serve(
     model: str = typer.Option(hub.DEFAULT_MODEL, "--model", "-m",
                               help="Hugging Face repo id or local folder; a repo is downloaded on first use."),
-    host: str = typer.Option("127.0.0.1", "--host", callback=options.host, help="Address to listen on (any but the loopback needs "
-                             "--api-key or --no-auth)."),
+    host: str = typer.Option("127.0.0.1", "--host", callback=options.host,
+                             help="Address to listen on (any but the loopback needs --api-key or --no-auth)."),
     port: int = typer.Option(8000, "--port", callback=_port, help="TCP port."),
     ctx: int | None = typer.Option(None, "--ctx", callback=options.positive("8192"),
                                    help="Context length in tokens (default: what fits in memory)."),

@@ -154,9 +154,10 @@ def check_model(model, *, memory=None) -> SmokeResult:
             continue
         if broken:
             bad.append(name)
+    names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
     check("weights: no NaN or infinity", not bad,
-          f"{len(bad)} tensor{'s' if len(bad) > 1 else ''} with NaN or infinity: {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; the "
-          "checkpoint is corrupt or wrongly converted: download it again" if bad else "every tensor checked")
+          f"{len(bad)} tensor{'s' if len(bad) > 1 else ''} with NaN or infinity: {names}; the checkpoint is "
+          "corrupt or wrongly converted: download it again" if bad else "every tensor checked")
     ids = mx.array([[i % gpt.config.vocab_size for i in range(MODEL_CHECK_TOKENS)]], mx.int32)
     logits = gpt.model(ids)
     mx.eval(logits)
