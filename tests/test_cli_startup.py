@@ -149,21 +149,26 @@ def free_port() -> int:
 
 
 def test_ctrl_c_during_a_piped_reply_says_so_on_stderr_and_exits_130(chat_env):
-    """The reply of the "loop" script never ends: Ctrl-C while it is generated."""
+    """The reply of the "loop" script never ends: Ctrl-C while it is generated. Nothing on stdout says when
+    generation began (piped, it holds answers only): a Ctrl-C that lands before, while the session is set up,
+    is the start-up case above; then it is tried again, later."""
     from scripted_checkpoint import scripted_path
 
-    p = subprocess.Popen([sys.executable, "-m", "mlx_gptoss.cli.app", "chat", "--model", str(scripted_path("loop")),
-                          "--temperature", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env={**os.environ, "COLUMNS": "300", **chat_env})
-    p.stdin.write("Say hi\nSay hi\n")
-    p.stdin.close()
-    assert p.stderr.readline().startswith("memory plan:")  # loaded: the first line is being answered
-    time.sleep(1.0)
-    p.send_signal(signal.SIGINT)
-    p.wait(timeout=60)
-    out, err = p.stdout.read(), p.stderr.read()
-    assert p.returncode == 130, err
-    assert out == ""  # stdout holds only answers
+    for delay in (2.0, 6.0, 15.0):
+        p = subprocess.Popen([sys.executable, "-m", "mlx_gptoss.cli.app", "chat", "--model",
+                              str(scripted_path("loop")), "--temperature", "0"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "COLUMNS": "300", **chat_env})
+        p.stdin.write("Say hi\nSay hi\n")
+        p.stdin.close()
+        assert p.stderr.readline().startswith("memory plan:")  # loaded: the first line is about to be answered
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=60)
+        out, err = p.stdout.read(), p.stderr.read()
+        assert p.returncode == 130 and out == "", err  # stdout holds only answers
+        if err.strip() != "interrupted":
+            break
     assert err.strip().splitlines() == [
         "stopped; the conversation, with the answer so far, is autosaved in "
         f"{chat_env['XDG_STATE_HOME']}/gptoss-mac/autosave.json"]
