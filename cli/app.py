@@ -25,6 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     # Plain click help: Rich markup mode would eat "[default: ...]" as a tag and show flags as "<bool>".
     rich_markup_mode=None,
+    # The root's --help is declared below as a plain bool flag: typer's own, unset when a command's --help is
+    # asked for, would coerce its None through pydantic (a 0.1 s import) before the command's help prints.
+    add_help_option=False,
 )
 err = Console(stderr=True)
 
@@ -35,10 +38,18 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _print_help(ctx: typer.Context, value: bool) -> None:
+    if value:
+        print(ctx.get_help())
+        raise typer.Exit()
+
+
 @app.callback()
 def root(
     _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                   help="Print the versions of gptoss-mac and MLX and exit."),
+    _help: bool = typer.Option(False, "--help", callback=_print_help, is_eager=True,
+                               help="Show this message and exit."),
 ) -> None:
     """Run OpenAI's gpt-oss-20b and gpt-oss-120b on Apple silicon with MLX."""
 

@@ -15,7 +15,8 @@ import pytest
 
 COMMANDS = ["version", "chat", "download", "doctor", "plan", "bench", "serve"]
 HEAVY = ("mlx_lm", "transformers", "torch", "fastapi", "uvicorn", "mlx_gptoss.model", "mlx_gptoss.api",
-         "mlx_gptoss.server", "mlx_gptoss.chat")
+         "mlx_gptoss.server", "mlx_gptoss.chat",
+         "pydantic")  # typer coerces option values through it: 0.1 s that --help need not pay (app.py's --help)
 
 
 def gptoss(*args, input: str | None = None, env: dict | None = None, importtime: bool = False,
