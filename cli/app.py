@@ -100,8 +100,13 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt
     command = typer.main.get_command(app)
     try:
-        with command.make_context("gptoss-mac", join_sizes(sys.argv[1:])) as ctx:
-            command.invoke(ctx)
+        try:
+            with command.make_context("gptoss-mac", join_sizes(sys.argv[1:])) as ctx:
+                command.invoke(ctx)
+        except Exception as e:
+            if not hasattr(e, "format_message") or not hasattr(e, "exit_code"):  # a click error carries both
+                raise
+            usage_error(e)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except GptOssError as e:
@@ -114,12 +119,8 @@ def main() -> None:
     except OSError as e:
         if e.errno != errno.EPIPE:  # `gptoss-mac plan --json | head -1`: the reader left, nothing to say
             raise
-        sys.stderr = open(os.devnull, "w")  # the interpreter's own flush at exit must not complain either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit must not complain
         sys.exit(1)
-    except Exception as e:
-        if not hasattr(e, "format_message") or not hasattr(e, "exit_code"):  # a click error carries both
-            raise
-        usage_error(e)
 
 
 def usage_error(e) -> None:

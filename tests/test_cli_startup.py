@@ -173,3 +173,13 @@ def test_ctrl_c_during_a_piped_reply_says_so_on_stderr_and_exits_130(chat_env):
     assert err.strip().splitlines() == [
         "stopped; the conversation, with the answer so far, is autosaved in "
         f"{chat_env['XDG_STATE_HOME']}/gptoss-mac/autosave.json"]
+
+
+@pytest.mark.parametrize("args", [[], ["chat", "--help"]])
+def test_a_reader_that_leaves_early_is_no_traceback(args):
+    """`gptoss-mac | head -1`: the pipe closes under the help text."""
+    p = subprocess.Popen([sys.executable, "-m", "mlx_gptoss.cli.app", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()
+    assert p.wait(timeout=60) in (0, 1, 2)
+    assert p.stderr.read() == b""
