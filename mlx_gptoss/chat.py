@@ -96,8 +96,8 @@ the memory plan's context)) raises GptOssError from GptOss.chat(); a Session wit
 the oldest user turns instead when the prompt leaves less room than max_tokens (default: a quarter of the
 context, at most 4096 tokens): as many as it takes for the conversation to fill at most half of the context
 (DROP_TO) with that room kept, so that the turns after it are incremental again (one re-prefill per drop,
-not one per turn), and reports it in stats.dropped_messages (never silently). Turns are dropped only when the message
-then fits: one that cannot fit even alone is refused with the session unchanged.
+not one per turn), and reports it in stats.dropped_messages (never silently). Turns are dropped only when
+the message then fits: one that cannot fit even alone is refused with the session unchanged.
 
 Sampling options are checked before anything runs (one GptOssError naming the option): temperature >= 0,
 top_p and min_p in [0, 1], all finite; top_k an integer >= 0; seed an integer >= 0 or None; max_tokens a
