@@ -12,9 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mlx_gptoss import bench as B
 from mlx_gptoss.hub import DEFAULT_MODEL
-from mlx_gptoss.memory import gb
 
 from . import options
 
@@ -29,13 +27,16 @@ def bench(
                                         "[default: 128]; 0 skips generation."),
     depth: Optional[str] = typer.Option(None, "--depth", "-d", help="Context already in the cache before each "
                                         "test, comma-separated [default: 0]."),
-    repetitions: int = typer.Option(5, "--repetitions", "-r", help="Timed repetitions per test (after a warm-up)."),
+    repetitions: int = typer.Option(5, "--repetitions", "-r", callback=options.count("5"),
+                                    help="Timed repetitions per test (after a warm-up)."),
     kernels: str = typer.Option("auto", "--kernels", help="MoE kernels: auto, metal or builtin; several "
                                 "separated by commas run one after the other (metal,builtin prints the ratio)."),
-    memory: Optional[str] = typer.Option(None, "--memory", help="Memory budget instead of this machine's, e.g. 16GB."),
-    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context to plan for [default: the model's, or what fits]."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Activation dtype [default: bfloat16 on Metal, "
-                                        "float32 on the CPU]."),
+    memory: Optional[str] = typer.Option(None, "--memory", callback=options.memory_size,
+                                         help="Memory budget instead of this machine's, e.g. 16GB."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", callback=options.positive("8192"),
+                                      help="Context to plan for [default: the model's, or what fits]."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", callback=options.choice(*options.DTYPES),
+                                        help="Activation dtype [default: bfloat16 on Metal, float32 on the CPU]."),
     offload: str = options.OFFLOAD,
     kv_bits: Optional[int] = options.KV_BITS,
     as_json: bool = typer.Option(False, "--json", help="Print the whole result as JSON."),
@@ -44,11 +45,15 @@ def bench(
                                         help="Buffer size of the bandwidth measurement."),
 ) -> None:
     """Measure prompt processing (ppN) and generation (tgN) speed in tokens/s, with the roofline."""
+    from mlx_gptoss import bench as B
     from mlx_gptoss.errors import GptOssError
 
     if as_json and as_csv:
-        raise GptOssError("--json and --csv: choose one output format")
-    B.validate(n_prompt=n_prompt, n_gen=n_gen, depth=depth, repetitions=repetitions, kernels=kernels)
+        raise typer.BadParameter("--json and --csv: choose one output format")
+    try:
+        B.validate(n_prompt=n_prompt, n_gen=n_gen, depth=depth, repetitions=repetitions, kernels=kernels)
+    except GptOssError as e:  # a bad option: one line naming it, exit status 2, like every option check
+        raise typer.BadParameter(str(e)) from None
     dt = _dtype(dtype)
     quiet = as_json or as_csv
     with err.status("starting") as status:
@@ -76,6 +81,8 @@ def _dtype(name):
 
 
 def show(result: dict) -> None:
+    from mlx_gptoss.memory import gb
+
     console = Console()
     m, mod, bw = result["machine"], result["model"], result["bandwidth"]
     console.print(f"[bold]{m['chip']}[/], {m['cores']} cores, {gb(m['memory_bytes'])}, {m['os']}; "

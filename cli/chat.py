@@ -26,7 +26,6 @@ from . import download as dl, options, saved
 from .render import ReplyView, stats_line
 
 EFFORTS = saved.EFFORTS
-DTYPES = ("bfloat16", "float16", "float32")
 err = Console(stderr=True, highlight=False)
 
 
@@ -42,18 +41,6 @@ def state_dir() -> Path:
 
 
 # --- option checks: one sentence each, exit status 2 (click's usage error) -------------------------------
-
-def _dtype(value: str | None) -> str | None:
-    if value is not None and value not in DTYPES:
-        raise typer.BadParameter(f"must be bfloat16, float16 or float32; got {value!r}")
-    return value
-
-
-def _effort(value: str) -> str:
-    if value not in EFFORTS:
-        raise typer.BadParameter(f"must be low, medium or high; got {value!r}")
-    return value
-
 
 def _temperature(value: float) -> float:
     if not math.isfinite(value) or value < 0:
@@ -98,7 +85,8 @@ class Totals:
 def chat(
     model: str = typer.Option(hub.DEFAULT_MODEL, "--model", "-m",
                               help="Hugging Face repo id or local folder; a repo is downloaded on first use."),
-    effort: str = typer.Option("medium", "--effort", callback=_effort, help="Reasoning effort: low, medium or high."),
+    effort: str = typer.Option("medium", "--effort", callback=options.choice(*EFFORTS),
+                               help="Reasoning effort: low, medium or high."),
     show_reasoning: bool = typer.Option(False, "--show-reasoning", help="Stream the chain-of-thought (dimmed)."),
     temperature: float = typer.Option(1.0, "--temperature", callback=_temperature,
                                       help="Sampling temperature; 0 is greedy. OpenAI recommends 1.0."),
@@ -111,8 +99,9 @@ def chat(
     seed: int | None = typer.Option(None, "--seed", callback=_seed, help="Random seed, for reproducible sampling."),
     memory: str | None = typer.Option(None, "--memory", callback=options.memory_size,
                                       help="Memory budget for the plan, like 16GB (default: this machine's)."),
-    dtype: str | None = typer.Option(None, "--dtype", callback=_dtype, help="Activation dtype: bfloat16, float16 "
-                                     "or float32 (default: bfloat16 on Metal, float32 on MLX's CPU backend)."),
+    dtype: str | None = typer.Option(None, "--dtype", callback=options.choice(*options.DTYPES),
+                                     help="Activation dtype: bfloat16, float16 or float32 (default: bfloat16 on "
+                                     "Metal, float32 on MLX's CPU backend)."),
     offload: str = options.OFFLOAD,
     kv_bits: int | None = options.KV_BITS,
 ) -> None:
@@ -195,13 +184,13 @@ class Conversation:
         return self.session.send(text, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                  seed=s.seed, keep_partial=True)
 
-    def archive_dropped(self) -> int:
-        """After a turn: keep the oldest messages the session dropped to fit the context; how many."""
+    def archive_dropped(self) -> list[dict]:
+        """After a turn: keep the oldest messages the session dropped to fit the context; returns them."""
         before, after = self._before, self.session.messages
         n = next(k for k in range(len(before) + 1) if after[:len(before) - k] == before[k:])
         self.archive += before[:n]
         self._before = list(after)
-        return n
+        return before[:n]
 
     def messages(self) -> list[dict]:
         return self.archive + self.session.messages
@@ -237,12 +226,17 @@ class Conversation:
         return len(session.messages)
 
 
-def notes(stats, settings: Settings, dropped: int = 0) -> list[str]:
-    """What the user should know about a finished reply beyond its text."""
+def notes(stats, settings: Settings, dropped: list[dict] = (), stray: str = "",
+          interactive: bool = True) -> list[str]:
+    """What the user should know about a finished reply beyond its text (stray: what the model wrote outside
+    any message, which ReplyView shows dimmed on a terminal)."""
     out = []
     if dropped:
-        out.append(f"({dropped} of the oldest messages no longer fit the context: the model does not see them "
-                   "any more; saves still hold them)")
+        users = [_short(m.get("content")) for m in dropped if m.get("role") == "user"] or ["…"]
+        span = f'"{users[0]}"' + (f' to "{users[-1]}"' if len(users) > 1 else "")
+        out.append(f"(the context was full: the model no longer sees the {len(users)} oldest turn"
+                   f"{'s' if len(users) != 1 else ''} ({len(dropped)} messages, {span}), dropped so that the "
+                   "conversation fills at most half of the context; saves still hold them)")
     if stats is None:
         return out
     if stats.stop_reason == "max_tokens":
@@ -250,8 +244,16 @@ def notes(stats, settings: Settings, dropped: int = 0) -> list[str]:
     elif stats.stop_reason == "context":
         out.append("(the context is full: /reset, or start with a larger --ctx)")
     if stats.malformed:
-        out.append("(the model's output did not follow the chat format; it is shown as it came)")
+        why = "; ".join(stats.warnings) or "it did not follow the chat format"
+        where = ("" if not stray.strip() else "; what it wrote outside a message is shown dimmed above" if interactive
+                 else f"; what it wrote outside a message (not an answer): {stray.strip()!r}")
+        out.append(f"(the model's output did not follow the chat format: {why}{where})")
     return out
+
+
+def _short(text, n: int = 30) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= n else text[:n - 1] + "…"
 
 
 def _stdin_lines():
@@ -365,6 +367,8 @@ class Chat:
                         break
                     continue
                 self.turn(line)
+        except typer.Exit:
+            raise
         except Exception as e:  # a crash never loses the conversation
             path = state_dir() / f"crash-{time.strftime('%Y%m%d-%H%M%S')}.json"
             error(f"{type(e).__name__}: {e}")
@@ -393,9 +397,13 @@ class Chat:
             if events is not None:
                 events.close()  # the session restores its cache and keeps the answer so far
             self._count(view, None, t0)
-            self.out.print("[dim]stopped; the conversation is kept, with the answer so far.[/]")
             self.conv.archive_dropped()
             self._autosave()
+            if not self.interactive:  # piped: Ctrl-C ends the run, said on stderr (stdout holds only answers)
+                err.print(f"stopped; the conversation, with the answer so far, is autosaved in {self.autosave_path}",
+                          soft_wrap=True)
+                raise typer.Exit(130)
+            self.out.print("[dim]stopped; the conversation is kept, with the answer so far.[/]")
             return
         except GptOssError as e:
             if events is not None:
@@ -407,7 +415,7 @@ class Chat:
             error(f"{e} ({kept})")
             return
         self._count(view, stats, t0)
-        for note in notes(stats, self.conv.settings, self.conv.archive_dropped()):
+        for note in notes(stats, self.conv.settings, self.conv.archive_dropped(), view.stray_text, self.interactive):
             err.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
         if self.interactive:
             line = stats_line(stats, view.reasoning_tokens)

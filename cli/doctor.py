@@ -1,6 +1,7 @@
 """`gptoss-mac doctor`: what a bug report needs, what is wrong, then a smoke test of the whole model path.
 
 Each check is one row: ok, note (worth knowing, not broken) or FAIL. Any FAIL -> exit status 1.
+`-m MODEL` also checks that checkpoint (mlx_gptoss.smoke.check_model): its weights and logits are finite.
 `--report FILE` writes everything a kernel or speed bug report needs as one JSON file: the machine, every
 row, the Metal kernels' self-test with its timings for every activation dtype, and a bench (pp512, tg128)
 of a downloaded model with each MoE backend this machine has.
@@ -24,6 +25,8 @@ from rich.table import Table
 
 from mlx_gptoss import machine
 
+from . import options
+
 console = Console()
 
 OK, NOTE, FAIL, INFO = "ok", "note", "FAIL", ""
@@ -45,15 +48,21 @@ def doctor(
     report: Optional[Path] = typer.Option(None, "--report", help="Also write everything a kernel or speed bug "
                                           "report needs to this JSON file (self-test timings in every dtype, "
                                           "a bench of --model with each MoE backend)."),
-    model: str = typer.Option("openai/gpt-oss-20b", "--model", "-m", help="With --report: the downloaded model "
-                              "to bench (skipped, and said so, when it is not on this machine)."),
-    bench_prompt: int = typer.Option(512, "--bench-prompt", help="With --report: prompt tokens of the bench (ppN)."),
-    bench_gen: int = typer.Option(128, "--bench-gen", help="With --report: generated tokens of the bench (tgN)."),
-    bench_repetitions: int = typer.Option(3, "--bench-repetitions", help="With --report: timed repetitions."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Also check this model (a folder or a "
+                                        "downloaded repo id): load it, scan its weights, one forward pass, every "
+                                        "value finite. With --report: the model to bench [default: "
+                                        "openai/gpt-oss-20b, skipped and said so when it is not on this machine]."),
+    bench_prompt: int = typer.Option(512, "--bench-prompt", callback=options.positive("512"),
+                                     help="With --report: prompt tokens of the bench (ppN)."),
+    bench_gen: int = typer.Option(128, "--bench-gen", callback=options.positive("128"),
+                                  help="With --report: generated tokens of the bench (tgN)."),
+    bench_repetitions: int = typer.Option(3, "--bench-repetitions", callback=options.count("3"),
+                                          help="With --report: timed repetitions."),
     bandwidth_bytes: int = typer.Option(1 << 30, "--bandwidth-bytes", hidden=True,
                                         help="With --report: buffer size of the bench's bandwidth measurement."),
 ) -> None:
-    """Show the machine, MLX, memory, Metal kernels and cached models, then run a smoke test."""
+    """Show the machine, MLX, memory, Metal kernels and cached models, then run a smoke test (and with -m,
+    check a model's weights and logits)."""
     if report is not None:
         _check_writable(report)
     kernel_dtypes = _all_dtypes() if report is not None else None
@@ -67,10 +76,13 @@ def doctor(
             rows.append(Row(name, FAIL, f"{type(e).__name__}: {e}"))
     if smoke:
         rows += smoke_rows()
+    if model is not None:
+        with console.status(f"checking {model}"):
+            rows += model_rows(model)
     if report is not None:
         with console.status("writing the report (benchmarks take a while)"):
-            data = build_report(rows, kernel_dtypes, model, bench_prompt, bench_gen, bench_repetitions,
-                                bandwidth_bytes)
+            data = build_report(rows, kernel_dtypes, model or "openai/gpt-oss-20b", bench_prompt, bench_gen,
+                                bench_repetitions, bandwidth_bytes)
         report.write_text(json.dumps(data, indent=1, default=str))
         rows.append(Row("report", OK, f"written to {report}: attach it to the bug report"))
     table = Table(title="gptoss-mac doctor", show_header=False, box=None, pad_edge=False)
@@ -80,7 +92,7 @@ def doctor(
     for r in rows:
         table.add_row(r.what, f"[{STYLE[r.status]}]{r.status}[/]" if r.status else "", r.detail)
     console.print(table)
-    failed = [r.what for r in rows if r.status == FAIL]
+    failed = list(dict.fromkeys(r.what for r in rows if r.status == FAIL))
     if failed:
         console.print(f"[bold red]broken:[/] {', '.join(failed)}", highlight=False)
         raise typer.Exit(1)
@@ -243,6 +255,22 @@ def smoke_rows() -> list[Row]:
     return rows
 
 
+def model_rows(model: str) -> list[Row]:
+    """`doctor -m MODEL`: the checkpoint itself (smoke.check_model), what chat's NaN error sends the user here for."""
+    from mlx_gptoss import hub, smoke
+    from mlx_gptoss.errors import GptOssError
+
+    try:
+        hub.resolve(model, allow_download=False)
+    except GptOssError as e:  # not on this machine: nothing to check (--report's bench says it was skipped too)
+        return [Row("model check", NOTE, f"not checked: {e}")]
+    res = smoke.check_model(model)
+    rows = [Row("model check", OK if passed else FAIL, f"{what}: {detail}" if detail else what)
+            for what, passed, detail in res.checks]
+    rows.append(Row("", INFO, f"model check took {res.seconds:.2f} s"))
+    return rows
+
+
 def _gb(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
@@ -264,14 +292,22 @@ def _matmul_gflops(n: int = MATMUL_N, reps: int = 3) -> float:
 # ---- --report --------------------------------------------------------------------------------------------
 
 def _check_writable(path: Path) -> None:
+    """Before anything runs: the report can be written there (tried, not guessed: root passes os.access
+    checks on /proc, a read-only disk passes them too)."""
     from mlx_gptoss.errors import GptOssError
 
     if path.is_dir():
         raise GptOssError(f"--report {path}: is a folder; give a file name, e.g. {path / 'gptoss-report.json'}")
     if not path.parent.is_dir():
         raise GptOssError(f"--report {path}: the folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise GptOssError(f"--report {path}: cannot write there; choose another file")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise GptOssError(f"--report {path}: cannot write there ({e.strerror}); choose another file") from None
+    if not existed:
+        path.unlink(missing_ok=True)
 
 
 def build_report(rows: list[Row], kernel_dtypes, model: str, n_prompt: int, n_gen: int, repetitions: int,

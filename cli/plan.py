@@ -21,17 +21,22 @@ STYLE = {"fits": "bold green", "smaller context": "bold yellow", "does not fit":
 
 def plan(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder or Hugging Face repo id."),
-    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length in tokens [default: the model's, 131072]."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length in tokens [default: the model's, 131072].",
+                                      callback=options.positive("8192")),
     memory_: Optional[str] = typer.Option(None, "--memory", help="Memory budget instead of this machine's, "
-                                          "e.g. 16GB (10^9 bytes) or 16GiB; with --device metal, the Mac's memory."),
+                                          "e.g. 16GB (10^9 bytes) or 16GiB; with --device metal, the Mac's memory.",
+                                          callback=options.memory_size),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Activation dtype: bfloat16, float16 or float32 "
-                                        "[default: bfloat16 on Metal, float32 on MLX's CPU backend]."),
+                                        "[default: bfloat16 on Metal, float32 on MLX's CPU backend].",
+                                        callback=options.choice(*options.DTYPES)),
     device: str = typer.Option("auto", "--device", help="Plan for: auto (this machine), metal (a Mac: fused "
-                               "attention, bf16, the GPU working set of a Mac with --memory) or cpu."),
+                               "attention, bf16, the GPU working set of a Mac with --memory) or cpu.",
+                               callback=options.choice("auto", "metal", "cpu")),
     offload: str = options.OFFLOAD,
     kv_bits: Optional[int] = options.KV_BITS,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (keys in the README), for scripts."),
-    ranks: int = typer.Option(1, "--ranks", help="Plan one Mac of N sharing the model under mlx.launch."),
+    ranks: int = typer.Option(1, "--ranks", help="Plan one Mac of N sharing the model under mlx.launch.",
+                              callback=options.count("2")),
 ) -> None:
     """Show the memory a model needs (from its safetensors headers) and whether it fits. Loads nothing."""
     if ranks > 1:

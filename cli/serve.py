@@ -6,12 +6,16 @@ snippet, logs one line per request, and stops cleanly on Ctrl-C / SIGTERM.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shlex
 import socket
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mlx_gptoss import hub
 from mlx_gptoss.errors import GptOssError
@@ -39,11 +43,26 @@ def _check_port(host: str, port: int) -> None:
         raise GptOssError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None
 
 
+def client_lines(url: str, model_id: str, api_key: str | None) -> list[str]:
+    """A curl and a Python command that work as pasted into a shell: the key is read from $GPTOSS_API_KEY
+    (never printed); when the server did not get it from there, the first line says to export it."""
+    auth = ' -H "Authorization: Bearer $GPTOSS_API_KEY"' if api_key else ""
+    body = shlex.quote(json.dumps({"model": model_id, "input": "Hello"}))
+    key = 'os.environ["GPTOSS_API_KEY"]' if api_key else '"none"'
+    code = (f"import os; from openai import OpenAI; print(OpenAI(base_url={json.dumps(url)}, api_key={key})"
+            f".responses.create(model={json.dumps(model_id)}, input=\"Hello\").output_text)")
+    lines = []
+    if api_key and os.environ.get("GPTOSS_API_KEY") != api_key:
+        lines.append("  first, in the shell you paste these into: export GPTOSS_API_KEY=<the key given to --api-key>")
+    return lines + [f"  curl {url}/responses -H 'Content-Type: application/json'{auth} -d {body}",
+                    f"  python3 -c {shlex.quote(code)}   # pip install openai"]
+
+
 def serve(
     model: str = typer.Option(hub.DEFAULT_MODEL, "--model", "-m",
                               help="Hugging Face repo id or local folder; a repo is downloaded on first use."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (any but the loopback needs "
-                             "--api-key or --no-auth)."),
+    host: str = typer.Option("127.0.0.1", "--host", callback=options.host,
+                             help="Address to listen on (any but the loopback needs --api-key or --no-auth)."),
     port: int = typer.Option(8000, "--port", callback=_port, help="TCP port."),
     ctx: int | None = typer.Option(None, "--ctx", callback=options.positive("8192"),
                                    help="Context length in tokens (default: what fits in memory)."),
@@ -54,11 +73,12 @@ def serve(
     no_auth: bool = typer.Option(False, "--no-auth", help="Serve a non-loopback --host without an API key."),
     cors: list[str] = typer.Option([], "--cors", help="Allow browser requests from this origin (repeatable; "
                                    "* for any)."),
-    slots: int | None = typer.Option(None, "--slots", callback=options.positive("4"),
+    slots: int | None = typer.Option(None, "--slots", callback=options.count("4"),
                                      help="KV cache slots (default: from the memory plan, at most 8)."),
-    max_queue: int = typer.Option(16, "--max-queue", callback=options.positive("16"),
+    max_queue: int = typer.Option(16, "--max-queue", callback=options.count("16"),
                                   help="Requests that may wait; more get 429."),
-    max_body: int = typer.Option(16, "--max-body", callback=options.positive("16"), help="Largest request body, in MB."),
+    max_body: int = typer.Option(16, "--max-body", callback=options.positive("16", "MB"),
+                                  help="Largest request body, in MB."),
 ) -> None:
     """Serve gpt-oss over OpenAI's API (Responses, Chat Completions, Completions) for agents and apps."""
     from mlx_gptoss.distributed import launched_rank
@@ -83,14 +103,9 @@ def serve(
     settings = Settings(model_id, api_key=api_key, cors=list(cors), max_body=max_body << 20)
     server = make_server(worker, settings, host, port)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
-    key = api_key and "$GPTOSS_API_KEY" or "none"
-    err.print(f"serving {model_id} at [bold]{url}[/] ({worker.engine.pool.size} KV slots, queue {max_queue}); "
-              "Ctrl-C stops\n"
-              f"  curl {url}/responses -H 'Content-Type: application/json'"
-              + (" -H \"Authorization: Bearer $GPTOSS_API_KEY\"" if api_key else "")
-              + f" -d '{{\"model\": \"{model_id}\", \"input\": \"Hello\"}}'\n"
-              f"  python: OpenAI(base_url=\"{url}\", api_key=\"{key}\").responses.create(model=\"{model_id}\", "
-              "input=\"Hello\")", markup=True, soft_wrap=True)
+    err.print(f"serving {escape(model_id)} at [bold]{url}[/] ({worker.engine.pool.size} KV slots, queue {max_queue}); "
+              "Ctrl-C stops", markup=True, soft_wrap=True)
+    err.print("\n".join(client_lines(url, model_id, api_key)), markup=False, soft_wrap=True)
     try:
         server.run()
     finally:

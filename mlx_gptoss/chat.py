@@ -33,7 +33,8 @@ is gone, so the cache diverges there); `<|return|>` is stored as `<|end|>`.
 Events (`Event`, yielded by `GptOss.chat()` and `Session.send()`), `.kind` is one of:
     "reasoning"  .text: a piece of chain-of-thought (analysis channel; hide it from end users by default).
                  Two analysis messages are separated by one "\n\n" reasoning event. Text the model wrote
-                 without a valid channel or header is also reasoning (hidden), with stats.malformed set.
+                 without a valid channel or header is also reasoning, with .channel None (the only text
+                 event without a channel: a UI can show it as what it is) and stats.malformed set.
     "preamble"   .text: a piece of commentary without recipient: what the model tells the user before a
                  tool call (show it, e.g. dimmed, before the call)
     "content"    .text: a piece of the answer (final channel)
@@ -63,6 +64,8 @@ drop_oldest=True)`), keeps the KV cache between turns so turn N prefills only wh
         several "done" events can then occur (one per model call); the last one ends the reply.
     add_tool_result(name, content, *, tool_call_id=None): append a tool message answering a "tool_call"
         (pass the event's .id; without it the oldest unanswered call of that name gets it), then send(None).
+        A result for no pending call (an id never generated, a name the model did not call, a call answered
+        already) raises GptOssError naming the pending calls. pending_calls(): those calls.
     messages: list of message dicts (a copy is safe to json.dumps).
     reset(): forget messages and cache (keeps settings).
     set_effort("low"|"medium"|"high"), set_developer(text | None), set_tools(tools): change the system/
@@ -90,9 +93,11 @@ pipelined as in mlx-lm (the next forward pass is queued before Python handles th
 
 Context: a prompt longer than the context cap (max_context, default min(config max_position_embeddings,
 the memory plan's context)) raises GptOssError from GptOss.chat(); a Session with drop_oldest=True drops
-the oldest user turns instead, keeping room for max_tokens (default: a quarter of the context, at most 4096
-tokens), and reports it in stats.dropped_messages (never silently). Turns are dropped only when the message
-then fits: one that cannot fit even alone is refused with the session unchanged.
+the oldest user turns instead when the prompt leaves less room than max_tokens (default: a quarter of the
+context, at most 4096 tokens): as many as it takes for the conversation to fill at most half of the context
+(DROP_TO) with that room kept, so that the turns after it are incremental again (one re-prefill per drop,
+not one per turn), and reports it in stats.dropped_messages (never silently). Turns are dropped only when
+the message then fits: one that cannot fit even alone is refused with the session unchanged.
 
 Sampling options are checked before anything runs (one GptOssError naming the option): temperature >= 0,
 top_p and min_p in [0, 1], all finite; top_k an integer >= 0; seed an integer >= 0 or None; max_tokens a
@@ -122,6 +127,7 @@ from . import harmony
 from .errors import GptOssError
 
 DEFAULT_PREFILL_CHUNK = 512
+DROP_TO = 0.5  # a full context drops the oldest turns until the conversation fills at most this fraction of it
 MAX_SNAPSHOTS = 8
 
 
@@ -329,7 +335,7 @@ def _check_finite(logits: mx.array) -> None:
     if not bool(mx.isfinite(logits).all().item()):
         raise GptOssError("the model's output (logits) holds NaN or infinity: the weights are probably corrupt or "
                           "wrongly converted, or the dtype overflows (try --dtype float32); check the checkpoint "
-                          "(gptoss-mac doctor) and download it again if needed")
+                          "(gptoss-mac doctor -m MODEL) and download it again if needed")
 
 
 def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: int | None = None,
@@ -464,23 +470,33 @@ class Session:
     def cancel(self) -> None:
         self._cancel.set()
 
+    def pending_calls(self) -> list[dict]:
+        """The tool calls of the current turn (since the last user message, and of the reply still streaming)
+        that no tool message answers yet, in order: {"id", "name", "arguments"} (+ "recipient")."""
+        answered = {m.get("tool_call_id") for m in self.messages + self._pending if m.get("role") == "tool"}
+        last_user = max((i for i, m in enumerate(self.messages) if m.get("role") == "user"), default=-1)
+        calls = [c for m in self.messages[last_user + 1:] if m.get("role") == "assistant"
+                 for c in harmony.assistant_tool_calls(m)]
+        if self._busy and self._parser:
+            calls += self._parser.tool_calls
+        return [c for c in calls if c.get("id") is None or c["id"] not in answered]
+
     def add_tool_result(self, name: str, content, *, tool_call_id: str | None = None) -> None:
-        """Answer a tool call (best with the "tool_call" event's .id; else the oldest unanswered call of that
-        name gets it). While its reply is still streaming, the result is added right after it."""
+        """Answer a pending tool call (best with the "tool_call" event's .id; else the oldest unanswered call of
+        that name gets it). While its reply is still streaming, the result is added right after it. A result
+        for a call that was never made (or is answered already) raises GptOssError naming the pending calls."""
         text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, default=str)
-        if tool_call_id is None:
-            answered = {m.get("tool_call_id") for m in self.messages + self._pending if m.get("role") == "tool"}
-            calls = self._parser.tool_calls if self._busy and self._parser else [
-                c for m in self.messages[-1:] if m.get("role") == "assistant"
-                for c in harmony.assistant_tool_calls(m)]
-            if not calls:  # the reply's calls are answered in the messages after it
-                last = max((i for i, m in enumerate(self.messages) if m.get("role") == "assistant"), default=None)
-                calls = harmony.assistant_tool_calls(self.messages[last]) if last is not None else []
-            tool_call_id = next((c.get("id") for c in calls if c.get("id") and c.get("id") not in answered
-                                 and name in (c["name"], c.get("recipient"))), None)
+        pending = self.pending_calls()
+        call = next((c for c in pending if (c.get("id") == tool_call_id if tool_call_id is not None
+                                            else name in (c["name"], c.get("recipient")))), None)
+        if call is None:
+            asked = f"tool_call_id {tool_call_id!r}" if tool_call_id is not None else f"a call of {name!r}"
+            waiting = ", ".join(f"{c['name']} (tool_call_id {c.get('id')!r})" for c in pending) or "none"
+            raise GptOssError(f"add_tool_result({name!r}): there is no pending tool call with {asked}; "
+                              f"the calls waiting for a result: {waiting}")
         msg = {"role": "tool", "name": name, "content": text}
-        if tool_call_id:
-            msg["tool_call_id"] = tool_call_id
+        if call.get("id"):
+            msg["tool_call_id"] = call["id"]
         (self._pending if self._busy else self.messages).append(msg)
 
     # -- persistence
@@ -502,12 +518,18 @@ class Session:
                               date=self.date, exact=lambda p: self._exact.get(harmony.part_key(p)))
 
     def _fit(self, reserve: int) -> tuple[list[int], int]:
-        """The prompt ids, dropping the oldest whole turns while it leaves less than `reserve` tokens for the
-        reply. Turns are dropped only if the prompt then fits: a message that cannot fit at all raises
-        GptOssError and leaves the messages exactly as they were."""
+        """The prompt ids; when they leave less than `reserve` tokens for the reply, the oldest whole turns are
+        dropped until the prompt fills at most DROP_TO of the context (and leaves `reserve`). Turns are dropped
+        only if the prompt then fits: a message that cannot fit at all raises GptOssError and leaves the
+        messages exactly as they were."""
         msgs, dropped = self.messages, 0
         prompt = self.render(msgs)
-        while self.drop_oldest and len(prompt) + reserve > self.cap:
+        # Once turns must go, enough of them go that the conversation fills at most DROP_TO of the context:
+        # dropping changes the prompt right after the system prefix (one re-prefill), and the turns after it
+        # are incremental again until the context fills up once more (dropping one turn per turn would
+        # re-prefill the whole conversation every turn).
+        target = min(int(self.cap * DROP_TO), self.cap - reserve)
+        while self.drop_oldest and len(prompt) + reserve > self.cap or dropped and len(prompt) > target:
             users = [i for i, m in enumerate(msgs) if m.get("role") == "user"]
             if len(users) < 2:  # only the current turn is left
                 break

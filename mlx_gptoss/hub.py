@@ -57,7 +57,7 @@ def snapshot(repo_id: str, *, local_only: bool = False, progress: Callable[[int]
             raise GptOssError(f"{repo_id}: not downloaded yet; run `gptoss-mac download {repo_id}`") from None
         raise GptOssError(
             f"{repo_id}: cannot reach the Hugging Face hub and the model is not in the local cache; "
-            "connect to the internet or pass a local folder"
+            "connect to the internet, or run a model folder you already have: --model PATH"
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise GptOssError(f"{repo_id}: download failed ({e}); run the same command again to resume") from None
@@ -152,7 +152,7 @@ def plan_download(repo_id: str) -> DownloadPlan:
             raise GptOssError(f"{repo_id}: not in the local cache and HF_HUB_OFFLINE is set; "
                               "unset HF_HUB_OFFLINE to download it") from None
         raise GptOssError(f"{repo_id}: cannot reach the Hugging Face hub; check the internet connection "
-                          "and try again") from None
+                          "and try again, or run a model folder you already have: --model PATH") from None
     except OSError as e:
         raise GptOssError(f"{repo_id}: cannot list the files on the Hugging Face hub ({e})") from None
     files = [RemoteFile(i.filename, i.file_size or 0, not i.will_download) for i in infos]

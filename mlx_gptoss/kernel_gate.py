@@ -2,7 +2,7 @@
 to the kernels wrapper.
 
 kernels.py asks `approved(kernel, dtype)`; metal_selftest.py answers by registering its judge with
-`set_judge` when it is imported (the package's __init__ imports it). Data flows one way, self-test ->
+`set_judge` when it is imported (model.py imports it: every model has the judge). Data flows one way, self-test ->
 this registry -> kernels, and neither of the two imports the other's direction: kernels.py knows nothing
 of how a kernel is tested. With no judge registered, nothing is approved and the builtin ops run.
 """

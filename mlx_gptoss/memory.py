@@ -15,6 +15,7 @@ The budget is MLX's recommended GPU working set on a Mac, available RAM elsewher
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -597,13 +598,12 @@ def check_context(n_tokens: int, max_context: int) -> None:
 def bounded_cache(model, max_context: int) -> list:
     """model.make_cache() with every layer refusing to grow past max_context tokens. Layer 0 checks
     first, so a refused prompt leaves every layer's cache as it was."""
-    from mlx_lm.models.cache import KVCache, RotatingKVCache
-
     caches = model.make_cache()
     if not max_context:
         return caches
+    bounded = _bounded_classes()
     for c in caches:
-        c.__class__ = {KVCache: _BoundedKV, RotatingKVCache: _BoundedRotating}.get(type(c), type(c))
+        c.__class__ = bounded.get(type(c), type(c))
         c.max_context = max_context
     return caches
 
@@ -620,11 +620,11 @@ def _bounded(base):
     return Bounded
 
 
-def _lazy_bounded():
+@functools.cache
+def _bounded_classes() -> dict:
+    """mlx-lm's cache classes -> their bounded subclasses, made on first use (importing mlx-lm takes
+    seconds: `gptoss-mac plan` and every `--help` never pay for it)."""
     from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-    return _bounded(KVCache), _bounded(RotatingKVCache)
-
-
-_BoundedKV, _BoundedRotating = _lazy_bounded()
+    return {KVCache: _bounded(KVCache), RotatingKVCache: _bounded(RotatingKVCache)}
 

@@ -14,7 +14,7 @@ import numpy as np
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from . import kernels
+from . import kernels, metal_selftest  # noqa: F401  (metal_selftest registers the kernels' judge in kernel_gate)
 from .config import GptOssConfig, YarnConfig
 
 

@@ -5,6 +5,10 @@ with sinks, sliding-window and full layers, router top-k, MXFP4 expert matmuls (
 weights, MLX's packing), the KV caches. It checks more than "it runs": decoding token by token through
 the caches must give the same logits as one uncached forward pass over the whole sequence, past the
 sliding window so the rotating cache wraps around.
+
+check_model(model) does what the smoke test cannot: it loads a real checkpoint (`doctor -m PATH`) and checks
+that its weights and its logits are finite, the failure chat sends the user to doctor for (a corrupt or wrongly
+converted checkpoint runs, and samples garbage).
 """
 
 from __future__ import annotations
@@ -112,4 +116,54 @@ def run(seed: int = 0, dtype: mx.Dtype = mx.float32) -> SmokeResult:
         check("smoke test raised", False, f"{type(e).__name__}: {e}")
     finally:
         res.seconds = time.perf_counter() - t0
+    return res
+
+
+MODEL_CHECK_TOKENS = 16  # token ids 0..15 (no tokenizer needed): every layer, attention and routed experts run
+
+
+def check_model(model, *, memory=None) -> SmokeResult:
+    """Load `model` (a folder or a downloaded repo id; never downloads), scan its weights for NaN/infinity
+    (float tensors) and NaN scales (MXFP4's E8M0 0xFF), and run one forward pass: every logit must be finite."""
+    from mlx.utils import tree_flatten
+
+    from .api import load
+    from .errors import GptOssError
+
+    t0 = time.perf_counter()
+    res = SmokeResult(ok=True)
+
+    def check(what: str, passed: bool, detail: str = "") -> None:
+        res.checks.append((what, bool(passed), detail))
+        res.ok &= bool(passed)
+
+    try:
+        gpt = load(model, allow_download=False, **({"memory": memory} if memory else {}))
+    except GptOssError as e:
+        check(f"load {model}", False, str(e))
+        res.seconds = time.perf_counter() - t0
+        return res
+    check(f"load {model}", True, "" if str(gpt.path) == str(model) else str(gpt.path))
+    bad = []
+    for name, p in tree_flatten(gpt.model.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating):
+            broken = not bool(mx.isfinite(p).all().item())
+        elif p.dtype == mx.uint8 and name.endswith("scales"):  # E8M0: 0xFF is NaN
+            broken = bool((p == 255).any().item())
+        else:
+            continue
+        if broken:
+            bad.append(name)
+    names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+    check("weights: no NaN or infinity", not bad,
+          f"{len(bad)} tensor{'s' if len(bad) > 1 else ''} with NaN or infinity: {names}; the checkpoint is "
+          "corrupt or wrongly converted: download it again" if bad else "every tensor checked")
+    ids = mx.array([[i % gpt.config.vocab_size for i in range(MODEL_CHECK_TOKENS)]], mx.int32)
+    logits = gpt.model(ids)
+    mx.eval(logits)
+    finite = bool(mx.isfinite(logits).all().item())
+    check("forward pass: finite logits", finite,
+          f"{MODEL_CHECK_TOKENS} tokens" if finite else "the logits hold NaN or infinity: chat would sample garbage "
+          "(a corrupt checkpoint, or a dtype that overflows: try --dtype float32)")
+    res.seconds = time.perf_counter() - t0
     return res

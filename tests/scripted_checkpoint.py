@@ -276,6 +276,9 @@ SCRIPTS = {
     "bad_special": ["<|channel|>final<|message|>Hi<|start|> there<|return|>"],
     "no_header": ["hello world<|return|>"],
     "loop": ["<|channel|>analysis<|message|> again and again and"],  # never closes: " and" -> " again" -> ...
+    # forty lines of chain-of-thought: taller than a 24-line terminal
+    "long_reasoning": ["<|channel|>analysis<|message|>" + "".join(f"Step {i} of the plan.\n" for i in range(1, 41))
+                       + "<|end|><|start|>assistant<|channel|>final<|message|>Done thinking.<|return|>"],
 }
 LOOKUP = {"name": "lookup", "description": "Look up a number.",
           "parameters": {"type": "object", "properties": {"q": {"type": "integer"}}, "required": ["q"]}}

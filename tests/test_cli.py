@@ -237,16 +237,19 @@ def test_download_of_an_unknown_repo(hub_env):
     assert "no such model on the Hugging Face hub" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_download_without_network_is_one_sentence(tmp_path):
+@pytest.mark.parametrize("command", [["download"], ["chat"]])
+def test_without_network_a_first_run_is_one_sentence_naming_the_local_folder_way(tmp_path, command):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path), HF_HUB_OFFLINE="0",
                HF_HUB_CACHE=str(tmp_path / "hub"), COLUMNS="300")
-    r = gptoss(env, "download")
+    r = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli.app", *command], input="hi\n", env=env,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
-        "error: openai/gpt-oss-20b: cannot reach the Hugging Face hub; check the internet connection and try again"]
+        "error: openai/gpt-oss-20b: cannot reach the Hugging Face hub; check the internet connection and try again, "
+        "or run a model folder you already have: --model PATH"]
 
 
 # --- chat: options and bad input ---------------------------------------------------------------------------
@@ -475,9 +478,36 @@ def test_dropped_turns_are_said_and_kept_in_the_saved_conversation(state):
     # 3 turns of ~1000 tokens each in a 2048-token context: the session drops the oldest to make room
     big = ["Say hi " + "word " * 900 + str(i) for i in range(3)]
     result = chat_piped("final", "--ctx", "2048", "--max-tokens", "16", input="\n".join(big) + "\n")
-    assert "no longer fit the context" in " ".join(result.stderr.split())
+    import re
+
+    assert re.search(r'the context was full: the model no longer sees the \d oldest turns? \(\d messages, "Say hi word',
+                     " ".join(result.stderr.split())), result.stderr
     msgs = saved(state)["session"]["messages"]
     assert [m["content"] for m in msgs if m["role"] == "user"] == big  # every message the user typed
+
+
+def test_a_full_context_drops_turns_once_in_a_while_not_every_turn(state):
+    """`--ctx 200` and ten short prompts: dropping frees half the context, so it happens a few times, and each
+    time says which turns went."""
+    result = chat_piped("final", "--ctx", "200", input="".join(f"Say hi {i}\n" for i in range(10)))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Just the answer.\n" * 10
+    notes = [line for line in result.stderr.splitlines() if "the context was full" in line]
+    assert 1 <= len(notes) <= 3, result.stderr
+    assert 'oldest turns (' in notes[0] and '"Say hi 0" to "Say hi' in notes[0] and "half of the context" in notes[0]
+    msgs = saved(state)["session"]["messages"]
+    assert [m["content"] for m in msgs if m["role"] == "user"] == [f"Say hi {i}" for i in range(10)]
+
+
+@pytest.mark.parametrize("show", [[], ["--show-reasoning"]])
+def test_malformed_output_is_shown_on_stderr_when_piped_never_as_an_answer(state, show):
+    result = chat_piped("no_header", *show, input="Say hi\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""  # not an answer
+    err = " ".join(result.stderr.split())
+    assert ("(the model's output did not follow the chat format: the model's output never opened a message (no "
+            "<|message|>); what it wrote outside a message (not an answer): 'hello world')") in err, err
+    assert "shown as it came" not in err
 
 
 def test_a_new_conversation_never_overwrites_the_previous_autosave(state):
@@ -489,7 +519,7 @@ def test_a_new_conversation_never_overwrites_the_previous_autosave(state):
     assert first["session"]["messages"] == previous["session"]["messages"]
 
 
-def test_stats_counts_an_interrupted_reply(state, monkeypatch):
+def test_ctrl_c_in_a_piped_chat_ends_it_on_stderr_with_status_130(state, monkeypatch):
     from mlx_gptoss.cli import render
 
     real_event, seen = render.ReplyView.event, []
@@ -501,8 +531,13 @@ def test_stats_counts_an_interrupted_reply(state, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(render.ReplyView, "event", event)
-    result = chat_piped("loop", input="Say hi\n/stats\n")
-    assert "1 replies, 3 tokens generated" in result.stderr, result.stderr
+    result = chat_piped("loop", input="Say hi\nSay hi\n")
+    assert result.exit_code == 130
+    assert result.stdout == ""  # stdout holds only answers
+    assert f"stopped; the conversation, with the answer so far, is autosaved in {state / 'autosave.json'}" in \
+        " ".join(result.stderr.split())
+    assert len(seen) == 3  # the second line is not read: Ctrl-C ends a piped run
+    assert [m["role"] for m in saved(state)["session"]["messages"]] == ["user"]  # only reasoning so far
 
 
 # --- the chat's files ----------------------------------------------------------------------------------------
@@ -599,7 +634,7 @@ def test_the_live_line_moves_while_the_model_prefills_and_thinks():
     with ReplyView(console, show_reasoning=False, plain=False) as view:
         time.sleep(1.0)  # prefill: no event yet
         for _ in range(5):
-            view.event(Event("reasoning", "x"))
+            view.event(Event("reasoning", "x", channel="analysis"))
             time.sleep(0.2)
     frames = re.findall(r"(\S) thinking…(?: (\d+) tokens?)? · ([0-9.]+) s", screen.getvalue())
     spinners = {f[0] for f in frames}

@@ -15,9 +15,10 @@ from fake_hub import FakeHub
 PTY_ENV = {"PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
 
 
-def spawn(args: list[str], env: dict, timeout: float = 60) -> pexpect.spawn:
-    child = pexpect.spawn(sys.executable, ["-m", "mlx_gptoss.cli.app", *args], env={**os.environ, **PTY_ENV, **env},
-                          encoding="utf-8", timeout=timeout, dimensions=(40, 120))
+def spawn(args: list[str], env: dict, timeout: float = 60, rows: int = 40) -> pexpect.spawn:
+    child = pexpect.spawn(sys.executable, ["-m", "mlx_gptoss.cli.app", *args],
+                          env={**os.environ, **PTY_ENV, "LINES": str(rows), **env}, encoding="utf-8", timeout=timeout,
+                          dimensions=(rows, 120))
     return child
 
 
@@ -43,10 +44,10 @@ def chat_env(tmp_path):
     return {"XDG_STATE_HOME": str(tmp_path / "state"), "HF_HUB_OFFLINE": "1"}
 
 
-def chat(model: str, env: dict, *args) -> pexpect.spawn:
+def chat(model: str, env: dict, *args, rows: int = 40) -> pexpect.spawn:
     from scripted_checkpoint import scripted_path
 
-    child = spawn(["chat", "--model", str(scripted_path(model)), "--temperature", "0", *args], env)
+    child = spawn(["chat", "--model", str(scripted_path(model)), "--temperature", "0", *args], env, rows=rows)
     child.expect("/help for commands")
     child.expect("›")
     return child
@@ -203,3 +204,64 @@ def test_a_message_too_long_for_the_context_is_refused_and_comes_back_with_up(ch
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def screen_text(raw: str, columns: int = 120, lines: int = 40) -> str:
+    """What the terminal shows, scrollback included, after `raw` (pyte, a VT100 emulator)."""
+    import pyte
+
+    screen = pyte.HistoryScreen(columns, lines, history=10_000)
+    pyte.Stream(screen).feed(raw.replace("\r\n", "\n").replace("\n", "\r\n"))
+    top = ["".join(line[x].data for x in range(columns)).rstrip() for line in screen.history.top]
+    return "\n".join(top + [line.rstrip() for line in screen.display])
+
+
+def test_long_shown_reasoning_is_drawn_once(chat_env):
+    """/reasoning on with forty lines of chain-of-thought in a 24-line terminal: every line appears once on the
+    screen and in its scrollback (a live view taller than the screen used to be redrawn below itself)."""
+    import io
+
+    child = chat("long_reasoning", chat_env, rows=24)
+    child.send("/reasoning on\r")
+    child.expect("chain-of-thought shown")
+    child.expect("›")
+    raw = io.StringIO()
+    child.logfile_read = raw
+    child.send("Say hi\r")
+    child.expect("Done thinking.", timeout=180)
+    child.expect("tok/s")
+    child.expect("›")
+    child.send("/exit\r")
+    child.expect(pexpect.EOF)
+    child.close()
+    text = screen_text(raw.getvalue(), lines=24)
+    counts = {i: text.count(f"Step {i} of the plan.") for i in range(1, 41)}
+    assert set(counts.values()) == {1}, {i: n for i, n in counts.items() if n != 1}
+    assert text.count("Done thinking.") == 1
+    assert text.index("Step 40 of the plan.") < text.index("Done thinking.")
+
+
+def test_malformed_output_is_shown_dimmed_and_said(chat_env):
+    """Text the model wrote outside any message: shown (dimmed), with or without /reasoning on, and the note
+    says where it is."""
+    import io
+
+    child = chat("no_header", chat_env)
+    raw = io.StringIO()
+    child.logfile_read = raw
+    for command in ("", "/reasoning on"):
+        if command:
+            child.send(command + "\r")
+            child.expect("chain-of-thought shown")
+            child.expect("›")
+        child.send("Say hi\r")
+        child.expect("did not follow the chat format")
+        child.expect("what it wrote outside a message is shown dimmed above")
+        child.expect("tok/s")
+        child.expect("›")
+    child.send("/exit\r")
+    child.expect(pexpect.EOF)
+    child.close()
+    text = screen_text(raw.getvalue())
+    assert text.count("hello world") == 2, text  # once per reply
+    assert "shown as it came" not in text

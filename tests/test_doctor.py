@@ -117,3 +117,38 @@ def test_report_path_errors_are_one_line(tmp_path, where, message):
     target = tmp_path if where == "dir" else tmp_path / where
     r = invoke("doctor", "--no-smoke", "--report", str(target))
     assert r.exit_code != 0 and isinstance(r.exception, GptOssError) and message in str(r.exception)
+
+
+@pytest.mark.skipif(not doctor.sys.platform.startswith("linux"), reason="/proc is Linux's")
+def test_an_unwritable_report_path_is_one_line_before_anything_runs():
+    """/proc lets nobody create files, not even root, whom os.access() says yes to: the path is tried."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli.app", "doctor", "--report", "/proc/r.json"],
+                       capture_output=True, text=True, timeout=120, env={**doctor.os.environ, "COLUMNS": "300"})
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "error: --report /proc/r.json: cannot write there (No such file or directory); choose another file"]
+    assert r.stdout == ""  # nothing ran: no table, no smoke test
+
+
+def test_doctor_m_fails_on_a_checkpoint_with_nan_weights(tmp_path):
+    """chat's NaN error sends the user to `doctor -m MODEL`: it must find what chat found, and exit 1."""
+    from scripted_checkpoint import random_real_vocab_model
+
+    gpt = random_real_vocab_model(tmp_path / "nan", layers=2, seed=4, nan="model.norm.weight")
+    r = invoke("doctor", "--no-smoke", "-m", str(gpt.path))
+    assert r.exit_code == 1, r.output
+    out = " ".join(r.output.split())
+    assert "model check FAIL weights: no NaN or infinity: 1 tensor with NaN or infinity: model.norm.weight" in out
+    assert "model check FAIL forward pass: finite logits: the logits hold NaN" in out
+    assert "broken: model check" in out and "everything works" not in out
+
+
+def test_doctor_m_passes_a_good_checkpoint(tiny_ckpt):
+    r = invoke("doctor", "--no-smoke", "-m", str(tiny_ckpt))
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "model check ok weights: no NaN or infinity: every tensor checked" in out
+    assert "model check ok forward pass: finite logits: 16 tokens" in out and "everything works" in out

@@ -89,3 +89,40 @@ def test_bad_port_and_busy_port():
         s.listen()
         r = quick("--model", "/nonexistent", "--port", str(s.getsockname()[1]))
     assert r.returncode == 1 and "cannot listen on 127.0.0.1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_printed_client_lines_work_as_pasted(tmp_path):
+    """serve --api-key KEY: the curl and Python lines it prints, run by a shell exactly as printed (after the
+    export it asks for), get the answer; the key itself is never printed."""
+    key = "s3cret-key"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "GPTOSS_API_KEY"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_gptoss.cli.app", "serve", "--model",
+                             str(scripted_path("final")), "--port", str(port), "--api-key", key],
+                            env=dict(env, HF_HUB_OFFLINE="1", COLUMNS="200"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("  python3 -c"):
+                break
+        text = "".join(lines)
+        assert "export GPTOSS_API_KEY=" in text and key not in text, text
+        shell_env = dict(env, GPTOSS_API_KEY=key, PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
+        for line in lines:
+            if line.startswith(("  curl", "  python3")):
+                r = subprocess.run(["bash", "-c", line.strip()], env=shell_env, capture_output=True, text=True,
+                                   timeout=120)
+                assert r.returncode == 0 and "Just the answer." in r.stdout, (line, r.stdout, r.stderr)
+        wrong = subprocess.run(["bash", "-c", next(x for x in lines if x.startswith("  curl")).strip()],
+                               env=dict(shell_env, GPTOSS_API_KEY="wrong"), capture_output=True, text=True,
+                               timeout=60)
+        assert "Just the answer." not in wrong.stdout  # the key really is checked
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)

@@ -3,6 +3,7 @@ interruption, save/load, settings changes, dropping the oldest turns."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import re
@@ -219,6 +220,26 @@ def test_tool_call_answered_by_hand():
     assert stats.cached_tokens > 0 and stats.prefilled_tokens < 80
 
 
+def test_a_result_for_a_call_never_made_is_refused_naming_the_pending_calls():
+    gpt = scripted_model("tool")
+    s = gpt.session(tools=[get_weather])
+    with pytest.raises(GptOssError, match=r"add_tool_result\('nope'\): there is no pending tool call with a call "
+                                          r"of 'nope'; the calls waiting for a result: none"):
+        s.add_tool_result("nope", "42")  # nothing was called yet
+    evs, _ = run(s.send("What's the weather in Paris?", temperature=0))
+    (call,) = [e for e in evs if e.kind == "tool_call"]
+    before = copy.deepcopy(s.messages)
+    for args in (("nope", "42"), ("get_weather", "42", "call_000")):
+        with pytest.raises(GptOssError, match=f"the calls waiting for a result: get_weather \\(tool_call_id "
+                                              f"'{call.id}'\\)"):
+            s.add_tool_result(*args[:2], tool_call_id=args[2] if len(args) > 2 else None)
+    assert s.messages == before  # nothing was kept
+    s.add_tool_result("get_weather", get_weather("Paris"), tool_call_id=call.id)
+    with pytest.raises(GptOssError, match="waiting for a result: none"):  # answered already
+        s.add_tool_result("get_weather", "again", tool_call_id=call.id)
+    assert [m["role"] for m in s.messages] == ["user", "assistant", "tool"]
+
+
 def test_auto_tools_run_python_functions():
     gpt = scripted_model("tool")
     seen = []
@@ -372,6 +393,30 @@ def test_oldest_turns_are_dropped_to_fit_and_reported():
         for _ in range(6):
             run(strict.send("Another question", temperature=0))
     assert strict.dropped == 0 and strict.messages[-1]["role"] == "assistant"  # the refused question is not kept
+
+
+def test_after_dropping_turns_the_following_turns_are_incremental_again():
+    """A 200-token context (the newcomer's `chat --ctx 200`): once turns must go, enough go that the
+    conversation fills at most half the context; the turns after that prefill only what is new, instead of
+    dropping one turn and re-prefilling the whole conversation every turn."""
+    from mlx_gptoss.chat import DROP_TO
+
+    gpt = scripted_model("final")
+    s = gpt.session(max_context=200)
+    turns = []
+    for i in range(12):
+        _, stats = run(s.send(f"Say hi {i}", temperature=0))
+        turns.append(stats)
+    drops = [i for i, t in enumerate(turns) if t.dropped_messages]
+    assert drops and len(drops) <= 3, [t.dropped_messages for t in turns]  # not one drop per turn
+    incremental = turns[1].prefilled_tokens  # a normal second turn: the new message and the reply's tail
+    assert incremental < turns[1].prompt_tokens / 3
+    for i in drops:
+        assert turns[i].prompt_tokens <= 200 * DROP_TO  # the conversation after the drop fits the documented half
+        if i + 1 < len(turns) and i + 1 not in drops:
+            assert turns[i + 1].prefilled_tokens == incremental, (i, turns[i + 1])
+            assert turns[i + 1].cached_tokens == turns[i + 1].prompt_tokens - incremental
+    assert sum(t.prefilled_tokens == incremental for t in turns) >= len(turns) - 1 - len(drops)
 
 
 @pytest.fixture(scope="module", autouse=True)

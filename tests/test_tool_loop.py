@@ -256,7 +256,7 @@ def test_the_cli_shows_a_preamble_dimmed_before_the_answer():
 
     console = Console(record=True, width=80, force_terminal=True, color_system="standard")
     view = ReplyView(console, show_reasoning=False, plain=False)
-    for ev in (Event("reasoning", "hidden"), Event("preamble", "Let me look that up."),
+    for ev in (Event("reasoning", "hidden", channel="analysis"), Event("preamble", "Let me look that up."),
                Event("content", "It is sunny.")):
         view.event(ev)
     console.print(view._view())
