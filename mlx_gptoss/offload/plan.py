@@ -58,19 +58,16 @@ class Levers:
 
 @dataclass
 class OffloadPlan(Plan):
-    """memory.Plan with levers: weights/KV/activations are the levered figures; `needed` adds the streaming
-    buffer. streamed_per_token estimates decode's reads (layers x k x miss rate x expert bytes) with the
-    miss rate of uniform routing (1 - resident share)."""
+    """memory.Plan with levers: weights/KV/activations are the levered figures; the activations include the
+    streaming buffer (one prefill step's experts of one layer, `stream_buffer`) when the MoE block sets the
+    peak. streamed_per_token estimates decode's reads (layers x k x miss rate x expert bytes) with the miss
+    rate of uniform routing (1 - resident share)."""
 
     levers: Levers = field(default_factory=Levers)
     resident_weights: dict = field(default_factory=dict)  # by part, without levers (what `none` would need)
     stream_buffer: int = 0
     expert_bytes: int = 0
     streamed_per_token: int = 0
-
-    @property
-    def needed(self) -> int:
-        return super().needed + self.stream_buffer
 
     @property
     def resident_share(self) -> float:
@@ -103,15 +100,18 @@ class OffloadPlan(Plan):
                     f"{self.resident_share:.0%} of its experts stay resident at a context of "
                     f"{self.requested_context:,} tokens (auto wants at least {MIN_RESIDENT_SHARE:.0%}). "
                     + " ".join(self.remedies)).strip()
+        only_kv8 = self.levers.names() == ["kv8"]  # a KV width, not offloading: nothing leaves memory
+        with_what = "with an 8-bit KV cache" if only_kv8 else "with offloading"
         if not self.fits:
-            return (f"{self.checkpoint} does not fit even with offloading ({levers}): it needs "
+            return (f"{self.checkpoint} does not fit even {with_what} ({levers}): it needs "
                     f"{gb(self.min_needed)} at a context of {self.requested_context:,} tokens, and "
                     f"{gb(self.budget.usable)} is available ({self.budget.source}). " + " ".join(self.remedies)).strip()
-        head = f"{self.checkpoint} fits with offloading at a context of {self.context:,} tokens"
+        head = f"{self.checkpoint} fits {with_what} at a context of {self.context:,} tokens"
         if self.status == "smaller context":
-            head += f" (not the {self.requested_context:,} asked for: run with --ctx {self.context})"
+            tried = "asked for" if self.context_asked else "planned for when no --ctx is given"
+            head += f" (not the {self.requested_context:,} {tried}: run with --ctx {self.context})"
         return (f"{head}: {gb(self.needed)} needed, {gb(self.budget.usable)} available ({self.budget.source}). "
-                f"Levers, cheapest first: {levers}.")
+                + (f"Levers, cheapest first: {levers}." if not only_kv8 else f"{levers[0].upper()}{levers[1:]}."))
 
 
 def check_options(offload, kv_bits: int | None) -> None:
@@ -129,9 +129,10 @@ def _is_mxfp4(ckpt: Checkpoint) -> bool:
     return any(n.endswith("_blocks") for n in ckpt.tensors)
 
 
-def sized(ckpt: Checkpoint, levers: Levers, context: int, act: int, metal: bool) -> dict:
-    """Every figure of the plan at `context` tokens with `levers`."""
+def sized(ckpt: Checkpoint, levers: Levers, context: int, dtype, metal: bool, budget: Budget) -> memory.Sizing:
+    """Every figure of the plan at `context` tokens with `levers`, at the largest prefill chunk that fits."""
     cfg = ckpt.config
+    act = dtype.size
     base = ckpt.loaded_bytes(act)
     weights = dict(base)
     if levers.embedding:
@@ -146,30 +147,19 @@ def sized(ckpt: Checkpoint, levers: Levers, context: int, act: int, metal: bool)
                 weights[part] += math.prod(t.shape) * act
     E, k = cfg.num_local_experts, cfg.num_experts_per_tok
     eb = expert_bytes(ckpt.tensors) if _is_mxfp4(ckpt) else 0
-    n_full = sum(t == "full_attention" for t in cfg.layer_types)
-    n_sliding = len(cfg.layer_types) - n_full
-    float_token = 2 * cfg.num_key_value_heads * cfg.head_dim * act
-    if levers.kv_bits == 8:
-        g = kv_group(cfg.head_dim)
-        full_token = 2 * cfg.num_key_value_heads * (cfg.head_dim + 2 * (cfg.head_dim // g) * act)
-    else:
-        full_token = float_token
-    fused = metal and levers.kv_bits == 16  # the 8-bit cache's attention materializes its scores
-    chunk = memory.prefill_chunk(cfg, context, act, fused=fused)
-    acts = memory.activation_peak(cfg, chunk, context, act, fused=fused)
-    sliding = n_sliding * float_token * min(cfg.sliding_window + chunk, context + chunk)
-    buffer, per_token = 0, 0
+    buffer = None
     if levers.expert_slots is not None:
         slots = levers.expert_slots
         weights["experts"] = base["experts"] - cfg.num_hidden_layers * (E - slots) * eb
-        step = min(E, chunk * k)  # distinct experts one prefill step of one layer can use
-        buffer = (step + min(step, E - slots)) * eb  # the step's stacked experts + the ones read for it
-        per_token = round(cfg.num_hidden_layers * k * (1 - slots / E) * eb)
-    overhead = 0 if metal else memory.OVERHEAD
-    needed = sum(weights.values()) + n_full * full_token * context + sliding + acts + overhead + buffer
-    return dict(weights=weights, kv_per_token=n_full * full_token, kv_sliding=sliding, prefill_chunk=chunk,
-                activations=acts, overhead=overhead, stream_buffer=buffer, expert_bytes=eb,
-                streamed_per_token=per_token, needed=needed)
+
+        def buffer(chunk):  # the step's stacked experts + the ones read for it (offload.experts)
+            step = min(E, chunk * k)  # distinct experts one prefill step of one layer can use
+            return (step + min(step, E - slots)) * eb
+
+    return memory.choose_chunk(
+        lambda chunk: memory.size(ckpt, context, chunk, dtype, metal, budget, weights=weights,
+                                  kv_bits=levers.kv_bits, stream_buffer=buffer, embedding_mapped=levers.embedding,
+                                  weight_bits=levers.weight_bits), budget.usable)
 
 
 def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: str | int | None = None,
@@ -195,19 +185,23 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
         return base  # fits resident at a shorter context: no lever needed to run
 
     metal = base.fused_attention
-    act = memory._dtype(base.dtype, metal).size
-    E = ckpt.config.num_local_experts
+    dt = memory._dtype(base.dtype, metal)
+    E, k = ckpt.config.num_local_experts, ckpt.config.num_experts_per_tok
+    eb = expert_bytes(ckpt.tensors) if _is_mxfp4(ckpt) else 0
     fixed_slots = None if resident_experts is None else round(resident_experts * E)
 
     def build(lv: Levers, ctx: int) -> OffloadPlan:
-        s = sized(ckpt, lv, ctx, act, metal)
-        fits = s["needed"] <= budget.usable
-        p = OffloadPlan(ckpt.name, ckpt.source, ckpt.config, base.dtype, metal, ckpt.file_bytes(), s["weights"],
-                        s["kv_per_token"], s["kv_sliding"], s["prefill_chunk"], s["activations"], s["overhead"],
-                        budget, ctx, ctx if fits else 0, "fits" if fits else "does not fit",
-                        levers=lv, resident_weights=ckpt.loaded_bytes(act), stream_buffer=s["stream_buffer"],
-                        expert_bytes=s["expert_bytes"], streamed_per_token=s["streamed_per_token"])
-        p.min_needed = s["needed"]
+        s = sized(ckpt, lv, ctx, dt, metal, budget)
+        fits = s.needed <= budget.usable
+        slots = lv.expert_slots
+        step = min(E, s.chunk * k)
+        p = s.plan(ckpt, base.dtype, metal, budget, ctx, ctx if fits else 0, "fits" if fits else "does not fit",
+                   cls=OffloadPlan, levers=lv, resident_weights=ckpt.loaded_bytes(dt.size), expert_bytes=eb,
+                   stream_buffer=0 if slots is None else (step + min(step, E - slots)) * eb,
+                   streamed_per_token=0 if slots is None else
+                   round(ckpt.config.num_hidden_layers * k * (1 - slots / E) * eb))
+        p.min_needed = s.needed
+        p.context_asked = context is not None
         return p
 
     if isinstance(offload, Levers):  # chosen by the caller (benchmarks, experiments): only checked
