@@ -1,0 +1,47 @@
+"""The memory plan against what MLX allocates: planned peak vs mx.get_peak_memory() over load + prefill +
+decode, each case in a fresh process (tests/memory_calibration.py), on a test checkpoint resident, with
+expert streaming at several resident shares, the 8-bit KV cache, 8-bit weights, bfloat16, and contexts from
+2k to 8k. Planned must be at least the measured peak and at most 10% above it. The fast cases run by default;
+the rest are marked slow (CI runs them too). benchmarks/memory_calibration.py prints the same table.
+
+And the point of it: under a budget of 70% of what a checkpoint needs resident, streaming experts runs within
+that budget with the resident model's logits, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memory_calibration import CASES, CONFIG, run_fresh
+
+TOLERANCE = 1.10
+
+
+def cases(tmp_path_factory, slow: bool) -> tuple[list[str], list[dict]]:
+    folder = str(tmp_path_factory.getbasetemp() / "calibration-ckpt")
+    names = [n for n, (_, _, s) in CASES.items() if s == slow]
+    return names, [{"folder": folder, "config": CONFIG, "ctx": ctx, "load": load}
+                   for ctx, load, _ in (CASES[n] for n in names)]
+
+
+def check(names: list[str], results: list[dict]) -> None:
+    table = "\n".join(f"{n:28s} " + (r["error"] if "error" in r else
+                                     f"planned {r['planned'] / 1e6:7.1f} MB, measured {r['peak'] / 1e6:7.1f} MB, "
+                                     f"x{r['planned'] / r['peak']:.3f} ({r['seconds']} s)")
+                      for n, r in zip(names, results))
+    for n, r in zip(names, results):
+        assert "error" not in r, table
+        assert r["peak"] <= r["planned"] <= r["peak"] * TOLERANCE, f"{n}\n{table}"
+
+
+def test_planned_peak_matches_measured(tmp_path_factory):
+    names, todo = cases(tmp_path_factory, slow=False)
+    check(names, run_fresh(todo))
+
+
+@pytest.mark.slow
+def test_planned_peak_matches_measured_larger_cases(tmp_path_factory):
+    names, todo = cases(tmp_path_factory, slow=True)
+    check(names, run_fresh(todo))
