@@ -98,6 +98,9 @@ def plan_table(p: memory.Plan) -> Table:
               f"{len(p.config.layer_types) - n_full} layers, window {p.config.sliding_window} + one "
               f"{p.prefill_chunk}-token chunk, and up to {memory.MAX_SNAPSHOTS} window snapshots")
     t.add_row("activations", "", gb(p.activations), p.activations_note)
+    if getattr(p, "stream_buffer", 0):
+        t.add_row("  expert streaming buffer", "", f"({gb(p.stream_buffer)})", "one prefill step's experts of one "
+                  "layer, stacked and read: part of the activations when the MoE block sets their peak")
     if p.loading:
         t.add_row("loading", "", gb(p.loading), p.loading_note + ", beyond the running peak")
     if p.overhead:
