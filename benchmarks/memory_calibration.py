@@ -74,7 +74,7 @@ def real_models() -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         models = {"gpt-oss-20b": memory.local_checkpoint(write_sparse_checkpoint(Path(tmp) / "20b", 24, 32, 3)),
                   "gpt-oss-120b": memory.local_checkpoint(write_sparse_checkpoint(Path(tmp) / "120b", 36, 128, 15))}
-        for (name, g, ctx), (slots0, chunk0, acts0) in BEFORE.items():
+        for (name, g, ctx), (slots0, chunk0, _) in BEFORE.items():
             ckpt = models[name]
             E = ckpt.config.num_local_experts
             p = make_offload_plan(ckpt, budget=mac(g), context=ctx)
@@ -82,9 +82,8 @@ def real_models() -> list[str]:
             per_slot = ckpt.config.num_hidden_layers * ckpt.config.num_experts_per_tok * p.expert_bytes / E
             lines.append(
                 f"| {g} GB ({mac(g).usable / 1e9:.1f} GB) | {name} | {ctx:,} | {slots0}/{E} ({slots0 / E:.0%}), "
-                f"{chunk0}, {memory.gb(acts0)} | {slots}/{E} ({slots / E:.0%}), {p.prefill_chunk}, "
-                f"{memory.gb(p.activations)} | {memory.gb((E - slots0) * per_slot)} -> "
-                f"{memory.gb((E - slots) * per_slot)} |")
+                f"{chunk0} | {slots}/{E} ({slots / E:.0%}), {p.prefill_chunk}, {memory.gb(p.activations)} | "
+                f"{(E - slots0) * per_slot / 1e6:.0f} MB -> {(E - slots) * per_slot / 1e6:.0f} MB |")
     return lines
 
 

@@ -45,8 +45,9 @@ KV_STEP = 256  # mlx-lm's KVCache (and offload.kv's) grow by this many tokens at
 MAX_SNAPSHOTS = 8  # chat.Runner keeps this many copies of the sliding-window layers (chat.MAX_SNAPSHOTS)
 ROUTED_SORT = 64  # kernels.SORT_THRESHOLD: from this many (token, expert) rows the MoE block sorts them
 # The process outside MLX's buffers (Python, the tokenizer, harmony's encoding, MLX's own runtime): counted
-# only against a budget of available RAM, which they share with MLX. 0.5 GiB: a loaded chat process here
-# holds ~0.4 GB of RSS beyond MLX's active memory.
+# only against a budget of available RAM, which they share with MLX. 0.5 GiB: the imports alone hold 0.27 GB
+# of RSS here (measured); the tokenizer and harmony's encoding (200k tokens each) come on top, and no real
+# tokenizer is available on this machine to measure them.
 RESERVE = 1 << 29
 CONTEXT_STEP = 1024  # a reduced context is rounded down to a multiple of this
 MIN_CONTEXT = 2048  # below this a chat does not fit its own system prompt and a few turns: "does not fit"

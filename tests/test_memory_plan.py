@@ -474,3 +474,18 @@ def test_plan_without_network_is_one_line_at_once(tmp_path):
         assert r.stderr.strip().splitlines() == [
             "error: openai/gpt-oss-20b: not in the local Hugging Face cache, and the Hugging Face hub cannot be "
             "reached (no network?); connect and run again, or pass a local folder"], r.stderr  # no retry lines
+
+
+def test_the_server_slot_budget_uses_the_plan_figures(ckpt20):
+    """server/slots.token_budget: what the plan leaves for KV after weights, activations and reserve, each of
+    MAX_SLOTS slots holding its sliding-window layers and a growth step; the same figures `plan --json` prints."""
+    from types import SimpleNamespace
+
+    from mlx_gptoss.server.slots import MAX_SLOTS, token_budget
+
+    p = make_plan(read_checkpoint(ckpt20), context=8192, budget=budget(24), metal=False)
+    spare = 24 * GB - p.weight_bytes - p.activations - p.overhead
+    per_slot = p.kv_sliding + p.kv_per_token * p.kv_slack
+    assert token_budget(SimpleNamespace(plan=p)) == (spare - MAX_SLOTS * per_slot) // p.kv_per_token > 8192
+    # a batch of B sequences decoding together: B x (KV per token x context + decode_activations)
+    assert 0 < p.decode_activations < p.activations
