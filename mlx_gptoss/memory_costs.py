@@ -64,6 +64,16 @@ def costs(dtype: mx.Dtype, metal: bool) -> Costs:
     this machine when it is that backend (cached), else FIRST_PRINCIPLES."""
     if metal != mx.metal.is_available():
         return FIRST_PRINCIPLES
+    if dtype in _known:  # a plan sizes many candidates: read the file once per process
+        return _known[dtype]
+    _known[dtype] = found = _stored_or_measured(dtype)
+    return found
+
+
+_known: dict = {}
+
+
+def _stored_or_measured(dtype: mx.Dtype) -> Costs:
     key = setup_key(dtype)
     path = cache_file()
     try:
