@@ -132,6 +132,12 @@ def _is_mxfp4(ckpt: Checkpoint) -> bool:
     return any(n.endswith("_blocks") for n in ckpt.tensors)
 
 
+def stream_buffer(cfg, expert_bytes: int, slots: int, chunk: int) -> int:
+    """One prefill step of one layer (offload.experts): the experts it uses, stacked, and those it reads."""
+    step = min(cfg.num_local_experts, chunk * cfg.num_experts_per_tok)  # distinct experts a step can use
+    return (step + min(step, cfg.num_local_experts - slots)) * expert_bytes
+
+
 def sized(ckpt: Checkpoint, levers: Levers, context: int, dtype, metal: bool, budget: Budget,
           chunk: int | None = None) -> memory.Sizing:
     """Every figure of the plan at `context` tokens with `levers`, at prefill chunks of `chunk` tokens
@@ -150,16 +156,15 @@ def sized(ckpt: Checkpoint, levers: Levers, context: int, dtype, metal: bool, bu
                 weights[part] += quantized_bytes(*t.shape, act, BITS, GROUP)
             elif part == "attention":
                 weights[part] += math.prod(t.shape) * act
-    E, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    E = cfg.num_local_experts
     eb = expert_bytes(ckpt.tensors) if _is_mxfp4(ckpt) else 0
     buffer = None
     if levers.expert_slots is not None:
         slots = levers.expert_slots
         weights["experts"] = base["experts"] - cfg.num_hidden_layers * (E - slots) * eb
 
-        def buffer(chunk):  # the step's stacked experts + the ones read for it (offload.experts)
-            step = min(E, chunk * k)  # distinct experts one prefill step of one layer can use
-            return (step + min(step, E - slots)) * eb
+        def buffer(chunk):
+            return stream_buffer(cfg, eb, slots, chunk)
 
     def at(n: int) -> memory.Sizing:
         return memory.size(ckpt, context, n, dtype, metal, budget, weights=weights, kv_bits=levers.kv_bits,
@@ -200,10 +205,9 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
         s = sized(ckpt, lv, ctx, dt, metal, budget, chunk)
         fits = s.needed <= budget.usable
         slots = lv.expert_slots
-        step = min(E, s.chunk * k)
         p = s.plan(ckpt, base.dtype, metal, budget, ctx, ctx if fits else 0, "fits" if fits else "does not fit",
                    cls=OffloadPlan, levers=lv, resident_weights=ckpt.loaded_bytes(dt.size), expert_bytes=eb,
-                   stream_buffer=0 if slots is None else (step + min(step, E - slots)) * eb,
+                   stream_buffer=0 if slots is None else stream_buffer(ckpt.config, eb, slots, s.chunk),
                    streamed_per_token=0 if slots is None else
                    round(ckpt.config.num_hidden_layers * k * (1 - slots / E) * eb))
         p.min_needed = s.needed
