@@ -526,8 +526,7 @@ def size(ckpt: Checkpoint, context: int, chunk: int, dtype: mx.Dtype, metal: boo
     window = min(cfg.sliding_window, context)
     sliding = n_sliding * float_token * (min(cfg.sliding_window + chunk, context + chunk) + MAX_SNAPSHOTS * window)
     buffer = stream_buffer(chunk) if stream_buffer else 0
-    acts, note = _prefill_transient(cfg, chunk, context, act, c, fused=metal and kv_bits == 16,
-                                    kv_bits=kv_bits, layer_kv=full_token * (context + slack), buffer=buffer)
+    acts, note = _prefill_transient(cfg, chunk, context, act, c, kv_bits=kv_bits, layer_kv=full_token * (context + slack), buffer=buffer)
     running = n_full * full_token * (context + slack) + sliding + acts
     load, load_note = load_transient(ckpt, dtype, embedding_mapped=embedding_mapped, weight_bits=weight_bits)
     decode = _decode_transient(cfg, context, act, c, kv_bits=kv_bits)
@@ -559,8 +558,7 @@ def plan(model: str | Path, *, context: int | None = None, memory: str | int | N
     return make_plan(read_checkpoint(model), context=context, budget=budget, dtype=dtype)
 
 
-def _prefill_transient(cfg: GptOssConfig, chunk: int, context: int, act: int, c: Costs, *, fused: bool,
-                       kv_bits: int, layer_kv: int, buffer: int) -> tuple[int, str]:
+def _prefill_transient(cfg: GptOssConfig, chunk: int, context: int, act: int, c: Costs, *, kv_bits: int, layer_kv: int, buffer: int) -> tuple[int, str]:
     """Peak bytes of temporaries while one prefill chunk of T tokens runs at the end of `context`, and which
     part sets it: the residual stream (x, its norm, the attention output), a full-attention cache growing
     (concatenated: one layer's old copy exists with the new one), and
@@ -576,13 +574,12 @@ def _prefill_transient(cfg: GptOssConfig, chunk: int, context: int, act: int, c:
     T, H, D, Hq, Hkv = chunk, cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     k, I, E = cfg.num_experts_per_tok, cfg.intermediate_size, cfg.num_local_experts
     resid = 3 * T * H * act
-    multiple = c.attention_kv8 if kv_bits == 8 else (0.0 if fused else c.attention)
+    multiple = c.attention_kv8 if kv_bits == 8 else c.attention  # measured: 0 where attention is fused
     attention = T * (2 * Hq + 2 * Hkv) * D * act + math.ceil(multiple * Hq * T * context * act)
     rows = T * k
     per_row = c.moe_hidden * H + c.moe_intermediate * I if rows >= ROUTED_SORT else 3 * (H + 2 * I)
     moe = math.ceil(rows * per_row * act) + 2 * T * E * act + buffer
-    what_attn = f"attention of a {T}-token chunk over {context:,} keys" + (
-        "" if fused and kv_bits == 16 else " (score matrices)")
+    what_attn = f"attention of a {T}-token chunk over {context:,} keys" + (" (score matrices)" if multiple else "")
     what_moe = f"MoE block ({rows:,} routed rows" + (", the step's streamed experts)" if buffer else ")")
     if buffer:  # evaluated apart: the larger one
         name, peak = max(((what_attn, attention), (what_moe, moe)), key=lambda p: p[1])

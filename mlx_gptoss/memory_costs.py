@@ -35,12 +35,14 @@ class Costs:
     source: str = "first principles"
 
 
-# What the ops name when nothing can be measured (a Mac planned from another machine). Fused attention keeps
-# no score matrix. The 8-bit cache's attention: scores, masked, with the sink column, softmax, its slice.
-# MoE (kernels.moe, sorted path): gathered inputs + gate_up output + gathered bias + sum + SwiGLU per row in
-# intermediate units (2 + 2 + 2 + 1 = 7 I, less what is freed before SwiGLU: 5 I), and 5 buffers of H per row
-# in the down half (input gather, output, bias, sum, unsort) plus the weighted copy.
+# What the ops name when nothing can be measured (a backend other than this machine's). Metal's fused attention
+# keeps no score matrix; MLX's CPU backend composes it: scores, scores with the sink column, softmax. The 8-bit
+# cache's attention (never fused): scores, masked, with the sink column, softmax, its slice. MoE (kernels.moe,
+# sorted path): gathered inputs + gate_up output + gathered bias + sum + SwiGLU per row in intermediate units
+# (2 + 2 + 2 + 1 = 7 I, less what is freed before SwiGLU: 5 I), and 5 buffers of H per row in the down half
+# (input gather, output, bias, sum, unsort) plus the weighted copy.
 FIRST_PRINCIPLES = Costs(attention=0.0, attention_kv8=5.0, moe_hidden=5.5, moe_intermediate=5.0)
+FIRST_PRINCIPLES_CPU = Costs(attention=3.0, attention_kv8=5.0, moe_hidden=5.5, moe_intermediate=5.0)
 
 # probe shapes: small enough to run in well under a second on a loaded CPU, large enough that the fixed
 # parts (outputs, masks) are a few percent of the measured transient
@@ -61,9 +63,9 @@ def setup_key(dtype: mx.Dtype) -> str:
 
 def costs(dtype: mx.Dtype, metal: bool) -> Costs:
     """The costs for planning `dtype` on the Metal backend (metal=True) or MLX's CPU backend: measured on
-    this machine when it is that backend (cached), else FIRST_PRINCIPLES."""
+    this machine when it is that backend (cached), else FIRST_PRINCIPLES(_CPU)."""
     if metal != mx.metal.is_available():
-        return FIRST_PRINCIPLES
+        return FIRST_PRINCIPLES if metal else FIRST_PRINCIPLES_CPU
     if dtype in _known:  # a plan sizes many candidates: read the file once per process
         return _known[dtype]
     _known[dtype] = found = _stored_or_measured(dtype)
