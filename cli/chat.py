@@ -154,9 +154,8 @@ def plan_line(gpt) -> str:
 
     plan = gpt.plan
 
-    line = (f"memory plan: weights {gb(plan.weight_bytes)} + KV cache {gb(plan.kv_bytes)} for a context of "
-            f"{plan.context:,} tokens = {gb(plan.needed)} of {gb(plan.budget.usable)} ({plan.budget.source}), "
-            f"{plan.dtype} activations")
+    line = (f"memory plan: {plan.sum_line()} for a context of {plan.context:,} tokens, of "
+            f"{gb(plan.budget.usable)} ({plan.budget.source}), {plan.dtype} activations")
     if plan.status == "smaller context":
         line += f"; the context is reduced from {plan.requested_context:,} to fit"
     if hasattr(plan, "lever_notes") and plan.levers.active:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Optional
 
 import typer
@@ -64,9 +65,12 @@ def plan_dict(p: memory.Plan) -> dict:
         "backend": "metal" if p.fused_attention else "cpu", "dtype": p.dtype,
         "weights": {"on_disk": p.file_bytes, "in_memory": p.weights, "total": p.weight_bytes},
         "kv_cache": {"per_token": p.kv_per_token, "sliding_window_layers": p.kv_sliding,
-                     "total": p.kv_bytes if p.fits else None},
-        "activations": {"bytes": p.activations, "prefill_chunk": p.prefill_chunk},
-        "overhead": p.overhead,
+                     "growth_tokens": p.kv_slack, "total": p.kv_bytes if p.fits else None},
+        "activations": {"bytes": p.activations, "prefill_chunk": p.prefill_chunk, "what": p.activations_note,
+                        "decode_per_sequence": p.decode_activations,
+                        "measured": asdict(p.costs) if p.costs else None},
+        "loading": p.loading, "overhead": p.overhead,
+        "terms": [{"name": n, "bytes": b, "what": w} for n, b, w in p.terms()],
         "needed": p.needed if p.fits else None, "needed_at_min_context": p.min_needed,
         "budget": {"usable": p.budget.usable, "source": p.budget.source, "machine_total": p.budget.total},
         "context": {"requested": p.requested_context, "planned": p.context, "min": memory.MIN_CONTEXT},
@@ -92,14 +96,21 @@ def plan_table(p: memory.Plan) -> Table:
     ctx = p.context or min(memory.MIN_CONTEXT, p.requested_context)
     n_full = sum(lt == "full_attention" for lt in p.config.layer_types)
     per8k = p.kv_per_token * 8192
-    t.add_row("KV cache: full-attention layers", "", gb(p.kv_per_token * ctx),
-              f"{n_full} layers, {p.kv_per_token:,} B/token = {gb(per8k)} per 8k, at {ctx:,} tokens")
+    t.add_row("KV cache: full-attention layers", "", gb(p.kv_per_token * (ctx + p.kv_slack)),
+              f"{n_full} layers, {p.kv_per_token:,} B/token = {gb(per8k)} per 8k, at {ctx:,} tokens "
+              f"(+ up to {p.kv_slack} as it grows in {memory.KV_STEP}-token steps)")
     t.add_row("KV cache: sliding-window layers", "", gb(p.kv_sliding),
-              f"{len(p.config.layer_types) - n_full} layers, window {p.config.sliding_window} + one chunk")
-    t.add_row("activations", "", gb(p.activations), f"peak of one {p.prefill_chunk}-token prefill chunk")
-    t.add_row("MLX, Python, tokenizer", "", gb(p.overhead), "reserve")
+              f"{len(p.config.layer_types) - n_full} layers, window {p.config.sliding_window} + one "
+              f"{p.prefill_chunk}-token chunk, and up to {memory.MAX_SNAPSHOTS} window snapshots")
+    t.add_row("activations", "", gb(p.activations), p.activations_note)
     if getattr(p, "stream_buffer", 0):
-        t.add_row("expert streaming buffer", "", gb(p.stream_buffer), "one prefill step's experts of one layer")
+        t.add_row("  expert streaming buffer", "", f"({gb(p.stream_buffer)})", "one prefill step's experts of one "
+                  "layer, stacked and read: part of the activations when the MoE block sets their peak")
+    if p.loading:
+        t.add_row("loading", "", gb(p.loading), p.loading_note + ", beyond the running peak")
+    if p.overhead:
+        t.add_row("reserve", "", gb(p.overhead), "Python, tokenizer, MLX runtime outside MLX's buffers "
+                  "(against available RAM only)")
     for note in p.lever_notes() if hasattr(p, "lever_notes") else ():
         t.add_row("lever", "", "", note)
     if p.fits:

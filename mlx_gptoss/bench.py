@@ -305,7 +305,7 @@ def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int =
             "dtype": str(gpt.dtype).removeprefix("mlx.core."),
             "kernels_requested": kernels,
             "kernels": "; ".join(kernels_ran(b, gpt.dtype) for b in backends),
-            "max_context": gpt.max_context, "prefill_chunk": mem.PREFILL_CHUNK,
+            "max_context": gpt.max_context, "prefill_chunk": prefill_chunk(gpt),
         },
         "load_seconds": load_s,
         "peak_memory_load_bytes": load_peak,
@@ -324,14 +324,18 @@ def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int =
     }
 
 
+def prefill_chunk(gpt) -> int:
+    plan = getattr(gpt, "plan", None)
+    return plan.prefill_chunk if plan is not None else mem.PREFILL_CHUNK
+
+
 def _measure(gpt, backend, p, g, d, repetitions, warmup, seed, say, streamed: dict) -> TestResult:
     """One test (pp or tg, at depth d) on one MoE backend: a warm-up, then the timed repetitions.
     With streamed experts, streamed[label] gets the hit rate and bytes per token of the timed runs."""
     cfg = gpt.config
     name = (f"pp{p}" if p else f"tg{g}") + (f" @ d{d}" if d else "")
     label = f"{name} [{backend}]"
-    # the chunk the memory plan would use at this test's context (smaller only for unfused attention)
-    chunk = mem.prefill_chunk(cfg, d + p + g, gpt.dtype.size, fused=mx.metal.is_available())
+    chunk = prefill_chunk(gpt)  # the chunk chat prefills in: the memory plan's
     say(f"{label}: warm-up" if warmup else label)
 
     def once(seed_):

@@ -1,13 +1,23 @@
 """The unified-memory plan: will this checkpoint fit, at which context, and if not, what to do about it.
 
 Everything is sized from the safetensors headers and config.json (no tensor data is read), so a plan can be
-made for a checkpoint whose weights are not downloaded yet. Memory needed at a context of C tokens:
+made for a checkpoint whose weights are not downloaded yet. The peak MLX allocates at a context of C tokens:
 
     weights (as loaded: MXFP4 expert bytes as stored, every float tensor in the activation dtype)
-  + KV cache: C x (bytes per token of the full-attention layers)
-              + the sliding-window layers' fixed part (window + one prefill chunk, mlx-lm's RotatingKVCache)
-  + the activation peak of one prefill chunk at the end of that context
-  + a fixed reserve for MLX, Python and the tokenizer
+  + KV cache: the full-attention layers' C tokens (their caches grow in 256-token steps, so up to one step
+              more), the sliding-window layers' window + one prefill chunk, and the Runner's window snapshots
+  + activations: the larger transient of one prefill chunk at the end of that context: attention (score
+              matrices unless fused), the MoE block's routed rows (with the streamed experts of the step
+              when experts stream), or a full-attention cache's growth
+  + loading: what converting the weights needs beyond that, when it is more (float32 from bf16 files)
+  + reserve: memory the process needs outside MLX's buffers, counted only when the budget is this machine's
+              available RAM (a --memory or Metal budget bounds MLX's allocations: mx.set_memory_limit)
+
+The attention and MoE transients are multiples of their shapes measured once per machine on the exact ops
+(memory_costs.py; cached like the kernel self-test); a plan for another backend uses the multiples the ops
+name. The prefill chunk is the largest (up to PREFILL_CHUNK) with which the plan fits: a tight budget gets a
+smaller chunk before a smaller context. tests/test_memory_calibration.py checks planned against
+mx.get_peak_memory() in fresh processes: never under, at most 10% over.
 
 The budget is MLX's recommended GPU working set on a Mac, available RAM elsewhere, or `--memory SIZE`.
 `apply()` turns a plan into MLX memory limits and a context cap; load() and chat use it.
@@ -19,24 +29,27 @@ import functools
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
 
 from .config import GptOssConfig
 from .errors import CheckpointError, GptOssError
+from .memory_costs import Costs, costs as measured_costs
 from .safetensors_header import DTYPE_BYTES, TensorInfo
 
 PARTS = ("experts", "attention", "embedding", "unembedding", "other")
-PREFILL_CHUNK = 512  # tokens per prefill step (mlx-lm uses 512-2048); the engine should use plan.prefill_chunk
-MIN_PREFILL_CHUNK = 8
-# Without a fused attention kernel (MLX's CPU backend) a chunk's attention scores are materialized:
-# [heads, chunk, context] several times over; shrink the chunk so they stay under this.
-UNFUSED_SCORES_BUDGET = 1 << 30
-# MLX's runtime, Python, the tokenizer and harmony: ~0.5 GiB of CPU-side memory. A Metal budget (the GPU
-# working set) counts GPU buffers only, so there it is left to the memory macOS keeps (macos_reserve).
-OVERHEAD = 1 << 29
+PREFILL_CHUNK = 512  # tokens per prefill step where that fits (mlx-lm uses 512-2048); the engine uses plan.prefill_chunk
+MIN_PREFILL_CHUNK = 16  # below this a prefill step is mostly fixed cost: a smaller context is the better cut
+KV_STEP = 256  # mlx-lm's KVCache (and offload.kv's) grow by this many tokens at a time
+MAX_SNAPSHOTS = 8  # chat.Runner keeps this many copies of the sliding-window layers (chat.MAX_SNAPSHOTS)
+ROUTED_SORT = 64  # kernels.SORT_THRESHOLD: from this many (token, expert) rows the MoE block sorts them
+# The process outside MLX's buffers (Python, the tokenizer, harmony's encoding, MLX's own runtime): counted
+# only against a budget of available RAM, which they share with MLX. 0.5 GiB: the imports alone hold 0.27 GB
+# of RSS here (measured); the tokenizer and harmony's encoding (200k tokens each) come on top, and no real
+# tokenizer is available on this machine to measure them.
+RESERVE = 1 << 29
 CONTEXT_STEP = 1024  # a reduced context is rounded down to a multiple of this
 MIN_CONTEXT = 2048  # below this a chat does not fit its own system prompt and a few turns: "does not fit"
 GIB, MIB = 1 << 30, 1 << 20
@@ -302,16 +315,23 @@ class Plan:
     file_bytes: dict[str, int]
     weights: dict[str, int]  # as loaded, by part
     kv_per_token: int  # full-attention layers, per token of context
-    kv_sliding: int  # sliding-window layers, fixed
+    kv_sliding: int  # sliding-window layers: the live window + one chunk, and the Runner's snapshots
     prefill_chunk: int
-    activations: int  # peak of one prefill chunk at the planned context
-    overhead: int
+    activations: int  # the largest transient of a prefill chunk at the planned context (see activations_note)
+    overhead: int  # the reserve outside MLX's buffers (RESERVE, only against a budget of available RAM)
     budget: Budget
     requested_context: int
     context: int  # the planned context (0: nothing fits)
     status: str  # "fits" | "smaller context" | "does not fit"
     remedies: list[str] = field(default_factory=list)
     min_needed: int = 0  # what the smallest useful context (MIN_CONTEXT) needs
+    context_asked: bool = True  # False: no --ctx was given (the model's full context was tried)
+    kv_slack: int = 0  # tokens a full-attention cache may hold beyond the context (it grows in KV_STEP steps)
+    loading: int = 0  # what loading needs beyond the running peak (0 when running needs more)
+    activations_note: str = ""
+    loading_note: str = ""
+    decode_activations: int = 0  # transient of one sequence's decode step at the planned context
+    costs: Costs | None = None  # the measured (or first-principles) multiples the activations come from
 
     @property
     def weight_bytes(self) -> int:
@@ -319,15 +339,41 @@ class Plan:
 
     @property
     def kv_bytes(self) -> int:
-        return self.kv_per_token * self.context + self.kv_sliding
+        return self.kv_per_token * (self.context + self.kv_slack) + self.kv_sliding
 
     @property
     def needed(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.activations + self.overhead
+        """The planned peak: every term the plan names, added."""
+        return self.weight_bytes + self.kv_bytes + self.activations + self.loading + self.overhead
+
+    @property
+    def peak(self) -> int:
+        """What MLX's allocator will peak at (mx.get_peak_memory()): needed without the reserve."""
+        return self.needed - self.overhead
 
     @property
     def fits(self) -> bool:
         return self.status != "does not fit"
+
+    def terms(self) -> list[tuple[str, int, str]]:
+        """(name, bytes, one line on what it is) for every term of `needed`, in order; they add up to it."""
+        n_full = sum(t == "full_attention" for t in self.config.layer_types)
+        ctx = self.context or min(MIN_CONTEXT, self.requested_context)
+        out = [("weights", self.weight_bytes, f"as loaded, {self.dtype} (MXFP4 experts as stored)"),
+               ("KV cache", self.kv_per_token * (ctx + self.kv_slack) + self.kv_sliding,
+                f"{n_full} full-attention layers x {ctx:,} tokens (+{self.kv_slack} of growth step), "
+                f"{len(self.config.layer_types) - n_full} sliding-window layers' window + chunk + snapshots"),
+               ("activations", self.activations, self.activations_note)]
+        if self.loading:
+            out.append(("loading", self.loading, self.loading_note))
+        if self.overhead:
+            out.append(("reserve", self.overhead, "Python, tokenizer and MLX runtime outside MLX's buffers "
+                        "(counted against available RAM only)"))
+        return out
+
+    def sum_line(self) -> str:
+        """'weights 13.8 GB + KV cache 3.2 GB + activations 0.3 GB = 17.3 GB': every term, adding up."""
+        return " + ".join(f"{name} {gb(n)}" for name, n, _ in self.terms()) + f" = {gb(self.needed)}"
 
     @property
     def message(self) -> str:
@@ -337,8 +383,10 @@ class Plan:
             return (f"{name} fits: {gb(self.needed)} needed at a context of {self.context:,} tokens, "
                     f"{gb(self.budget.usable)} available ({self.budget.source}).")
         if self.status == "smaller context":
-            return (f"{name} fits with a context of at most {self.context:,} tokens (not the {self.requested_context:,} "
-                    f"asked for): {gb(self.needed)} needed, {gb(self.budget.usable)} available "
+            asked = (f"not the {self.requested_context:,} asked for" if self.context_asked else
+                     f"not the model's full {self.requested_context:,}")
+            return (f"{name} fits with a context of at most {self.context:,} tokens ({asked}): "
+                    f"{gb(self.needed)} needed, {gb(self.budget.usable)} available "
                     f"({self.budget.source}). Run with --ctx {self.context}"
                     + (", or: " + " ".join(self.remedies) if self.remedies else "."))
         return (f"{name} does not fit: it needs {gb(self.min_needed)} even at a context of {MIN_CONTEXT:,} tokens, "
@@ -371,27 +419,24 @@ def make_plan(ckpt: Checkpoint, *, context: int | None = None, budget: Budget | 
     if requested > cfg.context_length:
         raise GptOssError(f"--ctx {requested}: more than {ckpt.name}'s context length of {cfg.context_length:,} "
                           "tokens (config.json max_position_embeddings)")
-    weights = ckpt.loaded_bytes(dtype.size)
-    overhead = 0 if metal else OVERHEAD
-    at = _sizer(ckpt, dtype.size, metal, budget.usable)
+    at = _sizer(ckpt, dtype, metal, budget)
     ctx = requested
-    need, chunk, acts, sliding = at(ctx)
+    s = at(ctx)
     status = "fits"
-    if need > budget.usable:
+    if s.needed > budget.usable:
         status = "does not fit"
         for ctx in smaller_contexts(requested):
-            need, chunk, acts, sliding = at(ctx)
-            if need <= budget.usable:
+            s = at(ctx)
+            if s.needed <= budget.usable:
                 status = "smaller context"
                 break
-    n_full = sum(t == "full_attention" for t in cfg.layer_types)
-    kv_per_token = n_full * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype.size
-    plan = Plan(ckpt.name, ckpt.source, cfg, _dtype_name(dtype), metal, ckpt.file_bytes(), weights,
-                kv_per_token, sliding, chunk, acts, overhead, budget, requested,
-                ctx if status != "does not fit" else 0, status)
-    plan.min_needed, chunk, acts, sliding = at(min(MIN_CONTEXT, requested))
+    plan = s.plan(ckpt, _dtype_name(dtype), metal, budget, requested, ctx if status != "does not fit" else 0, status)
+    plan.context_asked = context is not None
+    smallest = at(min(MIN_CONTEXT, requested))
+    plan.min_needed = smallest.needed
     if status == "does not fit":  # show what the smallest useful context would take
-        plan.kv_sliding, plan.activations, plan.prefill_chunk = sliding, acts, chunk
+        plan = smallest.plan(ckpt, _dtype_name(dtype), metal, budget, requested, 0, status)
+        plan.context_asked, plan.min_needed = context is not None, smallest.needed
     if status != "fits":
         plan.remedies = remedies(plan, at)
         if dtype != mx.bfloat16:  # the Mac's activation dtype: half the bytes for every float tensor and the KV
@@ -419,27 +464,91 @@ def _ranks_remedy(ckpt: Checkpoint, **kw) -> list[str]:
             "shows what each needs."]
 
 
-def _sizer(ckpt: Checkpoint, act: int, metal: bool, usable: int):
-    """at(ctx) -> (bytes needed, prefill chunk, activation peak, sliding-window KV) at a context of ctx tokens.
-    The chunk is sized from what the budget leaves free once the weights and the KV cache are counted."""
-    cfg = ckpt.config
+# ------------------------------------------------------------------------------- the terms, sized
+
+
+@dataclass
+class Sizing:
+    """Every figure of a plan at one context and prefill chunk (levers included: offload/plan.py)."""
+
+    weights: dict[str, int]
+    kv_per_token: int
+    kv_slack: int
+    kv_sliding: int
+    chunk: int
+    context: int
+    activations: int
+    activations_note: str
+    loading: int
+    loading_note: str
+    overhead: int
+    decode_activations: int
+    costs: Costs
+
+    @property
+    def needed(self) -> int:
+        return (sum(self.weights.values()) + self.kv_per_token * (self.context + self.kv_slack) + self.kv_sliding
+                + self.activations + self.loading + self.overhead)
+
+    def plan(self, ckpt: Checkpoint, dtype: str, metal: bool, budget: Budget, requested: int, context: int,
+             status: str, cls=None, **extra) -> Plan:
+        return (cls or Plan)(
+            ckpt.name, ckpt.source, ckpt.config, dtype, metal, ckpt.file_bytes(), self.weights, self.kv_per_token,
+            self.kv_sliding, self.chunk, self.activations, self.overhead, budget, requested, context, status,
+            kv_slack=self.kv_slack, loading=self.loading, activations_note=self.activations_note,
+            loading_note=self.loading_note, decode_activations=self.decode_activations, costs=self.costs, **extra)
+
+
+def reserve(budget: Budget) -> int:
+    """RESERVE against a budget of this machine's available RAM; nothing against a --memory or Metal budget,
+    which bound MLX's own allocations (apply() sets mx.set_memory_limit to it)."""
+    return RESERVE if budget.source == "available RAM" else 0
+
+
+def size(ckpt: Checkpoint, context: int, chunk: int, dtype: mx.Dtype, metal: bool, budget: Budget, *,
+         weights: dict[str, int] | None = None, kv_bits: int = 16, stream_buffer=None,
+         embedding_mapped: bool = False, weight_bits: int = 16) -> Sizing:
+    """The plan's figures at `context` with prefill chunks of `chunk` tokens. The levers (offload/plan.py)
+    pass their weights, the KV width, the streaming buffer (a function of the chunk) and what load skips."""
+    cfg, act = ckpt.config, dtype.size
+    c = measured_costs(dtype, metal)
     n_full = sum(t == "full_attention" for t in cfg.layer_types)
     n_sliding = len(cfg.layer_types) - n_full
-    per_layer_token = 2 * cfg.num_key_value_heads * cfg.head_dim * act  # K and V
-    fixed = sum(ckpt.loaded_bytes(act).values()) + (0 if metal else OVERHEAD)
+    Hkv, D = cfg.num_key_value_heads, cfg.head_dim
+    float_token = 2 * Hkv * D * act  # K and V of one layer
+    if kv_bits == 8:
+        from .offload.plan import kv_group  # the 8-bit cache's layout: 1 byte per value + scale, bias per group
 
-    def sliding_kv(ctx, chunk):
-        return n_sliding * per_layer_token * min(cfg.sliding_window + chunk, ctx + chunk)
+        full_token = 2 * Hkv * (D + 2 * (D // kv_group(D)) * act)
+    else:
+        full_token = float_token
+    weights = dict(ckpt.loaded_bytes(act) if weights is None else weights)
+    slack = KV_STEP * math.ceil(chunk / KV_STEP) - 1
+    window = min(cfg.sliding_window, context)
+    sliding = n_sliding * float_token * (min(cfg.sliding_window + chunk, context + chunk) + MAX_SNAPSHOTS * window)
+    buffer = stream_buffer(chunk) if stream_buffer else 0
+    acts, note = _prefill_transient(cfg, chunk, context, act, c, kv_bits=kv_bits, layer_kv=full_token * (context + slack), buffer=buffer)
+    running = n_full * full_token * (context + slack) + sliding + acts
+    load, load_note = load_transient(ckpt, dtype, embedding_mapped=embedding_mapped, weight_bits=weight_bits)
+    decode = _decode_transient(cfg, context, act, c, kv_bits=kv_bits)
+    return Sizing(weights, n_full * full_token, slack, sliding, chunk, context, acts, note,
+                  max(0, load - running), load_note, reserve(budget), decode, c)
 
-    def at(ctx):
-        resident = fixed + n_full * per_layer_token * ctx
-        free = usable - resident - sliding_kv(ctx, PREFILL_CHUNK)
-        chunk = prefill_chunk(cfg, ctx, act, fused=metal, free=free)
-        acts = activation_peak(cfg, chunk, ctx, act, fused=metal)
-        sliding = sliding_kv(ctx, chunk)
-        return resident + sliding + acts, chunk, acts, sliding
 
-    return at
+def choose_chunk(sized, usable: int) -> Sizing:
+    """sized(chunk) at the largest chunk, from PREFILL_CHUNK halving down to MIN_PREFILL_CHUNK, that fits
+    `usable` (the smallest when none does): a tight budget costs prefill speed before it costs context."""
+    chunk = PREFILL_CHUNK
+    s = sized(chunk)
+    while s.needed > usable and chunk > MIN_PREFILL_CHUNK:
+        chunk //= 2
+        s = sized(chunk)
+    return s
+
+
+def _sizer(ckpt: Checkpoint, dtype: mx.Dtype, metal: bool, budget: Budget):
+    """at(ctx) -> the Sizing at a context of ctx tokens, with the largest prefill chunk that fits."""
+    return lambda ctx: choose_chunk(lambda chunk: size(ckpt, ctx, chunk, dtype, metal, budget), budget.usable)
 
 
 def plan(model: str | Path, *, context: int | None = None, memory: str | int | None = None,
@@ -450,41 +559,77 @@ def plan(model: str | Path, *, context: int | None = None, memory: str | int | N
     return make_plan(read_checkpoint(model), context=context, budget=budget, dtype=dtype)
 
 
-def prefill_chunk(cfg: GptOssConfig, context: int, act: int, *, fused: bool, free: int | None = None) -> int:
-    """Tokens per prefill step at the end of `context`. At least the default: PREFILL_CHUNK with fused
-    attention; without it, the largest power of two keeping the score matrices under UNFUSED_SCORES_BUDGET
-    (they grow with the context). With `free` (the bytes the budget leaves once weights and KV cache are
-    counted) it grows, up to PREFILL_CHUNK, while its activation peak takes at most half of that (the other
-    half is headroom for what the estimate misses)."""
-    chunk = PREFILL_CHUNK
-    while not fused and chunk > MIN_PREFILL_CHUNK and _scores(cfg, chunk, context, act) > UNFUSED_SCORES_BUDGET:
-        chunk //= 2
-    if free is not None:
-        while chunk < PREFILL_CHUNK and 2 * activation_peak(cfg, 2 * chunk, context, act, fused=fused) <= free:
-            chunk *= 2
-    return chunk
-
-
-def _scores(cfg, chunk, context, act):
-    # MLX's unfused attention: scores, scores with the sink column, softmax output: [heads, chunk, keys]
-    return 3 * cfg.num_attention_heads * chunk * (context + 1) * act
-
-
-def activation_peak(cfg: GptOssConfig, chunk: int, context: int, act: int, *, fused: bool) -> int:
-    """Peak bytes of temporaries while one prefill chunk runs at the end of `context`: the residual stream
-    plus the largest of attention (q, k, v, output, and the score matrices when not fused), the MoE block
-    ([chunk x k] gathered rows through gate_up, SwiGLU and down) and the chunk's logits [chunk, vocab]."""
-    T, H, D = chunk, cfg.hidden_size, cfg.head_dim
+def _prefill_transient(cfg: GptOssConfig, chunk: int, context: int, act: int, c: Costs, *, kv_bits: int, layer_kv: int, buffer: int) -> tuple[int, str]:
+    """Peak bytes of temporaries while one prefill chunk of T tokens runs at the end of `context`, and which
+    part sets it: the residual stream (x, its norm, the attention output), a full-attention cache growing
+    (concatenated: one layer's old copy exists with the new one), and
+      attention: q/k/v/o of the chunk and, unless fused, the score matrices [heads, T, context] times the
+                 measured multiple (scores, masked, with the sink column, softmax, the slice to the matmul);
+      MoE: the routed rows [T x k] times the measured multiples of hidden and intermediate size, plus the
+           router's logits, plus (when experts stream) the step's stacked and read experts.
+    Attention and MoE are added: MLX allocates the outputs of the ops it has queued before the earlier ones
+    run and free theirs, so the MoE block's first buffers exist while attention's last are alive (measured
+    here: a block peaks at attention + MoE). Streaming evaluates up to the router first (the experts to
+    read are needed on the host), which frees attention's buffers: there it is the larger of the two.
+    The chunk's logits are never computed (chat.Runner evaluates only the cache during prefill)."""
+    T, H, D, Hq, Hkv = chunk, cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    k, I, E = cfg.num_experts_per_tok, cfg.intermediate_size, cfg.num_local_experts
     resid = 3 * T * H * act
-    attn = T * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * D * act
-    if not fused:
-        attn += _scores(cfg, T, context, act)
-    k, I = cfg.num_experts_per_tok, cfg.intermediate_size
-    moe = T * k * (H + 2 * I + I + H) * act + T * cfg.num_local_experts * act
-    logits = T * cfg.vocab_size * act
-    # a full layer's KVCache grows by concatenation: for a moment one layer's cache exists twice
-    growth = 2 * cfg.num_key_value_heads * D * act * context
-    return resid + max(attn, moe, logits) + growth
+    multiple = c.attention_kv8 if kv_bits == 8 else c.attention  # measured: 0 where attention is fused
+    attention = T * (2 * Hq + 2 * Hkv) * D * act + math.ceil(multiple * Hq * T * context * act)
+    rows = T * k
+    per_row = c.moe_hidden * H + c.moe_intermediate * I if rows >= ROUTED_SORT else 3 * (H + 2 * I)
+    moe = math.ceil(rows * per_row * act) + 2 * T * E * act + buffer
+    what_attn = f"attention of a {T}-token chunk over {context:,} keys" + (" (score matrices)" if multiple else "")
+    what_moe = f"MoE block ({rows:,} routed rows" + (", the step's streamed experts)" if buffer else ")")
+    if buffer:  # evaluated apart: the larger one
+        name, peak = max(((what_attn, attention), (what_moe, moe)), key=lambda p: p[1])
+    else:
+        name, peak = f"{what_attn} + {what_moe}", attention + moe
+    return resid + layer_kv + peak, f"peak of prefill: {name}; multiples {c.source}"
+
+
+def _decode_transient(cfg: GptOssConfig, context: int, act: int, c: Costs, *, kv_bits: int) -> int:
+    """One sequence's decode step at `context`: its attention row, its k routed rows, the residual stream and
+    the float32 logits. A batch of B sequences decoding together needs B times this (server scheduling)."""
+    H, I, V, Hq = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_attention_heads
+    multiple = c.attention_kv8 if kv_bits == 8 else c.attention
+    return (math.ceil(multiple * Hq * context * act) + 3 * cfg.num_experts_per_tok * (H + 2 * I) * act
+            + 3 * H * act + V * (act + 4))
+
+
+def load_transient(ckpt: Checkpoint, dtype: mx.Dtype, *, embedding_mapped: bool = False,
+                   weight_bits: int = 16) -> tuple[int, str]:
+    """Bytes load() holds beyond the loaded weights while it converts them (api.load, checkpoint.load_weights):
+    a float tensor stored in another dtype is read as stored, then converted; the embedding, the final norm
+    and lm_head are evaluated together last; in a layer, one tensor at a time (8-bit attention: the layer's
+    float attention until it is quantized); bf16 experts are quantized one expert at a time."""
+    act = dtype.size
+    stored_as = {mx.float32: "F32", mx.bfloat16: "BF16", mx.float16: "F16"}[dtype]
+    top, layer, layer_attention = 0, 0, {}
+    for t in ckpt.tensors.values():
+        part = part_of(t.name)
+        converted = 0 if t.dtype == stored_as else t.nbytes  # astype to its own dtype is no copy
+        if part == "experts" and t.name.endswith(("_blocks", "_scales")):
+            continue
+        if part == "experts" and t.name.endswith(("gate_up_proj", "down_proj")):  # bf16 experts: quantized
+            E = t.shape[0]
+            per = math.prod(t.shape[1:])
+            layer = max(layer, t.nbytes + E * (per // 2 + per // 32) + 20 * per * 4)
+            continue
+        if part in ("embedding", "unembedding") or ".layers." not in t.name:
+            if (part == "embedding" and embedding_mapped) or (part == "unembedding" and weight_bits == 8):
+                continue
+            top += converted
+        elif part == "attention" and weight_bits == 8:
+            key = t.name.split(".self_attn.")[0]
+            layer_attention[key] = layer_attention.get(key, 0) + math.prod(t.shape) * act + converted
+        else:
+            layer = max(layer, converted)
+    biggest = max(layer, max(layer_attention.values(), default=0))
+    if top >= biggest:
+        return top, "loading: the embedding, norm and lm_head read as stored, then converted"
+    return biggest, "loading: one layer's tensors read as stored, then converted or quantized"
 
 
 def remedies(p: Plan, at) -> list[str]:
@@ -496,7 +641,7 @@ def remedies(p: Plan, at) -> list[str]:
     b = p.budget
     if b.metal and b.total:
         cap = b.total - macos_reserve(b.total)
-        want = p.min_needed if p.status == "does not fit" else at(p.requested_context)[0]
+        want = p.min_needed if p.status == "does not fit" else at(p.requested_context).needed
         n_mb = math.ceil(want / (512 * MIB)) * 512  # MB, as sysctl wants; rounded up to 512
         if n_mb * MIB <= cap:
             out.append(f"Let the GPU use more of this Mac's {b.total / GIB:.0f} GB: "
@@ -527,8 +672,8 @@ def _twenty_b_needed(p: Plan) -> int:
         tensors[name] = TensorInfo(name, dtypes[0], shape, Path("-"), 0, n)
     ckpt = Checkpoint("openai/gpt-oss-20b", cfg, tensors, "config")
     # usable 0: the smallest prefill chunk, i.e. the least it needs (a larger budget only buys larger chunks)
-    at = _sizer(ckpt, _dtype(p.dtype, p.fused_attention).size, p.fused_attention, 0)
-    return at(min(p.requested_context, 8192))[0]
+    at = _sizer(ckpt, _dtype(p.dtype, p.fused_attention), p.fused_attention, replace(p.budget, usable=0))
+    return at(min(p.requested_context, 8192)).needed
 
 
 # The hub config of openai/gpt-oss-20b (fields the plan needs), for the "use the 20b model" remedy.

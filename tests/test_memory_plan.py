@@ -174,8 +174,10 @@ def test_kv_at_full_context(ckpt20, ckpt120):
     assert p.status == "fits" and p.context == 131072
     assert p.kv_per_token == 12 * 2 * 8 * 64 * 2
     assert p.kv_per_token * 131072 == 3_221_225_472
-    # the sliding layers: window (128) + one prefill chunk of keys, whatever the context
-    assert p.kv_sliding == 12 * 2 * 8 * 64 * 2 * (128 + p.prefill_chunk)
+    # the sliding layers: window (128) + one prefill chunk of keys, whatever the context, and the Runner's
+    # window snapshots; the full layers' caches grow in 256-token steps: up to one chunk's steps more
+    assert p.kv_sliding == 12 * 2 * 8 * 64 * 2 * (128 + p.prefill_chunk + memory.MAX_SNAPSHOTS * 128)
+    assert p.kv_slack == 511 and p.kv_bytes == p.kv_per_token * (131072 + 511) + p.kv_sliding
     p = make_plan(read_checkpoint(ckpt120), context=131072, budget=budget(1000), dtype="bfloat16", metal=True)
     assert p.kv_per_token * 131072 == 4_831_838_208
     # on the CPU backend: float32 KV, twice the bytes
@@ -236,22 +238,66 @@ def test_remedy_on_other_macs(ckpt120, ckpt20):
                            metal=True).status == "fits"
 
 
-def test_cpu_backend_sizes_the_prefill_chunk_from_what_is_free(ckpt20):
-    """Without fused attention the score matrices of a chunk grow with the context: in a tight budget the
-    chunk shrinks so they stay near UNFUSED_SCORES_BUDGET; with memory to spare it grows again, its activation
-    peak taking at most half of what the weights and KV cache leave free."""
-    short = make_plan(read_checkpoint(ckpt20), context=2048, budget=budget(24), metal=False)
-    tight = make_plan(read_checkpoint(ckpt20), context=131072, budget=budget(32), metal=False)
-    spare = make_plan(read_checkpoint(ckpt20), context=131072, budget=budget(64), metal=False)
-    assert short.prefill_chunk == memory.PREFILL_CHUNK
-    assert memory.MIN_PREFILL_CHUNK < tight.prefill_chunk < spare.prefill_chunk < memory.PREFILL_CHUNK
-    # 64 GB, 131072 tokens: ~38 GB free once weights and KV are counted; it was an 8-token chunk
-    free = spare.budget.usable - (spare.needed - spare.activations)
-    assert free > 38 * GB and spare.prefill_chunk >= 64
-    assert 2 * spare.activations <= free
-    bigger = memory.activation_peak(spare.config, 2 * spare.prefill_chunk, 131072, 4, fused=False)
-    assert 2 * bigger > free  # the largest chunk within half of it
-    assert make_plan(read_checkpoint(ckpt20), context=131072, budget=budget(1000), metal=False).prefill_chunk == 512
+def test_the_prefill_chunk_is_the_largest_that_fits(ckpt20):
+    """A tight budget gets a smaller prefill chunk before a smaller context or a refusal: without fused
+    attention (the CPU backend) a chunk's score matrices grow with the context."""
+    c = read_checkpoint(ckpt20)
+    roomy = make_plan(c, context=131072, budget=budget(1000), metal=False)
+    assert roomy.prefill_chunk == memory.PREFILL_CHUNK
+    # 131072 tokens in float32 on the CPU: 512-token chunks need ~62 GB; a 40 GB budget runs them 32 at a time
+    tight = make_plan(c, context=131072, budget=budget(40), metal=False)
+    assert tight.status == "fits" and memory.MIN_PREFILL_CHUNK <= tight.prefill_chunk < memory.PREFILL_CHUNK
+    assert tight.needed <= 40 * GB < roomy.needed
+    doubled = memory.size(c, 131072, 2 * tight.prefill_chunk, mx.float32, False, budget(40))
+    assert doubled.needed > 40 * GB  # the largest chunk that fits
+    # the terms name every part of the total
+    assert sum(n for _, n, _ in tight.terms()) == tight.needed
+    assert "attention of a" in tight.activations_note and "score matrices" in tight.activations_note
+    assert tight.sum_line().startswith("weights 17.4 GB + KV cache") and tight.sum_line().endswith(
+        memory.gb(tight.needed))
+
+
+def test_the_plan_line_names_every_term(tiny_ckpt):
+    """Issue 20: "weights 0.1 GB + KV cache 0.1 GB ... = 7.4 GB" named parts that did not add up to the total."""
+    import mlx_gptoss
+    from mlx_gptoss.cli.chat import plan_line
+
+    gpt = mlx_gptoss.load(tiny_ckpt, ctx=256)  # available RAM: the reserve is a term too
+    line = plan_line(gpt)
+    terms = re.findall(r"(weights|KV cache|activations|loading|reserve) ([0-9.]+) (GB|MB)", line)
+    total = re.search(r"= ([0-9.]+) (GB|MB)", line)
+    assert {"weights", "KV cache", "activations", "reserve"} <= {name for name, _, _ in terms}, line
+    size = {"GB": 1e9, "MB": 1e6}
+    parts = sum(float(n) * size[u] for _, n, u in terms)
+    # each figure is rounded to 0.1 of its unit: the parts add up to the total within that
+    assert abs(parts - float(total.group(1)) * size[total.group(2)]) <= 0.05 * size[total.group(2)] * (len(terms) + 1)
+
+
+def test_plan_without_ctx_does_not_say_a_context_was_asked_for(ckpt20, ckpt120):
+    """Issue 20: `plan` without --ctx said "(not the 8,192 asked for…)" when nothing was asked."""
+    from mlx_gptoss.offload import make_offload_plan
+
+    p = make_plan(read_checkpoint(ckpt20), budget=budget(16), metal=False, dtype="bfloat16")
+    assert p.status == "smaller context" and "asked for" not in p.message
+    assert "not the model's full 131,072" in p.message
+    asked = make_plan(read_checkpoint(ckpt20), context=131072, budget=budget(16), metal=False, dtype="bfloat16")
+    assert "(not the 131,072 asked for)" in asked.message
+    # with the levers: 120b streaming in 6.3 GB does not reach 8,192 tokens (the context planned without --ctx)
+    o = make_offload_plan(read_checkpoint(ckpt120), budget=Budget(int(6.3 * GB), "--memory 6.3GB", metal=True),
+                          offload="experts")
+    assert o.status == "smaller context" and "asked for" not in o.message, o.message
+    assert "planned for when no --ctx is given" in o.message
+
+
+def test_kv8_without_offloading_does_not_say_offloading(ckpt20):
+    """Issue 20: `plan --kv-bits 8 --offload none` said "fits with offloading"."""
+    from mlx_gptoss.cli.app import app
+
+    r = CliRunner().invoke(app, ["plan", "--model", str(ckpt20), "--memory", "24GB", "--kv-bits", "8",
+                                 "--offload", "none"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "offloading" not in text and "fits with an 8-bit KV cache" in text
 
 
 def test_bad_input(ckpt20, tmp_path):
@@ -382,15 +428,19 @@ def test_plan_json_for_scripts(ckpt20):
     r = CliRunner().invoke(app, ["plan", "--model", str(ckpt20), "--memory", "24GB", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert set(d) == {"model", "sized_from", "backend", "dtype", "weights", "kv_cache", "activations", "overhead",
-                      "needed", "needed_at_min_context", "budget", "context", "decision", "fits", "message",
-                      "remedies", "levers", "lever_notes"}
+    assert set(d) == {"model", "sized_from", "backend", "dtype", "weights", "kv_cache", "activations", "loading",
+                      "overhead", "terms", "needed", "needed_at_min_context", "budget", "context", "decision", "fits",
+                      "message", "remedies", "levers", "lever_notes"}
     p = make_plan(read_checkpoint(ckpt20), budget=budget(24))
     assert d["weights"]["in_memory"] == p.weights and sum(d["weights"]["on_disk"].values()) == HUB_TOTAL_20B
     assert d["weights"]["total"] == p.weight_bytes and d["kv_cache"]["total"] == p.kv_bytes
     assert d["budget"]["usable"] == 24 * GB and d["budget"]["source"] == "--memory 24GB"
     assert d["context"] == {"requested": 131072, "planned": p.context, "min": memory.MIN_CONTEXT}
     assert d["decision"] == p.status and d["needed"] == p.needed and d["remedies"] == p.remedies
+    assert sum(t["bytes"] for t in d["terms"]) == d["needed"] and [t["name"] for t in d["terms"]][:3] == [
+        "weights", "KV cache", "activations"]
+    assert d["activations"]["prefill_chunk"] == p.prefill_chunk and d["activations"]["decode_per_sequence"] > 0
+    assert d["activations"]["measured"]["attention"] > 0  # the CPU backend's multiples, measured here
     r = CliRunner().invoke(app, ["plan", "--model", str(ckpt20), "--memory", "8GB", "--json", "--device", "cpu",
                                  "--offload", "none"])
     d = json.loads(r.stdout)
@@ -425,3 +475,18 @@ def test_plan_without_network_is_one_line_at_once(tmp_path):
         assert r.stderr.strip().splitlines() == [
             "error: openai/gpt-oss-20b: not in the local Hugging Face cache, and the Hugging Face hub cannot be "
             "reached (no network?); connect and run again, or pass a local folder"], r.stderr  # no retry lines
+
+
+def test_the_server_slot_budget_uses_the_plan_figures(ckpt20):
+    """server/slots.token_budget: what the plan leaves for KV after weights, activations and reserve, each of
+    MAX_SLOTS slots holding its sliding-window layers and a growth step; the same figures `plan --json` prints."""
+    from types import SimpleNamespace
+
+    from mlx_gptoss.server.slots import MAX_SLOTS, token_budget
+
+    p = make_plan(read_checkpoint(ckpt20), context=8192, budget=budget(24), metal=False)
+    spare = 24 * GB - p.weight_bytes - p.activations - p.overhead
+    per_slot = p.kv_sliding + p.kv_per_token * p.kv_slack
+    assert token_budget(SimpleNamespace(plan=p)) == (spare - MAX_SLOTS * per_slot) // p.kv_per_token > 8192
+    # a batch of B sequences decoding together: B x (KV per token x context + decode_activations)
+    assert 0 < p.decode_activations < p.activations

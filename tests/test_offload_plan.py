@@ -10,13 +10,14 @@ unembedding stores 1 byte per value plus a bf16 scale and bias per 64 values.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
 from mlx_gptoss import memory
 from mlx_gptoss.errors import GptOssError
 from mlx_gptoss.offload import OffloadPlan, make_offload_plan
-from mlx_gptoss.offload.plan import MIN_RESIDENT_SHARE, Levers
+from mlx_gptoss.offload.plan import MIN_RESIDENT_SHARE, STREAM_KEEP, Levers, sized
 from test_memory_plan import mac, write_sparse_checkpoint
 
 EXPERT = (5760 * 2880 + 2880 * 2880) * 17 // 32
@@ -35,12 +36,15 @@ def c120(tmp_path_factory):
 
 
 def check_maximal(ckpt, p: OffloadPlan, budget):
-    """The plan fits, and one more resident expert per layer would not."""
+    """The plan fits, and one more resident expert per layer would not at its prefill chunk; the chunk is
+    the largest keeping STREAM_KEEP of the most experts any chunk allows."""
     assert p.needed <= budget.usable
-    more = make_offload_plan(ckpt, budget=budget, context=p.context, offload="experts",
-                             kv_bits=p.levers.kv_bits, resident_experts=(p.levers.expert_slots + 1) /
-                             ckpt.config.num_local_experts)
+    lv = replace(p.levers, expert_slots=p.levers.expert_slots + 1)
+    more = sized(ckpt, lv, p.context, memory._dtype(p.dtype, True), True, budget, p.prefill_chunk)
     assert more.needed > budget.usable
+    most = make_offload_plan(ckpt, budget=budget, context=p.context, offload=replace(lv, expert_slots=round(
+        p.levers.expert_slots / STREAM_KEEP) + 1))
+    assert not most.fits  # more than p's slots / STREAM_KEEP fit at no chunk
 
 
 def test_20b_on_a_16gb_mac(c20):
@@ -50,13 +54,15 @@ def test_20b_on_a_16gb_mac(c20):
     assert isinstance(p, OffloadPlan) and p.fits and p.context == 8192
     assert p.levers.names() == ["embedding", "kv8", "attention8", "experts"]
     assert p.expert_bytes == EXPERT
-    assert p.levers.expert_slots == 27  # 84% resident
+    # 29 of 32 resident (91%) with 128-token prefill chunks: the activations the plan reserved before (a 0.8 GB
+    # guess) kept 27 (84%). 16-token chunks would keep 30, for 8x the prefill steps (STREAM_KEEP).
+    assert p.levers.expert_slots == 29 and p.prefill_chunk == 128
     assert p.weights["embedding"] == 0 and p.resident_weights["embedding"] == EMBEDDING
     assert p.weights["unembedding"] == LM_HEAD_8BIT
-    assert p.streamed_per_token == round(24 * 4 * (32 - 27) / 32 * EXPERT)  # ~0.2 GB per token
+    assert p.streamed_per_token == round(24 * 4 * (32 - 29) / 32 * EXPERT)  # ~0.12 GB per token
     check_maximal(c20, p, b)
-    assert "84% resident" in p.message and "0.2 GB streamed per token" in p.message
-    # the whole 131k context: the 8-bit KV cache leaves room for 21 experts per layer
+    assert "91% resident" in p.message and "0.1 GB streamed per token" in p.message
+    # the whole 131k context: the 8-bit KV cache leaves room for 21 experts per layer (as before: its unfused attention sets the peak)
     full = make_offload_plan(c20, budget=b, context=131072)
     assert full.fits and full.levers.expert_slots == 21 and full.kv_per_token == 12 * 2 * 8 * (64 + 2 * 2)
     check_maximal(c20, full, b)
@@ -75,10 +81,10 @@ def test_120b_on_a_64gb_mac(c120):
     p = make_offload_plan(c120, budget=b)  # no context asked for: a chat's 8192
     assert p.fits and p.context == 8192
     assert p.levers.names() == ["embedding", "kv8", "attention8", "experts"]
-    assert p.levers.expert_slots == 98  # 77% of 128 resident
+    assert p.levers.expert_slots == 98  # 77% of 128 resident, now with 512-token prefill chunks (256 before)
     assert p.streamed_per_token == round(36 * 4 * 30 / 128 * EXPERT)  # ~0.45 GB per token
     # one prefill step of one layer can use all 128 experts: stacked + read
-    assert p.stream_buffer == (128 + 30) * EXPERT
+    assert p.prefill_chunk == 512 and p.stream_buffer == (128 + 30) * EXPERT
     check_maximal(c120, p, b)
 
 

@@ -31,6 +31,9 @@ KV_BITS = (8, 16)
 # "auto" keeps at least this share of each layer's experts resident: below it most routed experts come
 # from the SSD every token (gpt-oss-120b on a 16 GB Mac: ~1.7 GB per token). --offload experts goes lower.
 MIN_RESIDENT_SHARE = 0.25
+# Streaming takes the largest prefill chunk that keeps at least this share of the most experts that could
+# stay resident (with the smallest chunk).
+STREAM_KEEP = 0.95
 OFFLOAD_CONTEXT = 8192  # the context levers are chosen for when none was asked for and the model does not fit
 LEVERS = ("embedding", "kv8", "attention8", "experts")
 
@@ -58,19 +61,16 @@ class Levers:
 
 @dataclass
 class OffloadPlan(Plan):
-    """memory.Plan with levers: weights/KV/activations are the levered figures; `needed` adds the streaming
-    buffer. streamed_per_token estimates decode's reads (layers x k x miss rate x expert bytes) with the
-    miss rate of uniform routing (1 - resident share)."""
+    """memory.Plan with levers: weights/KV/activations are the levered figures; the activations include the
+    streaming buffer (one prefill step's experts of one layer, `stream_buffer`) when the MoE block sets the
+    peak. streamed_per_token estimates decode's reads (layers x k x miss rate x expert bytes) with the miss
+    rate of uniform routing (1 - resident share)."""
 
     levers: Levers = field(default_factory=Levers)
     resident_weights: dict = field(default_factory=dict)  # by part, without levers (what `none` would need)
     stream_buffer: int = 0
     expert_bytes: int = 0
     streamed_per_token: int = 0
-
-    @property
-    def needed(self) -> int:
-        return super().needed + self.stream_buffer
 
     @property
     def resident_share(self) -> float:
@@ -103,15 +103,18 @@ class OffloadPlan(Plan):
                     f"{self.resident_share:.0%} of its experts stay resident at a context of "
                     f"{self.requested_context:,} tokens (auto wants at least {MIN_RESIDENT_SHARE:.0%}). "
                     + " ".join(self.remedies)).strip()
+        only_kv8 = self.levers.names() == ["kv8"]  # a KV width, not offloading: nothing leaves memory
+        with_what = "with an 8-bit KV cache" if only_kv8 else "with offloading"
         if not self.fits:
-            return (f"{self.checkpoint} does not fit even with offloading ({levers}): it needs "
+            return (f"{self.checkpoint} does not fit even {with_what} ({levers}): it needs "
                     f"{gb(self.min_needed)} at a context of {self.requested_context:,} tokens, and "
                     f"{gb(self.budget.usable)} is available ({self.budget.source}). " + " ".join(self.remedies)).strip()
-        head = f"{self.checkpoint} fits with offloading at a context of {self.context:,} tokens"
+        head = f"{self.checkpoint} fits {with_what} at a context of {self.context:,} tokens"
         if self.status == "smaller context":
-            head += f" (not the {self.requested_context:,} asked for: run with --ctx {self.context})"
+            tried = "asked for" if self.context_asked else "planned for when no --ctx is given"
+            head += f" (not the {self.requested_context:,} {tried}: run with --ctx {self.context})"
         return (f"{head}: {gb(self.needed)} needed, {gb(self.budget.usable)} available ({self.budget.source}). "
-                f"Levers, cheapest first: {levers}.")
+                + (f"Levers, cheapest first: {levers}." if not only_kv8 else f"{levers[0].upper()}{levers[1:]}."))
 
 
 def check_options(offload, kv_bits: int | None) -> None:
@@ -129,9 +132,18 @@ def _is_mxfp4(ckpt: Checkpoint) -> bool:
     return any(n.endswith("_blocks") for n in ckpt.tensors)
 
 
-def sized(ckpt: Checkpoint, levers: Levers, context: int, act: int, metal: bool) -> dict:
-    """Every figure of the plan at `context` tokens with `levers`."""
+def stream_buffer(cfg, expert_bytes: int, slots: int, chunk: int) -> int:
+    """One prefill step of one layer (offload.experts): the experts it uses, stacked, and those it reads."""
+    step = min(cfg.num_local_experts, chunk * cfg.num_experts_per_tok)  # distinct experts a step can use
+    return (step + min(step, cfg.num_local_experts - slots)) * expert_bytes
+
+
+def sized(ckpt: Checkpoint, levers: Levers, context: int, dtype, metal: bool, budget: Budget,
+          chunk: int | None = None) -> memory.Sizing:
+    """Every figure of the plan at `context` tokens with `levers`, at prefill chunks of `chunk` tokens
+    (default: the largest that fits)."""
     cfg = ckpt.config
+    act = dtype.size
     base = ckpt.loaded_bytes(act)
     weights = dict(base)
     if levers.embedding:
@@ -144,32 +156,21 @@ def sized(ckpt: Checkpoint, levers: Levers, context: int, act: int, metal: bool)
                 weights[part] += quantized_bytes(*t.shape, act, BITS, GROUP)
             elif part == "attention":
                 weights[part] += math.prod(t.shape) * act
-    E, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    E = cfg.num_local_experts
     eb = expert_bytes(ckpt.tensors) if _is_mxfp4(ckpt) else 0
-    n_full = sum(t == "full_attention" for t in cfg.layer_types)
-    n_sliding = len(cfg.layer_types) - n_full
-    float_token = 2 * cfg.num_key_value_heads * cfg.head_dim * act
-    if levers.kv_bits == 8:
-        g = kv_group(cfg.head_dim)
-        full_token = 2 * cfg.num_key_value_heads * (cfg.head_dim + 2 * (cfg.head_dim // g) * act)
-    else:
-        full_token = float_token
-    fused = metal and levers.kv_bits == 16  # the 8-bit cache's attention materializes its scores
-    chunk = memory.prefill_chunk(cfg, context, act, fused=fused)
-    acts = memory.activation_peak(cfg, chunk, context, act, fused=fused)
-    sliding = n_sliding * float_token * min(cfg.sliding_window + chunk, context + chunk)
-    buffer, per_token = 0, 0
+    buffer = None
     if levers.expert_slots is not None:
         slots = levers.expert_slots
         weights["experts"] = base["experts"] - cfg.num_hidden_layers * (E - slots) * eb
-        step = min(E, chunk * k)  # distinct experts one prefill step of one layer can use
-        buffer = (step + min(step, E - slots)) * eb  # the step's stacked experts + the ones read for it
-        per_token = round(cfg.num_hidden_layers * k * (1 - slots / E) * eb)
-    overhead = 0 if metal else memory.OVERHEAD
-    needed = sum(weights.values()) + n_full * full_token * context + sliding + acts + overhead + buffer
-    return dict(weights=weights, kv_per_token=n_full * full_token, kv_sliding=sliding, prefill_chunk=chunk,
-                activations=acts, overhead=overhead, stream_buffer=buffer, expert_bytes=eb,
-                streamed_per_token=per_token, needed=needed)
+
+        def buffer(chunk):
+            return stream_buffer(cfg, eb, slots, chunk)
+
+    def at(n: int) -> memory.Sizing:
+        return memory.size(ckpt, context, n, dtype, metal, budget, weights=weights, kv_bits=levers.kv_bits,
+                           stream_buffer=buffer, embedding_mapped=levers.embedding, weight_bits=levers.weight_bits)
+
+    return at(chunk) if chunk else memory.choose_chunk(at, budget.usable)
 
 
 def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: str | int | None = None,
@@ -195,19 +196,22 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
         return base  # fits resident at a shorter context: no lever needed to run
 
     metal = base.fused_attention
-    act = memory._dtype(base.dtype, metal).size
-    E = ckpt.config.num_local_experts
+    dt = memory._dtype(base.dtype, metal)
+    E, k = ckpt.config.num_local_experts, ckpt.config.num_experts_per_tok
+    eb = expert_bytes(ckpt.tensors) if _is_mxfp4(ckpt) else 0
     fixed_slots = None if resident_experts is None else round(resident_experts * E)
 
-    def build(lv: Levers, ctx: int) -> OffloadPlan:
-        s = sized(ckpt, lv, ctx, act, metal)
-        fits = s["needed"] <= budget.usable
-        p = OffloadPlan(ckpt.name, ckpt.source, ckpt.config, base.dtype, metal, ckpt.file_bytes(), s["weights"],
-                        s["kv_per_token"], s["kv_sliding"], s["prefill_chunk"], s["activations"], s["overhead"],
-                        budget, ctx, ctx if fits else 0, "fits" if fits else "does not fit",
-                        levers=lv, resident_weights=ckpt.loaded_bytes(act), stream_buffer=s["stream_buffer"],
-                        expert_bytes=s["expert_bytes"], streamed_per_token=s["streamed_per_token"])
-        p.min_needed = s["needed"]
+    def build(lv: Levers, ctx: int, chunk: int | None = None) -> OffloadPlan:
+        s = sized(ckpt, lv, ctx, dt, metal, budget, chunk)
+        fits = s.needed <= budget.usable
+        slots = lv.expert_slots
+        p = s.plan(ckpt, base.dtype, metal, budget, ctx, ctx if fits else 0, "fits" if fits else "does not fit",
+                   cls=OffloadPlan, levers=lv, resident_weights=ckpt.loaded_bytes(dt.size), expert_bytes=eb,
+                   stream_buffer=0 if slots is None else stream_buffer(ckpt.config, eb, slots, s.chunk),
+                   streamed_per_token=0 if slots is None else
+                   round(ckpt.config.num_hidden_layers * k * (1 - slots / E) * eb))
+        p.min_needed = s.needed
+        p.context_asked = context is not None
         return p
 
     if isinstance(offload, Levers):  # chosen by the caller (benchmarks, experiments): only checked
@@ -217,17 +221,32 @@ def make_offload_plan(ckpt: Checkpoint, *, context: int | None = None, memory_: 
             p.status, p.context = "does not fit", 0
         return p
 
-    def with_experts(lv: Levers, ctx: int) -> OffloadPlan:
-        """Streaming with the most resident experts that fit (or the share asked for)."""
-        if fixed_slots is not None:
-            return build(replace(lv, expert_slots=fixed_slots), ctx)
-        lo, hi = 0, E  # largest slots that fit: needed grows with slots
-        if not build(replace(lv, expert_slots=0), ctx).fits:
-            return build(replace(lv, expert_slots=0), ctx)
+    def most_slots(lv: Levers, ctx: int, chunk: int | None = None) -> int | None:
+        """The most resident experts per layer that fit (None: not even none), at `chunk` or any chunk."""
+        if not build(replace(lv, expert_slots=0), ctx, chunk).fits:
+            return None
+        lo, hi = 0, E  # needed grows with slots
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if build(replace(lv, expert_slots=mid), ctx).fits else (lo, mid - 1)
-        return build(replace(lv, expert_slots=lo), ctx)
+            lo, hi = (mid, hi) if build(replace(lv, expert_slots=mid), ctx, chunk).fits else (lo, mid - 1)
+        return lo
+
+    def with_experts(lv: Levers, ctx: int) -> OffloadPlan:
+        """Streaming with the most resident experts that fit (or the share asked for), at the largest prefill
+        chunk that keeps at least STREAM_KEEP of that most: a prefill step reads every missing expert its
+        tokens route to, so 16-token chunks read ~30x what 512-token ones do, for a few experts more."""
+        if fixed_slots is not None:
+            return build(replace(lv, expert_slots=fixed_slots), ctx)
+        best = most_slots(lv, ctx)
+        if best is None:
+            return build(replace(lv, expert_slots=0), ctx)
+        chunk = memory.PREFILL_CHUNK
+        while chunk > memory.MIN_PREFILL_CHUNK:
+            slots = most_slots(lv, ctx, chunk)
+            if slots is not None and slots >= STREAM_KEEP * best:
+                return build(replace(lv, expert_slots=slots), ctx, chunk)
+            chunk //= 2
+        return build(replace(lv, expert_slots=best), ctx)
 
     # kv_bits=8 on a model that fits resident, no context asked for: the 8-bit cache alone, for more context
     only_kv = context is None and kv_bits == 8 and not forced_stream and base.status != "does not fit"

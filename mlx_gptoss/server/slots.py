@@ -7,7 +7,8 @@ history diverges from what was generated: the next prompt drops that turn's reas
 anywhere, an empty slot is taken, else the least recently used one.
 
 Memory: the slots share one token budget, what the memory plan leaves for KV after the weights, the
-activation peak and the runtime's reserve (at least the planned context). Before a request runs, the least
+activation peak and the reserve, with each slot's sliding-window layers and growth step counted (the same
+figures as `plan --json`; at least the planned context). Before a request runs, the least
 recently used other slots are emptied until all caches plus this prompt and its reply fit that budget.
 """
 
@@ -25,7 +26,8 @@ def token_budget(gpt) -> int | None:
     if plan is None or not getattr(plan, "kv_per_token", 0):
         return None
     spare = plan.budget.usable - plan.weight_bytes - plan.activations - plan.overhead
-    return max(plan.context, (spare - MAX_SLOTS * plan.kv_sliding) // plan.kv_per_token)
+    per_slot = plan.kv_sliding + plan.kv_per_token * getattr(plan, "kv_slack", 0)
+    return max(plan.context, (spare - MAX_SLOTS * per_slot) // plan.kv_per_token)
 
 
 def default_slots(gpt) -> int:
