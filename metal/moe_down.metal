@@ -1,8 +1,8 @@
 // gpt-oss MoE decode, launch 2 of 2: MXFP4 down matvec + bias + router-weighted sum over the K experts.
 //   out[t, n] = sum_j weights[t, j] * (W_e[n] . h[t, j] + b_e[n]),  e = ids[t, j],  j = 0, 1, ..., K-1 in order
 // Data: h [T, K, I] of T; w uint32 [E, H, I/8], scales uint8 [E, H, I/32] (mxfp4.h); bias [E, H] of T;
-//   ids uint32 [>= T, K] and weights float [>= T, K] (rows past T are padding, so both always have at least 8
-//   elements and MLX passes them as `device` pointers for every T); out [T, H] of T. I must be a multiple of 32.
+//   ids uint32 [T, K] and router weights [T, K] of T (at T = 1 under 8 elements: MLX passes them in `constant`
+//   memory, at T >= 2 `device`; the body reads both the same way); out [T, H] of T. I must be a multiple of 32.
 //   An expert id >= E gives NaN outputs, never a bad read.
 // Threads: grid (32 * K, ceil(H / ROWS), T), threadgroup (32 * K, 1, 1).
 //   threadgroup (y, z) = ROWS consecutive output features of token z; its simdgroup j computes expert slot j:
@@ -22,7 +22,7 @@ const uint lane = thread_index_in_simdgroup;
 const int n0 = int(threadgroup_position_in_grid.y) * ROWS;
 const int n_rows = min(ROWS, H - n0);  // >= 1 (the grid has ceil(H / ROWS) rows) and the same for the threadgroup
 const uint e = ids[t * uint(K) + j];
-const float weight = weights[t * uint(K) + j];
+const float weight = float(weights[t * uint(K) + j]);
 const int words_per_row = I / CODES_PER_WORD;
 const int blocks_per_row = I / MXFP4_BLOCK;
 

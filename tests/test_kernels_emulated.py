@@ -207,30 +207,34 @@ def test_decode_of_every_code_and_scale_matches_mlx_dequantize(emulated, dtype, 
     assert np.array_equal(np.signbit(got[1:8]), np.signbit(want[1:8]))
 
 
-def test_one_kernel_variant_for_every_token_count(emulated, monkeypatch):
-    """T = 1 (4 ids, 4 router weights) and T = 4 generate the same source: every input a `device` pointer."""
+def test_the_self_test_runs_every_kernel_variant_decode_runs(emulated, monkeypatch):
+    """MLX generates one source text per address-space layout: at T = 1 the 4 ids and router weights go to
+    `constant` memory, at T = 2..DECODE_MAX_TOKENS to `device`. The self-test's token counts must produce
+    every text that decode's token counts do (nothing is padded to hide the difference)."""
+    from mlx_gptoss import metal_selftest
+
     texts = {}
     real_generate = emu.generate
 
     def record(name, *args, **kwargs):
         kname, text = real_generate(name, *args, **kwargs)
-        texts.setdefault(name, set()).add(text)
+        texts.setdefault(T, set()).add(text)
         return kname, text
 
     monkeypatch.setattr(emu, "generate", record)
     E, H, I = 4, 64, 32
     wg, sg, bg = mxfp4(E, 2 * I, H, seed=20)
     wd, sd, bd = mxfp4(E, H, I, seed=21)
-    for T in (1, 2, 4):
+    for T in range(1, kernels.DECODE_MAX_TOKENS + 1):
         x = mx.ones((T, H))
         ids = mx.array(np.arange(4 * T).reshape(T, 4) % E, dtype=mx.uint32)
         h = kernels.moe_gate_up_swiglu(x, wg, sg, bg, ids, backend="metal")
         kernels.moe_down(h, wd, sd, bd, ids, mx.full((T, 4), 0.25), backend="metal")
-    assert set(texts) == {kernels.GATE_UP.name, kernels.DOWN.name}
-    for spec in kernels.SPECS:
-        (text,) = texts[spec.name]
-        for arg in spec.inputs:  # no input in constant memory (only MLX's shape arrays are)
-            assert re.search(rf"const device \w+\* {arg} \[\[buffer", text), (spec.name, arg)
+    decode = set().union(*texts.values())
+    tested = set().union(*(texts[T] for T in metal_selftest.CASE["tokens"]))
+    assert decode == tested and len(decode) == 4  # 2 kernels x {constant, device} ids
+    assert all(re.search(r"const constant uint32_t\* ids \[\[buffer", t) for t in texts[1])
+    assert all(re.search(r"const device uint32_t\* ids \[\[buffer", t) for t in texts[2])
 
 
 def test_expert_id_out_of_range_gives_nan_not_a_bad_read(emulated):
