@@ -14,7 +14,8 @@ Where and when. The test runs in a child process (ISOLATE): a GPU fault there, w
 or leaves MLX raising on every later operation, cannot touch the user's process; a child that dies or
 exceeds TIMEOUT_S is a failed kernel, stored. It runs at load() (before any weight is read, so the child has
 the memory the plan leaves free) or on `gptoss-mac doctor`, never inside a decode step, announced on stderr
-in one line. Ctrl-C or SIGTERM during it kills the child and removes the pending record.
+in one line. Ctrl-C or SIGTERM during it kills the child and removes the pending record. Of two processes
+starting at once, one tests each kernel and the other waits for its record (up to TIMEOUT_S).
 
 The outcome is remembered per setup (GPU, macOS version and build, MLX version, kernel sources, tiles,
 wrapper and this test: selftest_record.py), so the test runs once per setup; the key is computed once per
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import platform
 import signal
 import statistics
@@ -61,6 +63,7 @@ CASE = {"hidden": 2880, "intermediate": 2880, "experts": 32, "experts_per_token"
 WARMUP, REPS = 2, 15
 ISOLATE = True  # run each test in a child process (tests of the logic itself may run it in-process)
 TIMEOUT_S = 300.0  # a child still running after this is a kernel that hangs the GPU: a failure
+WAIT_POLL_S = 0.25  # how often a process waiting for another's test reads the cache file
 
 _results: dict[str, dict] = {}  # "setup|kernel/dtype" -> record, for this process
 _warned: set[str] = set()
@@ -302,6 +305,18 @@ def _announce() -> None:
               "a few seconds; `gptoss-mac doctor` shows the result)", file=sys.stderr, flush=True)
 
 
+def _claim_or_wait(key: str, name: str) -> dict | None:
+    """The stored record, or None once this process has claimed the test. While another process tests this
+    kernel (two chats starting at once), wait for its record, up to TIMEOUT_S: then busy."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        stored = selftest_record.settle(selftest_record.claim(key, name), key, name)
+        if stored is None or stored.get("state") != "busy" or stored["pid"] == os.getpid() \
+                or time.monotonic() > deadline:
+            return stored
+        time.sleep(WAIT_POLL_S)
+
+
 def result(spec: kernels.KernelSpec, dtype) -> dict:
     """The self-test record for (kernel, dtype) on this setup: from memory, the cache file, or a fresh run."""
     name = f"{spec.key}/{DTYPE_NAMES[dtype]}"
@@ -313,7 +328,7 @@ def result(spec: kernels.KernelSpec, dtype) -> dict:
         memo = f"{key}|{name}"
         if memo in _results:
             return _results[memo]
-        stored = selftest_record.settle(selftest_record.claim(key, name), key, name)
+        stored = _claim_or_wait(key, name)
         if stored is not None and stored.get("state") == "busy":  # not remembered: the next load asks again
             return {"passed": False, "enabled": False, "cached": False,
                     "detail": f"being self-tested by process {stored['pid']}; MLX's built-in ops until it is done"}

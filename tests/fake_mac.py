@@ -29,6 +29,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from unittest import mock
 
@@ -50,11 +51,15 @@ SMALL_CASE = {"hidden": 64, "intermediate": 32, "experts": 8, "experts_per_token
               "rounds": 2}
 
 
+LAUNCHES: Counter = Counter()  # stand-in launches by kernel name, in this process
+
+
 def standin_kernel(name, input_names, output_names, source, header="", **_):
     """mx.fast.metal_kernel for the two shipped kernels, computing the same outputs with MLX's ops."""
     from mlx_gptoss import kernels
 
     def launch(inputs, output_shapes, output_dtypes, **_):
+        LAUNCHES[name] += 1
         if name == kernels.GATE_UP.name:
             x, w, scales, bias, ids, params = inputs
             limit, alpha = params.tolist()
@@ -92,14 +97,18 @@ def _kernel_factory(kind: str):
     return _failing_kernel(kind)
 
 
-def fake_clock(metal_s: float, builtin_s: float, delay_s: float = 0.0):
-    """metal_selftest.measure replaced: fixed seconds, after checking it gets both backends' graph builders."""
+def fake_clock(metal_s: float, builtin_s: float, delay_s: float = 0.0, log: str | None = None):
+    """metal_selftest.measure replaced: fixed seconds, after checking it gets both backends' graph builders;
+    each call also sleeps delay_s and appends a line to the file `log` (to count tests across processes)."""
     seen = []
 
     def measure(calls):
         assert set(calls) == {"metal", "builtin"}
         seen.append(calls)
         time.sleep(delay_s)
+        if log:
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()}\n")
         return {"metal": metal_s, "builtin": builtin_s}
 
     measure.seen = seen
