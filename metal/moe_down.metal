@@ -10,9 +10,10 @@
 //   a simd_sum per row reduces the lanes, and lane r < ROWS writes weights[t, j] * (dot + bias) to
 //   threadgroup memory. After one barrier, simdgroup 0's lane r adds the K partials of row r in the order
 //   j = 0..K-1 and stores. No atomics and no scheduling-dependent order: the result is deterministic.
-// Tiles for gpt-oss (H = I = 2880, K = 4): ROWS = 4 -> 720 threadgroups of 4 simdgroups per token, 2,880
-//   simdgroups at T = 1 (one per expert and 4-row tile, as many as MLX's gather_qmv); I = 2880 is 90
-//   blocks, 3 steps of 32 lanes.
+//   A full tile (every tile but the last) issues its ROWS row loads before the math (mxfp4.h).
+// Tiles for gpt-oss (H = I = 2880, K = 4): ROWS = 8 -> each h value loaded once feeds 8 rows; 360
+//   threadgroups of 4 simdgroups per token, 1,440 simdgroups at T = 1; I = 2880 is 90 blocks, 3 steps of 32
+//   lanes.
 const int I = h_shape[2];
 const int E = bias_shape[0];
 const int H = bias_shape[1];
@@ -28,6 +29,7 @@ const int blocks_per_row = I / MXFP4_BLOCK;
 
 threadgroup float partial[K][ROWS];
 float acc[ROWS];
+#pragma unroll
 for (int r = 0; r < ROWS; ++r) {
     acc[r] = 0.0f;
 }
@@ -38,22 +40,20 @@ if (e < uint(E)) {  // uniform over the simdgroup: every lane reaches the simd_s
     const device T* h_tj = h + (size_t(t) * size_t(K) + size_t(j)) * size_t(I);
     for (int b = int(lane); b < blocks_per_row; b += SIMD_WIDTH) {
         float xs[MXFP4_BLOCK];
+#pragma unroll
         for (int v = 0; v < MXFP4_BLOCK; ++v) {
             xs[v] = float(h_tj[b * MXFP4_BLOCK + v]);
         }
-        for (int r = 0; r < ROWS; ++r) {  // constant trip count: acc stays in registers
-            if (r < n_rows) {
-                acc[r] += block_dot(xs, w_rows + r * words_per_row + b * WORDS_PER_BLOCK,
-                                    s_rows[r * blocks_per_row + b]);
-            }
-        }
+        rows_step<ROWS>(acc, xs, w_rows, s_rows, words_per_row, blocks_per_row, b, n_rows);
     }
 }
+#pragma unroll
 for (int r = 0; r < ROWS; ++r) {
     acc[r] = simd_sum(acc[r]);
 }
 // Lane r takes row r by a constant-index select (a dynamic index would push acc out of registers).
 float row_dot = 0.0f;
+#pragma unroll
 for (int r = 0; r < ROWS; ++r) {
     if (int(lane) == r) {
         row_dot = acc[r];

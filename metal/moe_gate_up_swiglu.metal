@@ -11,8 +11,10 @@
 //   i.e. 2 * OUTS consecutive weight rows (contiguous bytes). Per step, lane l takes MXFP4 block l of the
 //   step: it loads its 32 inputs once into registers, then per row one 16-byte word load and one scale byte.
 //   A simd_sum per row reduces the lanes, and lane r finishes output r (bias, SwiGLU, store).
-// Tiles for gpt-oss (H = I = 2880): SIMDS = 2, OUTS = 2 -> 720 threadgroups per pair, 5,760 simdgroups at
-//   T = 1; H = 2880 is 90 blocks, 3 steps of 32 lanes (the last with 26 busy).
+//   A full tile (every tile but a matrix's last) issues its 2 * OUTS row loads before the math (mxfp4.h).
+// Tiles for gpt-oss (H = I = 2880): SIMDS = 2, OUTS = 4 -> 8 rows per simdgroup (each x value loaded once
+//   feeds 8 rows), 360 threadgroups per pair, 2,880 simdgroups at T = 1; H = 2880 is 90 blocks, 3 steps of 32
+//   lanes (the last with 26 busy).
 constexpr int ROWS = 2 * OUTS;
 const int H = x_shape[1];
 const int E = bias_shape[0];
@@ -42,26 +44,26 @@ const device uint8_t* s_rows = scales + row0 * size_t(blocks_per_row);
 const device T* x_t = x + size_t(t) * size_t(H);
 
 float acc[ROWS];
+#pragma unroll
 for (int r = 0; r < ROWS; ++r) {
     acc[r] = 0.0f;
 }
 for (int b = int(lane); b < blocks_per_row; b += SIMD_WIDTH) {
     float xs[MXFP4_BLOCK];
+#pragma unroll
     for (int v = 0; v < MXFP4_BLOCK; ++v) {
         xs[v] = float(x_t[b * MXFP4_BLOCK + v]);
     }
-    for (int r = 0; r < ROWS; ++r) {  // constant trip count: acc stays in registers
-        if (r < 2 * n_out) {
-            acc[r] += block_dot(xs, w_rows + r * words_per_row + b * WORDS_PER_BLOCK, s_rows[r * blocks_per_row + b]);
-        }
-    }
+    rows_step<ROWS>(acc, xs, w_rows, s_rows, words_per_row, blocks_per_row, b, 2 * n_out);
 }
+#pragma unroll
 for (int r = 0; r < ROWS; ++r) {
     acc[r] = simd_sum(acc[r]);
 }
 // Lane r takes row pair r by a constant-index select (a dynamic index would push acc out of registers).
 float gate = 0.0f;
 float up = 0.0f;
+#pragma unroll
 for (int r = 0; r < OUTS; ++r) {
     if (int(lane) == r) {
         gate = acc[2 * r];

@@ -42,6 +42,7 @@ inline float e8m0_to_float(uint s) {
 // x[0..31] . (the 32 codes of q) * 2^-14, accumulated in float32 (x in registers, code c of word w at x[8w+c]).
 inline float dot_block(thread const float* x, packed_uint4 q) {
     float acc = 0.0f;
+#pragma unroll
     for (int w = 0; w < WORDS_PER_BLOCK; ++w) {
         const uint word = q[w];
         thread const float* xw = x + w * CODES_PER_WORD;
@@ -61,9 +62,42 @@ inline float dot_block(thread const float* x, packed_uint4 q) {
     return acc;
 }
 
+// One block's 32 codes: one 16-byte load (packed: 4-byte alignment suffices).
+inline packed_uint4 load_block(const device uint32_t* words) {
+    return *((const device packed_uint4*)words);
+}
+
 // One block's contribution x . (codes * scale): the block sum times 2^14, then times the E8M0 scale (two
 // products, not one folded 2^(s - 113): that overflows for s >= 241, where MLX's values are finite).
-inline float block_dot(thread const float* x, const device uint32_t* words, uint scale) {
-    const packed_uint4 q = *((const device packed_uint4*)words);
+inline float scaled_dot(thread const float* x, packed_uint4 q, uint scale) {
     return dot_block(x, q) * E2M1_IN_HALF_SCALE * e8m0_to_float(scale);
+}
+
+// A lane's step over ROWS weight rows (row r at w_rows + r * words_per_row, scale s_rows[r * blocks_per_row]),
+// block b, accumulating into acc. A full tile issues all ROWS loads before any math, so the memory system
+// has every request in flight at once; a partial tile (the last one of a matrix) guards each row.
+template <int ROWS>
+inline void rows_step(thread float* acc, thread const float* xs, const device uint32_t* w_rows,
+                      const device uint8_t* s_rows, int words_per_row, int blocks_per_row, int b, int n_rows) {
+    if (n_rows == ROWS) {
+        packed_uint4 q[ROWS];
+        uint s[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            q[r] = load_block(w_rows + r * words_per_row + b * WORDS_PER_BLOCK);
+            s[r] = s_rows[r * blocks_per_row + b];
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            acc[r] += scaled_dot(xs, q[r], s[r]);
+        }
+    } else {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {  // constant trip count: acc stays in registers
+            if (r < n_rows) {
+                acc[r] += scaled_dot(xs, load_block(w_rows + r * words_per_row + b * WORDS_PER_BLOCK),
+                                     s_rows[r * blocks_per_row + b]);
+            }
+        }
+    }
 }

@@ -157,9 +157,9 @@ class KernelSpec:
 
 # Tiles for gpt-oss's H = I = 2880 (the reasoning is in each .metal file's opening comment).
 GATE_UP = KernelSpec("gptoss_moe_gate_up_swiglu", "moe_gate_up_swiglu.metal",
-                     ["x", "w", "scales", "bias", "ids", "params"], {"SIMDS": 2, "OUTS": 2})
+                     ["x", "w", "scales", "bias", "ids", "params"], {"SIMDS": 2, "OUTS": 4})
 DOWN = KernelSpec("gptoss_moe_down", "moe_down.metal",
-                  ["h", "w", "scales", "bias", "ids", "weights"], {"ROWS": 4})
+                  ["h", "w", "scales", "bias", "ids", "weights"], {"ROWS": 8})
 SPECS = (GATE_UP, DOWN)
 HEADER_FILE = "mxfp4.h"
 
