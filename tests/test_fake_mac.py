@@ -11,7 +11,6 @@ import io
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -109,12 +108,12 @@ def test_auto_costs_no_more_host_time_than_builtin(fake_mac, tiny_ckpt, monkeypa
         for rep in range(12):
             for backend in ("auto", "builtin") if rep % 2 else ("builtin", "auto"):
                 gpt.model.set_moe_backend(backend)
-                t0 = time.perf_counter()
                 for _ in range(4):
+                    t0 = time.perf_counter()
                     mx.eval(gpt.model(token, cache=cache))
-                times[backend].append(time.perf_counter() - t0)
+                    times[backend].append(time.perf_counter() - t0)
         gpt.model.set_moe_backend("auto")
-    auto, builtin = (statistics.median(times[b]) for b in ("auto", "builtin"))
+    auto, builtin = min(times["auto"]), min(times["builtin"])  # the machine's load only ever slows a step
     assert auto <= 1.25 * builtin, (auto, builtin)  # generous: a shared machine; benchmarks/ has the figure
 
 
