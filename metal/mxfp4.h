@@ -73,31 +73,51 @@ inline float scaled_dot(thread const float* x, packed_uint4 q, uint scale) {
     return dot_block(x, q) * E2M1_IN_HALF_SCALE * e8m0_to_float(scale);
 }
 
-// A lane's step over ROWS weight rows (row r at w_rows + r * words_per_row, scale s_rows[r * blocks_per_row]),
-// block b, accumulating into acc. A full tile issues all ROWS loads before any math, so the memory system
-// has every request in flight at once; a partial tile (the last one of a matrix) guards each row.
+// A lane's block b of ROWS weight rows (row r at w_rows + r * words_per_row, its scale s_rows[r * blocks_per_row]),
+// into registers before any math, so that every load is in flight at once. A full tile (all but a matrix's
+// last) loads unguarded; a partial one loads its n_rows rows and zeros for the others (never read past the end).
 template <int ROWS>
-inline void rows_step(thread float* acc, thread const float* xs, const device uint32_t* w_rows,
+inline void load_rows(thread packed_uint4* q, thread uint* s, const device uint32_t* w_rows,
                       const device uint8_t* s_rows, int words_per_row, int blocks_per_row, int b, int n_rows) {
     if (n_rows == ROWS) {
-        packed_uint4 q[ROWS];
-        uint s[ROWS];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             q[r] = load_block(w_rows + r * words_per_row + b * WORDS_PER_BLOCK);
             s[r] = s_rows[r * blocks_per_row + b];
         }
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            acc[r] += scaled_dot(xs, q[r], s[r]);
-        }
     } else {
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {  // constant trip count: acc stays in registers
-            if (r < n_rows) {
-                acc[r] += scaled_dot(xs, load_block(w_rows + r * words_per_row + b * WORDS_PER_BLOCK),
-                                     s_rows[r * blocks_per_row + b]);
-            }
+        for (int r = 0; r < ROWS; ++r) {
+            q[r] = r < n_rows ? load_block(w_rows + r * words_per_row + b * WORDS_PER_BLOCK) : packed_uint4(uint4(0u));
+            s[r] = r < n_rows ? uint(s_rows[r * blocks_per_row + b]) : 0u;
         }
     }
+}
+
+// Which pairs (token, expert slot) one simdgroup computes, so that pairs sharing an expert read its weights
+// once. Pair p's expert e = ids[p]; the pairs with expert e, in order, form groups of up to GROUP. The first
+// of each group (the leader) returns the group's pairs in member[] and their count; every other pair returns
+// 0 (its leader computes it). With GROUP == 1 each pair is its own leader. ids holds n_pairs pairs; the scan
+// is short because the wrapper shares only for decode's few tokens.
+template <int GROUP, typename IdPtr>
+inline int group_members(thread uint* member, IdPtr ids, uint p, int n_pairs) {
+    member[0] = p;
+    if (GROUP == 1) {
+        return 1;
+    }
+    const uint e = ids[p];
+    int before = 0;
+    for (int q = 0; q < int(p); ++q) {
+        before += ids[q] == e ? 1 : 0;
+    }
+    if (before % GROUP != 0) {
+        return 0;
+    }
+    int n = 1;
+    for (int q = int(p) + 1; q < n_pairs && n < GROUP; ++q) {
+        if (ids[q] == e) {
+            member[n++] = uint(q);
+        }
+    }
+    return n;
 }

@@ -156,10 +156,13 @@ class KernelSpec:
 
 
 # Tiles for gpt-oss's H = I = 2880 (the reasoning is in each .metal file's opening comment).
+# GROUP: at T = 2..SHARE_TOKENS, up to this many (token, expert) pairs with the same expert share one read of
+# its weights (SHARE in the .metal files).
 GATE_UP = KernelSpec("gptoss_moe_gate_up_swiglu", "moe_gate_up_swiglu.metal",
-                     ["x", "w", "scales", "bias", "ids", "params"], {"SIMDS": 2, "OUTS": 4})
+                     ["x", "w", "scales", "bias", "ids", "params"], {"SIMDS": 2, "OUTS": 4, "GROUP": 4})
 DOWN = KernelSpec("gptoss_moe_down", "moe_down.metal",
-                  ["h", "w", "scales", "bias", "ids", "weights"], {"ROWS": 8})
+                  ["h", "w", "scales", "bias", "ids", "weights"], {"ROWS": 8, "GROUP": 4})
+SHARE_TOKENS = DECODE_MAX_TOKENS  # the kernels share expert reads between tokens up to this many tokens
 SPECS = (GATE_UP, DOWN)
 HEADER_FILE = "mxfp4.h"
 
@@ -257,7 +260,8 @@ def _metal_gate_up_swiglu(x, w, scales, bias, expert_ids, limit, alpha):
     simds, outs = GATE_UP.tiles["SIMDS"], GATE_UP.tiles["OUTS"]
     (out,) = build(GATE_UP)(
         inputs=[x, w, scales, _as(bias, x.dtype), _as(expert_ids, mx.uint32), _params(limit, alpha)],
-        template=[("T", x.dtype), ("SIMDS", simds), ("OUTS", outs)],
+        template=[("T", x.dtype), ("SIMDS", simds), ("OUTS", outs), ("SHARE", 2 <= T <= SHARE_TOKENS),
+                  ("GROUP", GATE_UP.tiles["GROUP"])],
         grid=(SIMD_WIDTH * simds, -(-I // (simds * outs)), T * k), threadgroup=(SIMD_WIDTH * simds, 1, 1),
         output_shapes=[(T, k, I)], output_dtypes=[x.dtype])
     return out
@@ -276,11 +280,14 @@ def _metal_down(h, w, scales, bias, expert_ids, expert_weights):
     if T == 0 or H == 0 or k == 0:
         return mx.zeros((T, H), dtype=h.dtype)
     rows = DOWN.tiles["ROWS"]
+    share = 2 <= T <= SHARE_TOKENS and T * k <= MAX_EXPERTS_PER_TOKEN  # one threadgroup for all T tokens
+    tokens = T if share else 1  # per threadgroup
     (out,) = build(DOWN)(
         inputs=[h, w, scales, _as(bias, h.dtype), _as(expert_ids, mx.uint32),
                 _as(expert_weights, h.dtype)],
-        template=[("T", h.dtype), ("K", k), ("ROWS", rows)],
-        grid=(SIMD_WIDTH * k, -(-H // rows), T), threadgroup=(SIMD_WIDTH * k, 1, 1),
+        template=[("T", h.dtype), ("K", k), ("ROWS", rows), ("SHARE", share), ("GROUP", DOWN.tiles["GROUP"]),
+                  ("SHARE_TOKENS", SHARE_TOKENS)],
+        grid=(SIMD_WIDTH * k * tokens, -(-H // rows), T // tokens), threadgroup=(SIMD_WIDTH * k * tokens, 1, 1),
         output_shapes=[(T, H)], output_dtypes=[h.dtype])
     return out
 

@@ -263,3 +263,34 @@ def test_kernels_need_only_element_alignment(emulated, cxx):
         y = kernels.moe_down(h, wd, sd, bd, ids, weights, backend="metal")
     assert rel_err(h, kernels.moe_gate_up_swiglu(x, wg, sg, bg, ids, backend="builtin")) <= TOL[mx.float32]
     assert rel_err(y, kernels.moe_down(h, wd, sd, bd, ids, weights, backend="builtin")) <= TOL[mx.float32]
+
+
+@pytest.mark.parametrize("cxx", COMPILERS)
+def test_sharing_an_experts_weights_between_tokens_changes_no_bit(emulated, monkeypatch, cxx):
+    """At T = 2..4 pairs with the same expert are computed together, each weight block read once (SHARE);
+    IDS repeat experts across tokens and within one (expert 1 four times: one group of GROUP = 4). The
+    results must be the unshared kernels' bit for bit, in any thread order."""
+    E, H, I = 5, 96, 90  # gate_up: 90 outputs and down: 100 rows leave the last tile partial
+    wg, sg, bg = mxfp4(E, 2 * I, H, seed=30)
+    wd, sd, bd = mxfp4(E, 100, 96, seed=31)
+    rng = np.random.default_rng(32)
+    x = mx.array(rng.standard_normal((len(IDS), H)).astype(np.float32))
+    h = mx.array(rng.standard_normal((len(IDS), 4, 96)).astype(np.float32))
+    ids = mx.array(IDS, dtype=mx.uint32)
+    weights = mx.softmax(mx.array(rng.standard_normal((len(IDS), 4)).astype(np.float32)), axis=-1)
+
+    def run():
+        return (np.array(kernels.moe_gate_up_swiglu(x, wg, sg, bg, ids, backend="metal")),
+                np.array(kernels.moe_down(h, wd, sd, bd, ids, weights, backend="metal")))
+
+    with emu.compiler(cxx):
+        with emu.thread_order("random", 5):
+            shared = run()
+        monkeypatch.setattr(kernels, "SHARE_TOKENS", 0)
+        unshared = run()
+    np.testing.assert_array_equal(shared[0], unshared[0])
+    np.testing.assert_array_equal(shared[1], unshared[1])
+    assert rel_err(mx.array(shared[0]), kernels.moe_gate_up_swiglu(x, wg, sg, bg, ids, backend="builtin")) \
+        <= TOL[mx.float32]
+    assert rel_err(mx.array(shared[1]), kernels.moe_down(h, wd, sd, bd, ids, weights, backend="builtin")) \
+        <= TOL[mx.float32]

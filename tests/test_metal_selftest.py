@@ -131,7 +131,7 @@ def test_a_wrong_kernel_fails(fake_mac, monkeypatch):
 
     def swapped(file):
         text = original(file)
-        return text.replace("gate = acc[2 * r];", "gate = acc[2 * r + 1];") if file == kernels.GATE_UP.file else text
+        return text.replace("gate = acc[m][2 * r];", "gate = acc[m][2 * r + 1];") if file == kernels.GATE_UP.file else text
 
     monkeypatch.setattr(kernels, "kernel_source", swapped)
     kernels._built.clear()
@@ -230,7 +230,7 @@ def test_cache_key_names_device_os_mlx_and_code(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "kernel_source", lambda f: original(f) + ("\n" if f == "mxfp4.h" else ""))
     assert metal_selftest.compute_setup_key() != base  # a kernel source
     monkeypatch.undo()
-    monkeypatch.setitem(kernels.DOWN.tiles, "ROWS", 8)
+    monkeypatch.setitem(kernels.DOWN.tiles, "ROWS", 16)
     assert metal_selftest.compute_setup_key() != base  # a tile
     monkeypatch.undo()
     edited = tmp_path / "metal_selftest.py"
