@@ -290,3 +290,23 @@ def test_cli_serve_answers_a_real_request_on_the_simulated_mac(fake_mac):
             proc.kill()
             proc.wait(30)
     assert all(stored()[n]["enabled"] for n in NAMES)  # tested at load, in serve's process tree
+
+
+def test_the_real_clock_times_chained_layers_alternating_which_goes_first(fake_mac, monkeypatch):
+    """metal_selftest.measure itself (stand-in kernels, the small case): each sample builds a chain of
+    gate_up -> down layers before the clock starts; metal and builtin alternate, and so does which is first."""
+    order = []
+    real_chains = metal_selftest._chains
+
+    def spying(spec, a):
+        built = real_chains(spec, a)
+        return {name: (lambda n=name, f=f: order.append(n) or f()) for name, f in built.items()}
+
+    with simulated_mac(timings=None):
+        monkeypatch.setattr(metal_selftest, "_chains", spying)
+        record = metal_selftest.run(kernels.GATE_UP, mx.float32)
+    assert record["passed"], record
+    assert set(record["timings"]) == {"T=1", "T=4"} and all(v["metal_s"] > 0 for v in record["timings"].values())
+    samples = metal_selftest.WARMUP + metal_selftest.REPS
+    timed = order[2 * metal_selftest.WARMUP: 2 * samples]  # T = 1's timed samples
+    assert timed[:4] == ["metal", "builtin", "builtin", "metal"]
