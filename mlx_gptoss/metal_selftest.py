@@ -330,7 +330,7 @@ def result(spec: kernels.KernelSpec, dtype) -> dict:
             return _results[memo]
         stored = _claim_or_wait(key, name)
         if stored is not None and stored.get("state") == "busy":  # not remembered: the next load asks again
-            return {"passed": False, "enabled": False, "cached": False,
+            return {"passed": False, "enabled": False, "cached": False, "busy": True,
                     "detail": f"being self-tested by process {stored['pid']}; MLX's built-in ops until it is done"}
         if stored is not None:
             record = dict(stored, cached=True)
@@ -364,8 +364,8 @@ def kernel_status(dtypes=None) -> list[dict]:
     """Self-test outcome of every kernel, for `gptoss-mac doctor`; runs the tests not yet done here.
 
     Each dict: kernel (e.g. "moe_down"), dtype ("bfloat16"), passed (correct), enabled (auto uses it),
-    detail (one line), timings ({"T=1": {"metal_s", "builtin_s"}, ...} when timed), cached (read from the
-    cache file rather than run now). dtypes defaults to bfloat16, the activation dtype on Metal.
+    detail (one line), timings ({"T=1": {"metal_s", "builtin_s"}, ...} seconds per decode layer, when timed),
+    cached (read from the cache file rather than run now), busy (another process is still testing it). dtypes defaults to bfloat16, the activation dtype on Metal.
     """
     rows = []
     for dtype in dtypes or (mx.bfloat16,):
@@ -373,7 +373,8 @@ def kernel_status(dtypes=None) -> list[dict]:
             r = result(spec, dtype)
             rows.append({"kernel": spec.key, "dtype": DTYPE_NAMES[dtype], "passed": r["passed"],
                          "enabled": r.get("enabled", False), "detail": r["detail"],
-                         "timings": r.get("timings", {}), "cached": r.get("cached", False)})
+                         "timings": r.get("timings", {}), "cached": r.get("cached", False),
+                         "busy": r.get("busy", False)})
     return rows
 
 
