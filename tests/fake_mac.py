@@ -8,6 +8,8 @@ executable first on PATH that answers like macOS (the real subprocess still runs
 mx.fast.metal_kernel becomes one of KERNELS:
   "emulator"  tests/msl_emu runs the shipped Metal source (results, slow);
   "standin"   the same outputs computed with MLX's own ops (decode at CPU speed: timing the host side);
+  "oneop"     each launch is one MLX op of the output's shape (zeros): the graph-building cost of a kernel
+              call, for host-time benchmarks (wrong results: never for a test of results);
   "broken"    every launch fails like a Metal compile error;
   "abort"     every launch kills the process (a GPU fault on MLX < 0.32);
   "hang"      every launch sleeps (a kernel that never ends).
@@ -38,7 +40,7 @@ import mlx.core as mx
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 ENV = "GPTOSS_FAKE_MAC"
-KERNELS = ("emulator", "standin", "broken", "abort", "hang")
+KERNELS = ("emulator", "standin", "oneop", "broken", "abort", "hang")
 # mx.device_info() of an Apple M3 Max with 36 GB (the GPU working set is macOS's default, 3/4 of the memory).
 M3_MAX = {"architecture": "applegpu_g15s", "device_name": "Apple M3 Max", "memory_size": 38654705664,
           "max_buffer_length": 28991029248, "max_recommended_working_set_size": 28991029248,
@@ -94,6 +96,8 @@ def _kernel_factory(kind: str):
         return emulator.metal_kernel
     if kind == "standin":
         return standin_kernel
+    if kind == "oneop":
+        return lambda **_: lambda output_shapes, output_dtypes, **__: [mx.zeros(output_shapes[0], output_dtypes[0])]
     return _failing_kernel(kind)
 
 
