@@ -228,8 +228,11 @@ def run_isolated(spec: kernels.KernelSpec, dtype, case: dict | None = None) -> d
     """run() in a child process (CHILD). A child killed by a GPU fault, or still running after TIMEOUT_S, is
     a failed kernel; Ctrl-C or SIGTERM here kills the child and passes on."""
     args = [spec.key, DTYPE_NAMES[dtype], json.dumps(case or CASE)]
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    try:  # stdin: never the user's (a piped chat's input stays the chat's)
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as e:  # says nothing about the kernel: tested again next time
+        return _failed(f"could not start the test process ({sys.executable}): {e}", transient=True)
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
