@@ -25,6 +25,7 @@ import mlx_gptoss
 from mlx_gptoss import kernel_gate, kernels, metal_selftest, selftest_record
 import fake_mac as fm
 from fake_mac import fake_mac, simulated_mac  # noqa: F401  (fake_mac is a fixture)
+from msl_emu import emulator as emu
 
 NAMES = [f"{s.key}/bfloat16" for s in kernels.SPECS]
 
@@ -134,6 +135,7 @@ def test_self_test_runs_in_a_child_once_then_is_read_from_the_cache(fake_mac, ca
     assert capfd.readouterr().err.count("testing the Metal MoE kernels") == 1
 
 
+@pytest.mark.skipif(not emu.available_compilers(), reason="the MSL emulator needs g++ or clang++")
 def test_the_emulated_kernels_pass_the_self_test_in_the_child(tmp_path, monkeypatch):
     """The shipped Metal source, through the emulator, in the self-test's own child process."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
