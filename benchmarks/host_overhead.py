@@ -9,10 +9,11 @@ backend "auto" vs "builtin" on a simulated Mac (tests/fake_mac.py).
    zero parameters: building a graph never evaluates them, so no weight memory is used. Per sample: a fresh
    cache, one untimed step, then the timed Python call of the next step `model(token, cache)` (one token's
    graph, not evaluated). Both in activation dtype bfloat16, as on a Mac; samples alternate between models
-   and the table gives the min (the load of the shared machine only ever slows a sample) and the median. Ours runs its builtin MoE path (what every machine without approved kernels
-   runs), and again on a simulated Mac with the kernels approved, where the two kernel wrappers replace
-   gather_qmm + bias + SwiGLU + weighted sum (each kernel call one MLX op, fake_mac's "oneop": the real
-   mx.fast.metal_kernel call raises off a Mac, so its own C++ cost is not in that figure).
+   and the table gives the min (the load of the shared machine only ever slows a sample) and the median. Ours
+   runs its builtin MoE path (what every machine without approved kernels runs), and backend "auto" with the
+   kernels approved, where the two kernel wrappers replace gather_qmm + bias + SwiGLU + weighted sum (each
+   kernel call one MLX op, fake_mac's "oneop": the real mx.fast.metal_kernel call raises off a Mac, so its
+   own C++ cost is not in that figure). All three variants run inside one simulated Mac, interleaved.
 2. Per-token host time, auto vs builtin, on a simulated Mac whose kernels fail their self-test (so both
    compute with MLX's ops, and any difference is the gate's cost): a small random checkpoint (hidden 256, 24
    layers like 20b, 32 experts) in float32, greedy decode steps built and evaluated one by one, alternating
@@ -74,40 +75,37 @@ def build_time(net, reps: int) -> list[float]:
 
 
 def graph_table(reps: int) -> list[str]:
+    """All three variants in one simulated Mac whose kernels are approved (a judge approving all; each kernel
+    call one MLX op): ours with backend "builtin" and "auto", and mlx-lm's model, samples interleaved."""
+    from fake_mac import simulated_mac
+    from mlx_gptoss import kernel_gate
     from tiny_checkpoint import hub_config
 
     lines = ["| shape | ours (MLX's ops): ms per step, min / median | ours (Metal kernels approved) | "
              "mlx-lm's gpt_oss | ours (MLX's ops) / mlx-lm, min / median |", "|---|---:|---:|---:|---:|"]
     for name, shape in SHAPES.items():
         cfg = hub_config(**REAL, **shape)
-        models = {"ours": ours(cfg), "mlx-lm": theirs(cfg)}
-        samples = {k: [] for k in models}
-        for rep in range(reps + 2):  # the first two: warm-up
-            for k in (list(models) if rep % 2 == 0 else list(models)[::-1]):
-                samples[k] += build_time(models[k], 1)[-1:] if rep >= 2 else []
-                if rep < 2:
-                    build_time(models[k], 1)
-        kernel = _with_approved_kernels(models["ours"], reps)
-        (a, am), (b, bm), (c, cm) = ((min(v) * 1e3, statistics.median(v) * 1e3)
-                                     for v in (samples["ours"], samples["mlx-lm"], kernel))
+        net, peer = ours(cfg), theirs(cfg)
+        variants = {"builtin": (net, "builtin"), "kernels": (net, "auto"), "mlx-lm": (peer, None)}
+        samples = {k: [] for k in variants}
+        with simulated_mac(kernels="oneop"):
+            judge = kernel_gate.set_judge(lambda kernel, dtype: True)
+            try:
+                for rep in range(reps + 2):  # the first two: warm-up
+                    names = list(variants) if rep % 2 == 0 else list(variants)[::-1]
+                    for k in names:
+                        model, backend = variants[k]
+                        if backend:
+                            model.set_moe_backend(backend)
+                        t = build_time(model, 1)
+                        if rep >= 2:
+                            samples[k] += t
+            finally:
+                kernel_gate.set_judge(judge)
+        (a, am), (c, cm), (b, bm) = ((min(v) * 1e3, statistics.median(v) * 1e3) for v in samples.values())
         lines.append(f"| {name} ({shape['num_hidden_layers']} layers, {shape['num_local_experts']} experts) | "
                      f"{a:.2f} / {am:.2f} | {c:.2f} / {cm:.2f} | {b:.2f} / {bm:.2f} | {a / b:.2f} / {am / bm:.2f} |")
     return lines
-
-
-def _with_approved_kernels(net, reps: int) -> list[float]:
-    """Ours on a simulated Mac whose kernels are approved (a judge that approves all; each kernel call is
-    one MLX op, since the real call raises off a Mac)."""
-    from fake_mac import simulated_mac
-    from mlx_gptoss import kernel_gate
-
-    with simulated_mac(kernels="oneop"):
-        judge = kernel_gate.set_judge(lambda kernel, dtype: True)
-        try:
-            build_time(net, 2)
-            return build_time(net, reps)
-        finally:
-            kernel_gate.set_judge(judge)
 
 
 def gate_table(steps: int, blocks: int) -> list[str]:
@@ -124,7 +122,7 @@ def gate_table(steps: int, blocks: int) -> list[str]:
         os.environ["XDG_CACHE_HOME"] = d
         ckpt = write_hub_checkpoint(Path(d) / "ckpt", cfg, random_weights(cfg, seed=0))
         with simulated_mac(kernels="broken"):
-            from mlx_gptoss import kernels, metal_selftest
+            from mlx_gptoss import kernels, machine, metal_selftest
 
             metal_selftest.ISOLATE = False
             import warnings
@@ -149,7 +147,8 @@ def gate_table(steps: int, blocks: int) -> list[str]:
                         build[backend].append(t1 - t0)
                         step[backend].append(time.perf_counter() - t0)
             gate = {b: _per_call(lambda: kernels._use_metal(b, kernels.GATE_UP, mx.float32, 1)) for b in step}
-            before = _per_call(metal_selftest.compute_setup_key, 10)  # what every MoE call ran before
+            # what every MoE call ran before (sysctl was not cached then either)
+            before = _per_call(lambda: (machine.sysctl.cache_clear(), metal_selftest.compute_setup_key()), 10)
             calls = 2 * len(gpt.model.model.layers)
     ms = {k: (min(v) * 1e3, statistics.median(v) * 1e3) for k, v in step.items()}
     bms = {k: (min(v) * 1e3, statistics.median(v) * 1e3) for k, v in build.items()}
