@@ -63,7 +63,8 @@ def counting_io():
                 p.stop()
 
 
-def decode(gpt, steps: int, counts_after: int = 0):
+def decode(gpt, steps: int):
+    """A 4-token prefill, then `steps` greedy decode steps, each evaluated; returns the cache."""
     cache = gpt.make_cache()
     mx.eval(gpt.model(mx.array([[5, 17, 300, 2]], dtype=mx.int32), cache=cache))
     token = mx.array([[7]], dtype=mx.int32)
