@@ -111,11 +111,11 @@ def test_auto_costs_no_more_host_time_than_builtin(fake_mac, tiny_ckpt, monkeypa
             for backend in ("auto", "builtin") if rep % 2 else ("builtin", "auto"):
                 gpt.model.set_moe_backend(backend)
                 for _ in range(4):
-                    t0 = time.perf_counter()
+                    t0 = time.process_time()  # CPU time: other jobs on a shared machine inflate it far less
                     mx.eval(gpt.model(token, cache=cache))
-                    times[backend].append(time.perf_counter() - t0)
+                    times[backend].append(time.process_time() - t0)
         gpt.model.set_moe_backend("auto")
-    auto, builtin = min(times["auto"]), min(times["builtin"])  # the machine's load only ever slows a step
+    auto, builtin = min(times["auto"]), min(times["builtin"])
     assert auto <= 1.25 * builtin, (auto, builtin)  # generous: a shared machine; benchmarks/ has the figure
 
 
@@ -230,10 +230,10 @@ def scripted(name: str, cache) -> str:
     import shutil
 
     from mlx_gptoss import harmony
-    from scripted_checkpoint import scripted_path
+    from scripted_checkpoint import offline_harmony, scripted_path
 
     path = scripted_path(name)
-    vocab = selftest_record.cache_file().parent / harmony.VOCAB_FILE
+    vocab = offline_harmony().parent / "cache" / "gptoss-mac" / harmony.VOCAB_FILE  # where it derived it
     os.environ["XDG_CACHE_HOME"] = str(cache)
     (cache / "gptoss-mac").mkdir(parents=True, exist_ok=True)
     shutil.copy(vocab, cache / "gptoss-mac" / harmony.VOCAB_FILE)
