@@ -69,7 +69,7 @@ _results: dict[str, dict] = {}  # "setup|kernel/dtype" -> record, for this proce
 _warned: set[str] = set()
 _setup: list[str] = []  # this process's setup key, computed once
 _lock = threading.RLock()  # one thread tests at a time; the others wait for its record
-_announced: list[bool] = []
+_announced: list[str] = []
 
 
 def code_hash() -> str:
@@ -301,11 +301,12 @@ def _test(spec: kernels.KernelSpec, dtype, key: str, name: str) -> dict:
     return dict(record, cached=False)
 
 
-def _announce() -> None:
-    if not _announced:
-        _announced.append(True)
-        print("gptoss-mac: testing the Metal MoE kernels on this Mac against MLX's own ops (once per setup, "
-              "a few seconds; `gptoss-mac doctor` shows the result)", file=sys.stderr, flush=True)
+def _announce(what: str = "testing the Metal MoE kernels on this Mac against MLX's own ops (once per setup, "
+                          "a few seconds; `gptoss-mac doctor` shows the result)") -> None:
+    """One line on stderr, once per process, when a self-test runs (or is waited for)."""
+    if what not in _announced:
+        _announced.append(what)
+        print(f"gptoss-mac: {what}", file=sys.stderr, flush=True)
 
 
 def _claim_or_wait(key: str, name: str) -> dict | None:
@@ -317,6 +318,7 @@ def _claim_or_wait(key: str, name: str) -> dict | None:
         if stored is None or stored.get("state") != "busy" or stored["pid"] == os.getpid() \
                 or time.monotonic() > deadline:
             return stored
+        _announce(f"waiting for process {stored['pid']}, which is testing the Metal MoE kernels on this Mac")
         time.sleep(WAIT_POLL_S)
 
 
