@@ -1,7 +1,8 @@
 """Time the custom Metal MoE kernels against MLX's built-in mxfp4 ops on this Mac, side by side.
 
 For each kernel and activation dtype this runs the self-test afresh (metal_selftest.run: gpt-oss's decode
-shapes, H = I = 2880, 4 experts per token, T = 1 and T = 4; correctness first, then interleaved timing)
+shapes, H = I = 2880, 4 experts per token, T = 1 and T = 4; correctness first, then the timing of 8
+chained decode layers on other experts each, per layer; the one kernel under test on Metal, the rest MLX)
 and prints a Markdown table naming the machine; --write appends it to benchmarks/RESULTS_metal_kernels.md.
 Needs a Mac (Metal). Nobody has run it for this project yet, so that file does not exist.
 
@@ -25,7 +26,7 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS_metal_kernels.md"
 def table() -> str:
     m = bench.machine_info()
     lines = [f"### {m['chip']}, {m['os']}, MLX {m['mlx_version']} ({time.strftime('%Y-%m-%d')})", "",
-             "| kernel | dtype | T | correct (rel. error) | metal ms | MLX ms | MLX / metal | auto uses it |",
+             "| kernel | dtype | T | correct (rel. error) | metal ms per layer | MLX ms per layer | MLX / metal | auto uses it |",
              "|---|---|---:|---|---:|---:|---:|---|"]
     for dtype in metal_selftest.DTYPES:
         for spec in kernels.SPECS:

@@ -42,6 +42,7 @@ inline float e8m0_to_float(uint s) {
 // x[0..31] . (the 32 codes of q) * 2^-14, accumulated in float32 (x in registers, code c of word w at x[8w+c]).
 inline float dot_block(thread const float* x, packed_uint4 q) {
     float acc = 0.0f;
+#pragma unroll
     for (int w = 0; w < WORDS_PER_BLOCK; ++w) {
         const uint word = q[w];
         thread const float* xw = x + w * CODES_PER_WORD;
@@ -61,9 +62,62 @@ inline float dot_block(thread const float* x, packed_uint4 q) {
     return acc;
 }
 
+// One block's 32 codes: one 16-byte load (packed: 4-byte alignment suffices).
+inline packed_uint4 load_block(const device uint32_t* words) {
+    return *((const device packed_uint4*)words);
+}
+
 // One block's contribution x . (codes * scale): the block sum times 2^14, then times the E8M0 scale (two
 // products, not one folded 2^(s - 113): that overflows for s >= 241, where MLX's values are finite).
-inline float block_dot(thread const float* x, const device uint32_t* words, uint scale) {
-    const packed_uint4 q = *((const device packed_uint4*)words);
+inline float scaled_dot(thread const float* x, packed_uint4 q, uint scale) {
     return dot_block(x, q) * E2M1_IN_HALF_SCALE * e8m0_to_float(scale);
+}
+
+// A lane's block b of ROWS weight rows (row r at w_rows + r * words_per_row, its scale s_rows[r * blocks_per_row]),
+// into registers before any math, so that every load is in flight at once. A full tile (all but a matrix's
+// last) loads unguarded; a partial one loads its n_rows rows and zeros for the others (never read past the end).
+template <int ROWS>
+inline void load_rows(thread packed_uint4* q, thread uint* s, const device uint32_t* w_rows,
+                      const device uint8_t* s_rows, int words_per_row, int blocks_per_row, int b, int n_rows) {
+    if (n_rows == ROWS) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            q[r] = load_block(w_rows + r * words_per_row + b * WORDS_PER_BLOCK);
+            s[r] = s_rows[r * blocks_per_row + b];
+        }
+    } else {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            q[r] = r < n_rows ? load_block(w_rows + r * words_per_row + b * WORDS_PER_BLOCK) : packed_uint4(uint4(0u));
+            s[r] = r < n_rows ? uint(s_rows[r * blocks_per_row + b]) : 0u;
+        }
+    }
+}
+
+// Which pairs (token, expert slot) one simdgroup computes, so that pairs sharing an expert read its weights
+// once. Pair p's expert e = ids[p]; the pairs with expert e, in order, form groups of up to GROUP. The first
+// of each group (the leader) returns the group's pairs in member[] and their count; every other pair returns
+// 0 (its leader computes it). With GROUP == 1 each pair is its own leader. ids holds n_pairs pairs; the scan
+// is short because the wrapper shares only for decode's few tokens.
+template <int GROUP, typename IdPtr>
+inline int group_members(thread uint* member, IdPtr ids, uint p, int n_pairs) {
+    member[0] = p;
+    if (GROUP == 1) {
+        return 1;
+    }
+    const uint e = ids[p];
+    int before = 0;
+    for (int q = 0; q < int(p); ++q) {
+        before += ids[q] == e ? 1 : 0;
+    }
+    if (before % GROUP != 0) {
+        return 0;
+    }
+    int n = 1;
+    for (int q = int(p) + 1; q < n_pairs && n < GROUP; ++q) {
+        if (ids[q] == e) {
+            member[n++] = uint(q);
+        }
+    }
+    return n;
 }

@@ -8,6 +8,7 @@ from typing import Callable
 
 import mlx.core as mx
 
+from . import metal_selftest
 from .checkpoint import load_weights
 from .config import GptOssConfig
 from .errors import GptOssError
@@ -121,12 +122,16 @@ def load(model: str | Path, *, dtype: mx.Dtype | None = None, allow_download: bo
                 raise GptOssError(f"offload={offload!r}, kv_bits={kv_bits!r}: the offload levers run on one machine; "
                                   "a model sharded over several ranks is loaded resident (drop these options, or "
                                   "add a rank: gptoss-mac plan --ranks N)")
+            metal_selftest.prepare(dtype)
             net, plan, _ = load_rank(ckpt, group, dtype=dtype, memory=memory, ctx=ctx, progress=progress)
             return GptOss(model=net, config=cfg, path=path, dtype=dtype, plan=plan, max_context=plan.context,
                           group=group)
     plan = make_offload_plan(ckpt, context=ctx, memory_=memory, dtype=dtype, offload=offload, kv_bits=kv_bits,
                              resident_experts=resident_experts)
     apply_plan(plan)
+    # The MoE backend is decided here, before any weight is read (a due self-test runs now, in a child
+    # process with the memory the plan leaves free), so that no decode step ever decides it.
+    metal_selftest.prepare(dtype)
     net = Transformer(cfg)
     net.set_dtype(dtype)
     levers = getattr(plan, "levers", None)

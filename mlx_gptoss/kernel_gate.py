@@ -1,10 +1,13 @@
 """Whether backend "auto" may use a custom Metal kernel: the one place a verdict passes from the self-test
 to the kernels wrapper.
 
-kernels.py asks `approved(kernel, dtype)`; metal_selftest.py answers by registering its judge with
-`set_judge` when it is imported (model.py imports it: every model has the judge). Data flows one way, self-test ->
-this registry -> kernels, and neither of the two imports the other's direction: kernels.py knows nothing
-of how a kernel is tested. With no judge registered, nothing is approved and the builtin ops run.
+kernels.py asks `approved(kernel, dtype)` on every MoE call; metal_selftest.py answers by registering its
+judge with `set_judge` when it is imported (model.py imports it: every model has the judge). The judge is asked
+once per (kernel, dtype) and its answer kept, so a decode step costs a dict lookup, never a file, a hash or a
+subprocess; load() calls `forget()` so that each model load decides afresh (metal_selftest remembers its
+results, so that is cheap). Data flows one way, self-test -> this registry -> kernels, and neither of the two
+imports the other's direction: kernels.py knows nothing of how a kernel is tested. With no judge registered,
+nothing is approved and the builtin ops run.
 """
 
 from __future__ import annotations
@@ -13,15 +16,25 @@ from typing import Callable
 
 # judge(kernel_key, dtype) -> bool: kernel_key like "moe_down", dtype an mx.Dtype
 _judge: Callable[[str, object], bool] | None = None
+_verdicts: dict[tuple[str, object], bool] = {}
 
 
 def set_judge(judge: Callable[[str, object], bool] | None) -> Callable[[str, object], bool] | None:
-    """Install the function that decides (None removes it); returns the previous one."""
+    """Install the function that decides (None removes it); returns the previous one. Forgets all verdicts."""
     global _judge
     previous, _judge = _judge, judge
+    _verdicts.clear()
     return previous
 
 
 def approved(kernel_key: str, dtype) -> bool:
-    """True only when a judge is registered and approves this kernel for this activation dtype."""
-    return bool(_judge is not None and _judge(kernel_key, dtype))
+    """True only when a judge is registered and approved this kernel for this activation dtype."""
+    verdict = _verdicts.get((kernel_key, dtype))
+    if verdict is None:
+        verdict = _verdicts[(kernel_key, dtype)] = bool(_judge is not None and _judge(kernel_key, dtype))
+    return verdict
+
+
+def forget() -> None:
+    """Drop every kept verdict: the next approved() asks the judge again (a new model load, tests)."""
+    _verdicts.clear()

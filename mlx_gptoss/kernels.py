@@ -13,9 +13,11 @@ backend "metal" runs our own kernels (metal/moe_gate_up_swiglu.metal, metal/moe_
 metal/mxfp4.h) through mx.fast.metal_kernel, which is looked up on every build so a test can put an emulator
 in its place. Each is a fused decode matvec: one launch for gate_up + bias + clamped SwiGLU over each token's
 k experts, one for down + bias + the router-weighted sum over k (one simdgroup per expert, summed in a fixed
-order in threadgroup memory, no atomics: deterministic). Every small input (expert ids, router weights, the
-SwiGLU constants) is padded to 8 elements so MLX always passes it as a `device` pointer: the kernel variant
-is the same for every T, and the one the self-test runs is the one decode runs.
+order in threadgroup memory, no atomics: deterministic). The wrappers take the model's arrays as they are
+(uint32 ids, router weights and biases in the activation dtype) and build the SwiGLU constants once, so a call
+adds no op to the graph but the kernel itself. MLX passes an input of under 8 elements in `constant` memory:
+at T = 1 the ids and router weights are constant, at T = 2..4 device; the self-test runs T = 1 and T = 4, so
+it tests both kernel variants decode runs.
 
 backend "auto" (the default) uses a kernel only on a Metal GPU, for at most DECODE_MAX_TOKENS tokens, and only
 when kernel_gate approves it: the self-test (metal_selftest.py, which registers itself there; this module
@@ -99,11 +101,15 @@ def moe_down(h, w, scales, bias, expert_ids, expert_weights, *, backend="auto"):
 
 def moe(x, gate_up, down, expert_ids, expert_weights, *, limit=7.0, alpha=1.702, backend="auto"):
     """The whole expert block, x [T, H] -> [T, H]: moe_down(moe_gate_up_swiglu(x)). gate_up and down are
-    (w, scales, bias) triples. With many tokens on the builtin ops, the (token, expert) pairs are sorted by
-    expert once for both matmuls and unsorted once at the end, instead of around each."""
-    if expert_ids.size < SORT_THRESHOLD or _use_metal(backend, GATE_UP, x.dtype, x.shape[0]):
-        h = moe_gate_up_swiglu(x, *gate_up, expert_ids, limit=limit, alpha=alpha, backend=backend)
-        return moe_down(h, *down, expert_ids, expert_weights, backend=backend)
+    (w, scales, bias) triples. Each kernel's backend is looked up once per call (a dict lookup once the
+    verdict is known). With many tokens on the builtin ops, the (token, expert) pairs are sorted by expert
+    once for both matmuls and unsorted once at the end, instead of around each."""
+    metal_gate_up = _use_metal(backend, GATE_UP, x.dtype, x.shape[0])
+    metal_down = _use_metal(backend, DOWN, x.dtype, x.shape[0])
+    if expert_ids.size < SORT_THRESHOLD or metal_gate_up or metal_down:
+        h = (_metal_gate_up_swiglu if metal_gate_up else _builtin_gate_up_swiglu)(x, *gate_up, expert_ids,
+                                                                                  limit, alpha)
+        return (_metal_down if metal_down else _builtin_down)(h, *down, expert_ids, expert_weights)
     T, k = expert_ids.shape
     flat = expert_ids.reshape(-1)
     order = mx.argsort(flat)
@@ -130,8 +136,9 @@ def _check_backend(backend: str) -> None:
 DECODE_MAX_TOKENS = 4
 SIMD_WIDTH = 32
 MXFP4_BLOCK = 32
-# MLX passes an input with fewer elements than this in `constant` memory, a different pipeline: every small
-# input is padded to this size so all calls, whatever T, run the one kernel variant the self-test ran.
+# MLX passes an input with fewer elements than this in `constant` memory instead of `device`: a different
+# kernel variant. Decode's ids and router weights [T, 4] are constant at T = 1 and device at T = 2..4; the
+# self-test runs T = 1 and T = DECODE_MAX_TOKENS, so it runs both variants decode uses (nothing is padded).
 MIN_DEVICE_ELEMENTS = 8
 ACTIVATION_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 MAX_EXPERTS_PER_TOKEN = 1024 // SIMD_WIDTH  # moe_down: one simdgroup per expert slot in one threadgroup
@@ -149,10 +156,13 @@ class KernelSpec:
 
 
 # Tiles for gpt-oss's H = I = 2880 (the reasoning is in each .metal file's opening comment).
+# GROUP: at T = 2..SHARE_TOKENS, up to this many (token, expert) pairs with the same expert share one read of
+# its weights (SHARE in the .metal files).
 GATE_UP = KernelSpec("gptoss_moe_gate_up_swiglu", "moe_gate_up_swiglu.metal",
-                     ["x", "w", "scales", "bias", "ids", "params"], {"SIMDS": 2, "OUTS": 2})
+                     ["x", "w", "scales", "bias", "ids", "params"], {"SIMDS": 2, "OUTS": 4, "GROUP": 4})
 DOWN = KernelSpec("gptoss_moe_down", "moe_down.metal",
-                  ["h", "w", "scales", "bias", "ids", "weights"], {"ROWS": 4})
+                  ["h", "w", "scales", "bias", "ids", "weights"], {"ROWS": 8, "GROUP": 4})
+SHARE_TOKENS = DECODE_MAX_TOKENS  # the kernels share expert reads between tokens up to this many tokens
 SPECS = (GATE_UP, DOWN)
 HEADER_FILE = "mxfp4.h"
 
@@ -185,12 +195,11 @@ def build(spec: KernelSpec):
 
 
 def _use_metal(backend: str, spec: KernelSpec, dtype, tokens: int) -> bool:
+    """Per call: a few comparisons and kernel_gate's memo (the verdict is decided once per kernel and dtype)."""
+    if backend == "auto":  # the judge checks for a Metal GPU once; per call only an approved kernel does
+        return tokens <= DECODE_MAX_TOKENS and kernel_gate.approved(spec.key, dtype) and on_metal_gpu()
     _check_backend(backend)
-    if backend != "auto":
-        return backend == "metal"
-    if tokens > DECODE_MAX_TOKENS or dtype not in ACTIVATION_DTYPES or not on_metal_gpu():
-        return False
-    return kernel_gate.approved(spec.key, dtype)
+    return backend == "metal"
 
 
 def on_metal_gpu() -> bool:
@@ -231,11 +240,15 @@ def _as(a: mx.array, dtype) -> mx.array:
     return a if a.dtype == dtype else a.astype(dtype)
 
 
-def _device_rows(a: mx.array, dtype) -> mx.array:
-    """a [T, k] as dtype, with zero rows appended until it has MIN_DEVICE_ELEMENTS (the kernels never read them)."""
-    a = _as(a, dtype)
-    short = -(-MIN_DEVICE_ELEMENTS // a.shape[1]) - a.shape[0]
-    return mx.concatenate([a, mx.zeros((short, a.shape[1]), dtype=dtype)]) if short > 0 else a
+_swiglu_params: dict[tuple[float, float], mx.array] = {}
+
+
+def _params(limit: float, alpha: float) -> mx.array:
+    """The SwiGLU constants as the kernel's `params` input, built once per (limit, alpha)."""
+    key = (float(limit), float(alpha))
+    if key not in _swiglu_params:
+        _swiglu_params[key] = mx.array(key, dtype=mx.float32)
+    return _swiglu_params[key]
 
 
 def _metal_gate_up_swiglu(x, w, scales, bias, expert_ids, limit, alpha):
@@ -245,10 +258,10 @@ def _metal_gate_up_swiglu(x, w, scales, bias, expert_ids, limit, alpha):
     if T * k == 0 or I == 0:
         return mx.zeros((T, k, I), dtype=x.dtype)
     simds, outs = GATE_UP.tiles["SIMDS"], GATE_UP.tiles["OUTS"]
-    params = mx.array([limit, alpha] + [0.0] * (MIN_DEVICE_ELEMENTS - 2), dtype=mx.float32)
     (out,) = build(GATE_UP)(
-        inputs=[x, w, scales, _as(bias, x.dtype), _device_rows(expert_ids, mx.uint32), params],
-        template=[("T", x.dtype), ("SIMDS", simds), ("OUTS", outs)],
+        inputs=[x, w, scales, _as(bias, x.dtype), _as(expert_ids, mx.uint32), _params(limit, alpha)],
+        template=[("T", x.dtype), ("SIMDS", simds), ("OUTS", outs), ("SHARE", 2 <= T <= SHARE_TOKENS),
+                  ("GROUP", GATE_UP.tiles["GROUP"])],
         grid=(SIMD_WIDTH * simds, -(-I // (simds * outs)), T * k), threadgroup=(SIMD_WIDTH * simds, 1, 1),
         output_shapes=[(T, k, I)], output_dtypes=[x.dtype])
     return out
@@ -267,11 +280,14 @@ def _metal_down(h, w, scales, bias, expert_ids, expert_weights):
     if T == 0 or H == 0 or k == 0:
         return mx.zeros((T, H), dtype=h.dtype)
     rows = DOWN.tiles["ROWS"]
+    share = 2 <= T <= SHARE_TOKENS and T * k <= MAX_EXPERTS_PER_TOKEN  # one threadgroup for all T tokens
+    tokens = T if share else 1  # per threadgroup
     (out,) = build(DOWN)(
-        inputs=[h, w, scales, _as(bias, h.dtype), _device_rows(expert_ids, mx.uint32),
-                _device_rows(expert_weights, mx.float32)],
-        template=[("T", h.dtype), ("K", k), ("ROWS", rows)],
-        grid=(SIMD_WIDTH * k, -(-H // rows), T), threadgroup=(SIMD_WIDTH * k, 1, 1),
+        inputs=[h, w, scales, _as(bias, h.dtype), _as(expert_ids, mx.uint32),
+                _as(expert_weights, h.dtype)],
+        template=[("T", h.dtype), ("K", k), ("ROWS", rows), ("SHARE", share), ("GROUP", DOWN.tiles["GROUP"]),
+                  ("SHARE_TOKENS", SHARE_TOKENS)],
+        grid=(SIMD_WIDTH * k * tokens, -(-H // rows), T // tokens), threadgroup=(SIMD_WIDTH * k * tokens, 1, 1),
         output_shapes=[(T, H)], output_dtypes=[h.dtype])
     return out
 

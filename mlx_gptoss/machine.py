@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
 import sys
 
 
+@functools.lru_cache(maxsize=None)  # one subprocess per name per process: nothing asked here changes while running
 def sysctl(name: str) -> str | None:
     """macOS `sysctl -n NAME`, or None (not a Mac, unknown name)."""
     try:

@@ -9,8 +9,11 @@ makes a crash count as a failure, which failures are transient (never stored), a
   sources, tiles, the wrapper in kernels.py and the test definition. A new one of any re-runs the test.
 - Before a test runs, a pending record {"state": "pending", "pid", "started"} is written. A GPU fault can
   abort the process inside Metal's completion handler, before any result is recorded; the next process then
-  finds the pending record of a dead process and stores it as a failure, instead of crashing again.
-- Out-of-memory and timeout failures say nothing about the kernel: they are kept for the process only.
+  finds the pending record of a dead process and stores it as a failure, instead of crashing again. A pending
+  record of this very process is a test another of its threads is running (busy), unless this process never
+  claimed it (then its pid was reused: a crash). Ctrl-C or SIGTERM during the test removes the record.
+- Out-of-memory failures (and a command buffer discarded for another process's GPU fault) say nothing about
+  the kernel: they are kept for the process only. A timeout is the kernel's: stored as a failure.
 - decide(): a kernel is enabled for "auto" only if it is correct AND faster than MLX's own ops by at least
   MIN_SPEEDUP at every timed token count.
 """
@@ -29,8 +32,9 @@ from pathlib import Path
 MIN_SPEEDUP = 1.05
 # A pending record older than this is a crash even if its pid was reused by another process.
 PENDING_STALE_SECONDS = 3600
-TRANSIENT = re.compile(r"out of memory|outofmemory|insufficient memory|timed? ?out|timeout|resource exhausted|"
+TRANSIENT = re.compile(r"out of memory|outofmemory|insufficient memory|resource exhausted|"
                        r"command buffer.*(?:discarded|not enqueued)", re.I)
+_claimed_here: set[tuple[str, str]] = set()  # (key, name) whose pending record this process wrote
 
 
 def cache_file() -> Path:
@@ -89,6 +93,7 @@ def write(key: str, name: str, record: dict | None) -> None:
         else:
             entry[name] = record
         _store(data)
+    _claimed_here.discard((key, name))
 
 
 def claim(key: str, name: str) -> dict | None:
@@ -101,6 +106,7 @@ def claim(key: str, name: str) -> dict | None:
             return record
         data.setdefault(key, {})[name] = {"state": "pending", "pid": os.getpid(), "started": time.time()}
         _store(data)
+        _claimed_here.add((key, name))
         return None
 
 
@@ -121,7 +127,9 @@ def settle(record: dict | None, key: str, name: str) -> dict | None:
     if record is None or record.get("state") != "pending":
         return record
     pid, started = int(record.get("pid", -1)), float(record.get("started", 0))
-    if pid != os.getpid() and _alive(pid) and time.time() - started < PENDING_STALE_SECONDS:
+    ours = pid == os.getpid()
+    if (ours and (key, name) in _claimed_here) or (not ours and _alive(pid)
+                                                   and time.time() - started < PENDING_STALE_SECONDS):
         return {"state": "busy", "pid": pid}
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
     failed = {"passed": False, "enabled": False, "crashed": True, "tested": when,

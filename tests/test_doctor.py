@@ -38,7 +38,8 @@ def test_kernel_rows_show_verdict_and_measured_speeds(monkeypatch):
     assert [(r.what, r.status) for r in rows] == [("kernel moe_gate_up_swiglu (bfloat16)", doctor.OK),
                                                   ("kernel moe_down (bfloat16)", doctor.NOTE),
                                                   ("kernel moe_down (float16)", doctor.FAIL)]
-    assert "T=1: metal 0.400 ms, MLX 0.600 ms" in rows[0].detail and "(cached)" in rows[0].detail
+    assert "T=1: metal 0.400 ms, MLX 0.600 ms per layer" in rows[0].detail and "(cached)" in rows[0].detail
+    assert rows[1].detail.endswith("(tested now)")
     assert "compile error" in rows[2].detail
 
 

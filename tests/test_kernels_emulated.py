@@ -207,30 +207,34 @@ def test_decode_of_every_code_and_scale_matches_mlx_dequantize(emulated, dtype, 
     assert np.array_equal(np.signbit(got[1:8]), np.signbit(want[1:8]))
 
 
-def test_one_kernel_variant_for_every_token_count(emulated, monkeypatch):
-    """T = 1 (4 ids, 4 router weights) and T = 4 generate the same source: every input a `device` pointer."""
+def test_the_self_test_runs_every_kernel_variant_decode_runs(emulated, monkeypatch):
+    """MLX generates one source text per address-space layout: at T = 1 the 4 ids and router weights go to
+    `constant` memory, at T = 2..DECODE_MAX_TOKENS to `device`. The self-test's token counts must produce
+    every text that decode's token counts do (nothing is padded to hide the difference)."""
+    from mlx_gptoss import metal_selftest
+
     texts = {}
     real_generate = emu.generate
 
     def record(name, *args, **kwargs):
         kname, text = real_generate(name, *args, **kwargs)
-        texts.setdefault(name, set()).add(text)
+        texts.setdefault(T, set()).add(text)
         return kname, text
 
     monkeypatch.setattr(emu, "generate", record)
     E, H, I = 4, 64, 32
     wg, sg, bg = mxfp4(E, 2 * I, H, seed=20)
     wd, sd, bd = mxfp4(E, H, I, seed=21)
-    for T in (1, 2, 4):
+    for T in range(1, kernels.DECODE_MAX_TOKENS + 1):
         x = mx.ones((T, H))
         ids = mx.array(np.arange(4 * T).reshape(T, 4) % E, dtype=mx.uint32)
         h = kernels.moe_gate_up_swiglu(x, wg, sg, bg, ids, backend="metal")
         kernels.moe_down(h, wd, sd, bd, ids, mx.full((T, 4), 0.25), backend="metal")
-    assert set(texts) == {kernels.GATE_UP.name, kernels.DOWN.name}
-    for spec in kernels.SPECS:
-        (text,) = texts[spec.name]
-        for arg in spec.inputs:  # no input in constant memory (only MLX's shape arrays are)
-            assert re.search(rf"const device \w+\* {arg} \[\[buffer", text), (spec.name, arg)
+    decode = set().union(*texts.values())
+    tested = set().union(*(texts[T] for T in metal_selftest.CASE["tokens"]))
+    assert decode == tested and len(decode) == 4  # 2 kernels x {constant, device} ids
+    assert all(re.search(r"const constant uint32_t\* ids \[\[buffer", t) for t in texts[1])
+    assert all(re.search(r"const device uint32_t\* ids \[\[buffer", t) for t in texts[2])
 
 
 def test_expert_id_out_of_range_gives_nan_not_a_bad_read(emulated):
@@ -259,3 +263,34 @@ def test_kernels_need_only_element_alignment(emulated, cxx):
         y = kernels.moe_down(h, wd, sd, bd, ids, weights, backend="metal")
     assert rel_err(h, kernels.moe_gate_up_swiglu(x, wg, sg, bg, ids, backend="builtin")) <= TOL[mx.float32]
     assert rel_err(y, kernels.moe_down(h, wd, sd, bd, ids, weights, backend="builtin")) <= TOL[mx.float32]
+
+
+@pytest.mark.parametrize("cxx", COMPILERS)
+def test_sharing_an_experts_weights_between_tokens_changes_no_bit(emulated, monkeypatch, cxx):
+    """At T = 2..4 pairs with the same expert are computed together, each weight block read once (SHARE);
+    IDS repeat experts across tokens and within one (expert 1 four times: one group of GROUP = 4). The
+    results must be the unshared kernels' bit for bit, in any thread order."""
+    E, H, I = 5, 96, 90  # gate_up: 90 outputs and down: 100 rows leave the last tile partial
+    wg, sg, bg = mxfp4(E, 2 * I, H, seed=30)
+    wd, sd, bd = mxfp4(E, 100, 96, seed=31)
+    rng = np.random.default_rng(32)
+    x = mx.array(rng.standard_normal((len(IDS), H)).astype(np.float32))
+    h = mx.array(rng.standard_normal((len(IDS), 4, 96)).astype(np.float32))
+    ids = mx.array(IDS, dtype=mx.uint32)
+    weights = mx.softmax(mx.array(rng.standard_normal((len(IDS), 4)).astype(np.float32)), axis=-1)
+
+    def run():
+        return (np.array(kernels.moe_gate_up_swiglu(x, wg, sg, bg, ids, backend="metal")),
+                np.array(kernels.moe_down(h, wd, sd, bd, ids, weights, backend="metal")))
+
+    with emu.compiler(cxx):
+        with emu.thread_order("random", 5):
+            shared = run()
+        monkeypatch.setattr(kernels, "SHARE_TOKENS", 0)
+        unshared = run()
+    np.testing.assert_array_equal(shared[0], unshared[0])
+    np.testing.assert_array_equal(shared[1], unshared[1])
+    assert rel_err(mx.array(shared[0]), kernels.moe_gate_up_swiglu(x, wg, sg, bg, ids, backend="builtin")) \
+        <= TOL[mx.float32]
+    assert rel_err(mx.array(shared[1]), kernels.moe_down(h, wd, sd, bd, ids, weights, backend="builtin")) \
+        <= TOL[mx.float32]

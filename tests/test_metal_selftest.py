@@ -17,35 +17,22 @@ import numpy as np
 import pytest
 
 from mlx_gptoss import kernel_gate, kernels, metal_selftest, selftest_record
+from fake_mac import fake_clock, simulated_mac
 from msl_emu import emulator as emu
 
-SMALL = {"hidden": 64, "intermediate": 32, "experts": 8, "experts_per_token": 4, "tokens": (1, 4), "seed": 1}
-
-
-def fake_clock(metal_s: float, builtin_s: float):
-    """metal_selftest.measure replaced: fixed seconds per call, after checking it gets both backends' calls."""
-    seen = []
-
-    def measure(calls):
-        assert set(calls) == {"metal", "builtin"}
-        seen.append(calls)
-        return {"metal": metal_s, "builtin": builtin_s}
-
-    measure.seen = seen
-    return measure
+SMALL = {"hidden": 64, "intermediate": 32, "experts": 8, "experts_per_token": 4, "tokens": (1, 4), "seed": 1,
+         "rounds": 1}
 
 
 @pytest.fixture
 def fake_mac(monkeypatch, tmp_path):
-    """A 'Mac' whose GPU is the emulator, with the small case and a kernel 1.5x faster than MLX's ops."""
+    """A simulated Mac (tests/fake_mac.py) whose GPU is the emulator, a kernel 1.5x faster than MLX's ops by
+    the self-test's clock, the small case in one layer, run in this process (the child process is tested in
+    test_fake_mac.py)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(mx.fast, "metal_kernel", emu.metal_kernel)
-    monkeypatch.setattr(kernels, "on_metal_gpu", lambda: True)
-    monkeypatch.setattr(metal_selftest, "CASE", SMALL)
-    monkeypatch.setattr(metal_selftest, "measure", fake_clock(1.0, 1.5))
-    metal_selftest.clear()
-    yield tmp_path
-    metal_selftest.clear()
+    with simulated_mac(kernels="emulator", case=SMALL):
+        monkeypatch.setattr(metal_selftest, "ISOLATE", False)
+        yield tmp_path
 
 
 def stored():
@@ -144,7 +131,7 @@ def test_a_wrong_kernel_fails(fake_mac, monkeypatch):
 
     def swapped(file):
         text = original(file)
-        return text.replace("gate = acc[2 * r];", "gate = acc[2 * r + 1];") if file == kernels.GATE_UP.file else text
+        return text.replace("gate = acc[m][2 * r];", "gate = acc[m][2 * r + 1];") if file == kernels.GATE_UP.file else text
 
     monkeypatch.setattr(kernels, "kernel_source", swapped)
     kernels._built.clear()
@@ -196,6 +183,7 @@ def test_pending_record_of_a_live_process_means_builtin_for_now(fake_mac, monkey
     try:
         selftest_record.write(key, name, {"state": "pending", "pid": sleeper.pid, "started": time.time()})
         monkeypatch.setattr(metal_selftest, "run", lambda *a: pytest.fail("another process is testing it"))
+        monkeypatch.setattr(metal_selftest, "TIMEOUT_S", 0.5)  # waited this long for its record
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             record = metal_selftest.result(kernels.DOWN, mx.float32)
@@ -212,6 +200,7 @@ CRASHING_CHILD = textwrap.dedent("""
     from mlx_gptoss import kernels, metal_selftest
     kernels.on_metal_gpu = lambda: True
     metal_selftest.CASE = dict(hidden=64, intermediate=32, experts=8, experts_per_token=4, tokens=(1,), seed=1)
+    metal_selftest.ISOLATE = False  # the test runs in this process, which a GPU fault kills
     kernels._metal_down = lambda *a: os.abort()  # what a GPU fault does on MLX < 0.32: the process dies
     metal_selftest.result(kernels.DOWN, mx.float32)
     sys.exit("not reached")
@@ -230,26 +219,36 @@ def test_a_crash_during_the_self_test_is_recorded_as_a_failure(fake_mac):
 
 
 def test_cache_key_names_device_os_mlx_and_code(monkeypatch, tmp_path):
-    base = metal_selftest.setup_key()
+    base = metal_selftest.compute_setup_key()
     monkeypatch.setattr(mx, "__version__", "0.99.0")
-    assert metal_selftest.setup_key() != base and "mlx 0.99.0" in metal_selftest.setup_key()
+    assert metal_selftest.compute_setup_key() != base and "mlx 0.99.0" in metal_selftest.compute_setup_key()
     monkeypatch.undo()
     monkeypatch.setattr(metal_selftest.platform, "platform", lambda: "Another-OS-1.0")
-    assert "Another-OS-1.0" in metal_selftest.setup_key()
+    assert "Another-OS-1.0" in metal_selftest.compute_setup_key()
     monkeypatch.undo()
     original = kernels.kernel_source
     monkeypatch.setattr(kernels, "kernel_source", lambda f: original(f) + ("\n" if f == "mxfp4.h" else ""))
-    assert metal_selftest.setup_key() != base  # a kernel source
+    assert metal_selftest.compute_setup_key() != base  # a kernel source
     monkeypatch.undo()
-    monkeypatch.setitem(kernels.DOWN.tiles, "ROWS", 8)
-    assert metal_selftest.setup_key() != base  # a tile
+    monkeypatch.setitem(kernels.DOWN.tiles, "ROWS", 16)
+    assert metal_selftest.compute_setup_key() != base  # a tile
     monkeypatch.undo()
     edited = tmp_path / "metal_selftest.py"
-    edited.write_text(open(metal_selftest.__file__).read().replace("REPS, LAUNCHES = 3, 15, 8", "REPS, LAUNCHES = 3, 9, 8"))
+    edited.write_text(open(metal_selftest.__file__).read().replace("WARMUP, REPS = 2, 15", "WARMUP, REPS = 2, 9"))
     monkeypatch.setattr(metal_selftest, "__file__", str(edited))
-    assert metal_selftest.setup_key() != base  # the test definition
+    assert metal_selftest.compute_setup_key() != base  # the test definition
     monkeypatch.undo()
-    assert metal_selftest.setup_key() == base
+    assert metal_selftest.compute_setup_key() == base
+
+
+def test_setup_key_is_computed_once_per_process(monkeypatch):
+    metal_selftest.clear()
+    calls = []
+    real = metal_selftest.compute_setup_key
+    monkeypatch.setattr(metal_selftest, "compute_setup_key", lambda: calls.append(1) or real())
+    assert metal_selftest.setup_key() == metal_selftest.setup_key() == real()
+    assert len(calls) == 1
+    metal_selftest.clear()
 
 
 def test_case_is_what_decode_runs():
