@@ -153,6 +153,7 @@ def _patches(spec: dict) -> list:
     sysconfig.get_config_vars()  # read once under the real sys.platform (it names a Linux module), then cached
     import numpy.testing  # noqa: F401  (imports sysconfig's answers at import time)
     import psutil  # noqa: F401  (picks its platform module at import: Linux's, which is the one that works)
+    import urllib.request  # noqa: F401  (imports macOS's _scproxy when first imported under sys.platform darwin)
 
     real_is_available = mx.is_available
     patches = [
