@@ -58,6 +58,8 @@ def serve(
                                      help="KV cache slots (default: from the memory plan, at most 8)."),
     max_queue: int = typer.Option(16, "--max-queue", callback=options.positive("16"),
                                   help="Requests that may wait; more get 429."),
+    max_batch: int | None = typer.Option(None, "--max-batch", callback=options.positive("4"),
+                                         help="Requests that decode together (default: the KV slots)."),
     max_body: int = typer.Option(16, "--max-body", callback=options.positive("16"), help="Largest request body, in MB."),
 ) -> None:
     """Serve gpt-oss over OpenAI's API (Responses, Chat Completions, Completions) for agents and apps."""
@@ -77,14 +79,15 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     interactive = err.is_terminal
     worker = Worker(lambda: load_model(model, ctx=ctx, memory=memory, interactive=interactive), slots=slots,
-                    max_queue=max_queue)
+                    max_queue=max_queue, max_batch=max_batch)
     worker.start()  # loads on the model thread; a GptOssError ends here as one red line
     model_id = Path(model).name if Path(model).expanduser().exists() else model
     settings = Settings(model_id, api_key=api_key, cors=list(cors), max_body=max_body << 20)
     server = make_server(worker, settings, host, port)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
     key = api_key and "$GPTOSS_API_KEY" or "none"
-    err.print(f"serving {model_id} at [bold]{url}[/] ({worker.engine.pool.size} KV slots, queue {max_queue}); "
+    err.print(f"serving {model_id} at [bold]{url}[/] ({worker.engine.pool.size} KV slots, batches of up to "
+              f"{worker.max_batch}, queue {max_queue}); "
               "Ctrl-C stops\n"
               f"  curl {url}/responses -H 'Content-Type: application/json'"
               + (" -H \"Authorization: Bearer $GPTOSS_API_KEY\"" if api_key else "")

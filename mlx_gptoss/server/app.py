@@ -148,7 +148,9 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
                 item = await job.next(POLL)
                 if item is None or time.monotonic() - checked > POLL:  # also while tokens flow
                     checked = time.monotonic()
-                    if stopping.is_set() or (request is not None and await request.is_disconnected()):
+                    if stopping.is_set():
+                        job.stop("shutdown")
+                    elif request is not None and await request.is_disconnected():
                         job.stop()
                     if not worker.thread.is_alive():
                         raise APIError(500, "the model thread stopped")
@@ -170,7 +172,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": settings.model_id, "queued": worker.queue.qsize(),
-                "busy": worker.current is not None}
+                "busy": worker.current is not None, "batch": worker.batch_size, "max_batch": worker.max_batch}
 
     def model_card():
         return {"id": settings.model_id, "object": "model", "created": int(time.time()), "owned_by": "openai"}
@@ -217,7 +219,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
 
         def finish(stats):
             calls.remember(parser.parts)
-            failed = "the server is shutting down; retry" if stats.stop_reason == "cancelled" else None
+            failed = "the server is shutting down; retry" if stats.stop_reason in ("cancelled", "shutdown") else None
             out = builder.finish(stats, failed=failed)
             if req.store and not failed:
                 store.put(builder.snapshot(), msgs + [assistant_message(parser)])
