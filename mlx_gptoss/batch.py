@@ -161,7 +161,7 @@ class Batch:
             return False
         n = self.chunk
         if others_decode:
-            self.interleaved = self.interleaved or max(1, self.chunk // 32)
+            self.interleaved = self.interleaved or max(1, self.chunk // 16)
             n = self.interleaved
         try:
             done = req.advance(n)
