@@ -58,7 +58,7 @@ def serve(
                                      help="KV cache slots (default: from the memory plan, at most 8)."),
     max_queue: int = typer.Option(16, "--max-queue", callback=options.positive("16"),
                                   help="Requests that may wait; more get 429."),
-    max_batch: int | None = typer.Option(None, "--max-batch", callback=options.positive("4"),
+    max_batch: int | None = typer.Option(None, "--max-batch", min=1,
                                          help="Requests that decode together (default: the KV slots)."),
     max_body: int = typer.Option(16, "--max-body", callback=options.positive("16"), help="Largest request body, in MB."),
 ) -> None:

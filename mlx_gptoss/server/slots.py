@@ -8,7 +8,9 @@ anywhere, an empty slot is taken, else the least recently used one.
 
 Memory: the slots share one token budget, what the memory plan leaves for KV after the weights, the
 activation peak and the runtime's reserve (at least the planned context). Before a request runs, the least
-recently used other slots are emptied until all caches plus this prompt and its reply fit that budget.
+recently used idle slots are emptied until all caches plus this prompt and its reply fit that budget. The
+slots of running requests (the scheduler runs several at once) are busy: never given to another request nor
+emptied, and counted at what they may come to hold; a request for which they leave no room waits.
 """
 
 from __future__ import annotations
