@@ -11,7 +11,7 @@ import pytest
 from mlx_gptoss.batch import Batch, Cancel, Request, step_lazy
 from mlx_gptoss.chat import Reply, Runner, generate_events
 from mlx_gptoss.offload.kv import QuantizedKV
-from scripted_checkpoint import forget_models, random_real_vocab_model
+from scripted_checkpoint import Tokens, forget_models, random_real_vocab_model
 
 
 @pytest.fixture(scope="module")
@@ -19,23 +19,6 @@ def gpt(tmp_path_factory):
     g = random_real_vocab_model(tmp_path_factory.mktemp("batch") / "ckpt", layers=2, seed=11)
     yield g
     forget_models()
-
-
-class Tokens:
-    """A parser that only records the token ids (the batch must not care what they mean)."""
-
-    halted = malformed = False
-    warnings: list = []
-
-    def __init__(self):
-        self.ids: list[int] = []
-
-    def feed(self, t):
-        self.ids.append(t)
-        return []
-
-    def finish(self, stop):
-        return []
 
 
 def prompt(n: int, salt: int = 0) -> list[int]:

@@ -19,24 +19,7 @@ from mlx_gptoss.chat import Runner, generate_events
 from mlx_gptoss.server import ServerThread
 from mlx_gptoss.server.errors import APIError
 from mlx_gptoss.server.worker import Job, Worker
-from scripted_checkpoint import _episodes, forget_models, random_real_vocab_model, scripted_model
-
-
-class Tokens:
-    """A parser recording the token ids."""
-
-    halted = malformed = False
-    warnings: list = []
-
-    def __init__(self):
-        self.ids: list[int] = []
-
-    def feed(self, t):
-        self.ids.append(t)
-        return []
-
-    def finish(self, stop):
-        return []
+from scripted_checkpoint import Tokens, _episodes, forget_models, random_real_vocab_model, scripted_model
 
 
 def run_jobs(worker: Worker, specs, *, during=None, timeout: float = 120.0):
