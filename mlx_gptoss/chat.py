@@ -96,7 +96,8 @@ then fits: one that cannot fit even alone is refused with the session unchanged.
 
 Sampling options are checked before anything runs (one GptOssError naming the option): temperature >= 0,
 top_p and min_p in [0, 1], all finite; top_k an integer >= 0; seed an integer >= 0 or None; max_tokens a
-positive integer or None. Logits that are not finite at the first token (NaN weights, a dtype overflow) stop
+positive integer or None. A seeded reply samples from its own RNG key (Sampler), so the same seed gives the
+same tokens whatever else runs beside it (the server decodes several requests together: mlx_gptoss.batch). Logits that are not finite at the first token (NaN weights, a dtype overflow) stop
 the reply with a GptOssError naming the likely cause instead of sampling garbage up to the cap.
 
 Tools: a Python callable (JSON schema from its signature, type hints and docstring) or a dict
