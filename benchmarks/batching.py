@@ -170,6 +170,7 @@ def latency(port: int, long_factor: int = 50, max_tokens: int = 64) -> dict:
                     break
             long = threading.Thread(target=stream, args=("ours", port, prompt_ids(99, PROMPT * long_factor), 1,
                                                          extra))
+            t_long = time.perf_counter()
             long.start()
         for t in threads:
             t.join()
@@ -178,9 +179,49 @@ def latency(port: int, long_factor: int = 50, max_tokens: int = 64) -> dict:
         g = sorted(x for o in outs for x in gaps(o["times"]))
         res[label] = {"p50_ms": round(1000 * statistics.median(g), 1),
                       "p95_ms": round(1000 * g[int(0.95 * (len(g) - 1))], 1), "gaps": len(g)}
+        if third:  # the long request's first token: its prefill ran between the streams' steps
+            res[label]["long_first_token_s"] = round(extra["times"][0] - t_long, 1) if extra.get("times") else None
+            res[label]["streams_done_s"] = round(max(o["times"][-1] for o in outs) - t_long, 1)
     res["p95_ratio"] = round(res["with_long_prefill"]["p95_ms"] / res["alone"]["p95_ms"], 2)
     res["long_prompt_tokens"] = PROMPT * long_factor
     return res
+
+
+def step_times(reps: int = 3) -> list[dict]:
+    """In this process: one decode step of B requests (mlx_gptoss.batch.step_lazy), ms per step and per token:
+    how much a step of B costs against B steps of one on this machine."""
+    import mlx.core as mx
+
+    import mlx_gptoss
+    from mlx_gptoss.batch import step_lazy
+    from mlx_gptoss.chat import Runner
+
+    gpt = mlx_gptoss.load(checkpoint(), allow_download=False)
+    runners = [Runner(gpt) for _ in range(8)]
+    for i, r in enumerate(runners):
+        r.prefill(prompt_ids(i, PROMPT))
+    out = []
+    for B in (1, 2, 4, 8):
+        secs = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            mx.eval(step_lazy(runners[:B], [mx.array([5])] * B))
+            secs.append(time.perf_counter() - t0)
+        ms = 1000 * statistics.median(secs[1:])
+        out.append({"batch": B, "step_ms": round(ms, 1), "ms_per_token": round(ms / B, 1)})
+    return out
+
+
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (server, clients): the median aggregate over the repetitions (each kept in "runs")."""
+    out = []
+    for key in dict.fromkeys((r["server"], r["clients"]) for r in rows):
+        runs = [r for r in rows if (r["server"], r["clients"]) == key]
+        med = lambda k: round(statistics.median(r[k] for r in runs), 2)  # noqa: E731
+        out.append({"server": key[0], "clients": key[1], "aggregate_decode_tps": med("aggregate_decode_tps"),
+                    "aggregate_wall_tps": med("aggregate_wall_tps"),
+                    "runs": [r["aggregate_decode_tps"] for r in runs]})
+    return out
 
 
 def main() -> None:
@@ -190,6 +231,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--reps", type=int, default=1, help="repetitions of every client count (median reported)")
     args = ap.parse_args()
     if args.serve_ours:
         return serve_ours(args.serve_ours)
@@ -202,12 +244,13 @@ def main() -> None:
         for w, p in ports.items():  # warm up (first-call compilation, caches)
             run_clients(w, p, 1, 4)
         rows = []
-        for n in args.clients:
-            for w in ("ours", "mlx-lm"):
-                r = run_clients(w, ports[w], n)
-                r["server"] = w
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+        for rep in range(args.reps):
+            for n in args.clients:
+                for w in ("ours", "mlx-lm") if rep % 2 == 0 else ("mlx-lm", "ours"):
+                    r = run_clients(w, ports[w], n)
+                    r.update(server=w, load=round(os.getloadavg()[0], 1))
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
         lat = None if args.no_latency else latency(ports["ours"])
         if lat:
             print(json.dumps(lat), flush=True)
@@ -215,16 +258,18 @@ def main() -> None:
         for proc in procs.values():
             proc.terminate()
             proc.wait(30)
+    steps = step_times()
+    print(json.dumps(steps), flush=True)
     load = os.getloadavg()
     meta = {"machine": f"{platform.machine()} shared 2-core VM, CPU backend, loaded (load average {load[0]:.1f})",
             "max_tokens": MAX_TOKENS, "prompt_tokens": PROMPT}
     if not args.no_write:
         (ROOT / "benchmarks" / "results_batching.json").write_text(json.dumps(
-            {"meta": meta, "throughput": rows, "latency": lat}, indent=1))
-        write_table(meta, rows, lat)
+            {"meta": meta, "throughput": rows, "latency": lat, "steps": steps}, indent=1))
+        write_table(meta, median_rows(rows), lat, steps)
 
 
-def write_table(meta: dict, rows: list[dict], lat: dict | None) -> None:
+def write_table(meta: dict, rows: list[dict], lat: dict | None, steps: list[dict]) -> None:
     by = {(r["server"], r["clients"]): r for r in rows}
     lines = ["# Continuous batching: concurrent streaming clients, ours vs mlx_lm.server", "",
              f"Machine: {meta['machine']}. Timings from a shared 2-core CPU: read ratios, not absolute speed, and",
@@ -242,6 +287,12 @@ def write_table(meta: dict, rows: list[dict], lat: dict | None) -> None:
         lines.append(f"| {n} | {o['aggregate_decode_tps']} | {m['aggregate_decode_tps']} | {ratio:.2f} | "
                      f"{o['aggregate_decode_tps'] / one if one else 0:.2f}x | {o['aggregate_wall_tps']} | "
                      f"{m['aggregate_wall_tps']} |")
+    lines += ["", "Aggregate decode tok/s = all tokens after each client's first / (last token anywhere - first token "
+              "anywhere); wall tok/s = all tokens / the whole run (prefill included). Medians of the repetitions; "
+              "each run's figure is in results_batching.json with the load average when it ran.", "",
+              "One decode step of B requests in one process (ours, `mlx_gptoss.batch.step_lazy`):", "",
+              "| B | ms per step | ms per token |", "|---|---|---|"]
+    lines += [f"| {s['batch']} | {s['step_ms']} | {s['ms_per_token']} |" for s in steps]
     if lat:
         lines += ["", f"Inter-token latency of 2 running streams (ours), alone and while a third request prefills a "
                   f"{lat['long_prompt_tokens']}-token prompt (50x theirs):", "",
@@ -249,7 +300,10 @@ def write_table(meta: dict, rows: list[dict], lat: dict | None) -> None:
                   f"| alone | {lat['alone']['p50_ms']} | {lat['alone']['p95_ms']} | {lat['alone']['gaps']} |",
                   f"| with the long prefill | {lat['with_long_prefill']['p50_ms']} | "
                   f"{lat['with_long_prefill']['p95_ms']} | {lat['with_long_prefill']['gaps']} |", "",
-                  f"p95 ratio: {lat['p95_ratio']} (goal: at most 2)."]
+                  f"p95 ratio: {lat['p95_ratio']} (goal: at most 2). The long request's first token came "
+                  f"{lat['with_long_prefill'].get('long_first_token_s')} s after it was sent; the two streams had "
+                  f"finished {lat['with_long_prefill'].get('streams_done_s')} s after it was sent (its prefill ran "
+                  "one chunk per step between their tokens, then alone with the plan's chunk)."]
     (ROOT / "benchmarks" / "RESULTS_batching.md").write_text("\n".join(lines) + "\n")
 
 

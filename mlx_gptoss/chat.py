@@ -185,6 +185,11 @@ def restore_cache(cache: list, sliding: dict, n: int) -> None:
             c.offset = n  # KVCache.trim: positions past offset are overwritten by the next update
 
 
+def prefill_chunk(gpt) -> int:
+    """Tokens per prefill forward pass: the memory plan's (what its activation peak allows)."""
+    return max(1, getattr(getattr(gpt, "plan", None), "prefill_chunk", 0) or DEFAULT_PREFILL_CHUNK)
+
+
 def runner_for(gpt) -> "Runner":
     """gpt's Runner: under mlx.launch rank 0's mirrors its cache operations (mlx_gptoss.distributed)."""
     return getattr(gpt, "runner_class", Runner)(gpt)
@@ -205,8 +210,7 @@ class Runner:
         # Marks at or after this many tokens are never evicted (a Session sets it to the end of its last user
         # message: the marks of the current turn, however many tool rounds it takes, and its start).
         self.keep_from: int | None = None
-        plan = getattr(gpt, "plan", None)
-        self.chunk = max(1, getattr(plan, "prefill_chunk", 0) or DEFAULT_PREFILL_CHUNK)
+        self.chunk = prefill_chunk(gpt)
 
     def _forward(self, ids: list[int], want_logits: bool):
         self.dirty = True

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..batch import Batch, Cancel, Request
-from ..chat import Event, Reply, Stats, context_cap
+from ..chat import Event, Reply, Stats, context_cap, prefill_chunk
 from ..errors import GptOssError
 from ..memory import ContextLengthError
 from .errors import APIError
@@ -44,7 +44,7 @@ class Engine:
         self.pool = SlotPool(gpt, slots)
         self.cap = context_cap(gpt, None)
         self.max_batch = max(1, min(max_batch or self.pool.size, self.pool.size))
-        self.batch = Batch(gpt, getattr(getattr(gpt, "plan", None), "prefill_chunk", 0) or 512)
+        self.batch = Batch(gpt, prefill_chunk(gpt))
 
     def run(self, prompt: list[int], parser, cancel: threading.Event, *, max_tokens: int | None = None,
             temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> Request | None:
