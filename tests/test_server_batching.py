@@ -1,7 +1,7 @@
 """The server's scheduler (worker.py over mlx_gptoss.batch): concurrent clients each get exactly their solo
 answer while decoding together; a batch where one request calls a tool, one stops and one hits max tokens;
-SIGTERM semantics (a running reply says "shutdown", a queued request gets a 503); no slot leaks after a
-thousand mixed requests (joins, cancels, refusals) driven at the worker level."""
+SIGTERM semantics (a running reply says "shutdown", a queued request gets a 503), at the worker and over
+HTTP; no slot leaks after a thousand mixed requests (joins, cancels, refusals) driven at the worker level."""
 
 from __future__ import annotations
 
@@ -198,3 +198,34 @@ def test_no_slot_leaks_after_a_thousand_mixed_requests(tiny):
         assert jobs[0].parser._parser.ids == ref.ids
     finally:
         worker.shutdown()
+
+
+def test_sigterm_over_http_cut_stream_says_so_and_a_queued_request_gets_503(loop_model):
+    server = ServerThread(loop_model, model_id="gpt-oss-20b", max_batch=1).start()
+    got = {}
+    body = {"model": "gpt-oss-20b", "messages": [{"role": "user", "content": "Loop on"}], "max_tokens": 5000,
+            "temperature": 0}
+
+    def streaming():
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True},
+                          timeout=60) as r:
+            got["stream"] = [line for line in r.iter_lines() if line.startswith("data:")]
+
+    def queued():
+        got["queued"] = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    pool = ThreadPoolExecutor(2)
+    try:
+        fa = pool.submit(streaming)
+        deadline = time.monotonic() + 30
+        while not (server.worker.current and server.worker.current.tokens > 3) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        fb = pool.submit(queued)
+        while server.worker.queue.qsize() < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.worker.queue.qsize() == 1
+    finally:
+        server.stop()
+    fa.result(30), fb.result(30)
+    assert got["queued"].status_code == 503 and got["queued"].json()["error"]["code"] == "server_shutting_down"
+    assert [j.stats.stop_reason for j in server.worker.done if j.stats] == ["shutdown"]
+    assert got["stream"][-1] == "data: [DONE]" and len(got["stream"]) > 4
