@@ -117,7 +117,7 @@ def stream(which: str, port: int, ids: list[int], max_tokens: int, out: dict) ->
     body = {"model": "bench" if which == "ours" else "default_model", "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     body["prompt"] = ids if which == "ours" else " ".join(f"t{t}" for t in ids)
-    times, usage = [], None
+    times, usage = out.setdefault("times", []), None  # filled as tokens arrive (the latency test watches it)
     with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=900) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -128,7 +128,7 @@ def stream(which: str, port: int, ids: list[int], max_tokens: int, out: dict) ->
                 usage = d["usage"].get("completion_tokens")
             if any(c.get("text") for c in d.get("choices") or []):
                 times.append(time.perf_counter())
-    out.update(times=times, tokens=usage or len(times))
+    out["tokens"] = usage or len(times)
 
 
 def run_clients(which: str, port: int, n: int, max_tokens: int = MAX_TOKENS) -> dict:
@@ -232,12 +232,29 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--reps", type=int, default=1, help="repetitions of every client count (median reported)")
+    ap.add_argument("--only-latency", action="store_true", help="rerun the latency test alone, keeping the other "
+                    "results in results_batching.json")
     args = ap.parse_args()
     if args.serve_ours:
         return serve_ours(args.serve_ours)
     if args.serve_mlx_lm:
         return serve_mlx_lm(args.serve_mlx_lm)
     checkpoint()
+    if args.only_latency:
+        port = free_port()
+        proc = start("ours", port)
+        try:
+            stream("ours", port, prompt_ids(0, 4), 4, {})  # warm up
+            lat = latency(port)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        print(json.dumps(lat), flush=True)
+        path = ROOT / "benchmarks" / "results_batching.json"
+        res = json.loads(path.read_text())
+        res["latency"] = lat
+        path.write_text(json.dumps(res, indent=1))
+        return write_table(res["meta"], median_rows(res["throughput"]), lat, res["steps"])
     ports = {"ours": free_port(), "mlx-lm": free_port()}
     procs = {w: start(w, p) for w, p in ports.items()}
     try:

@@ -64,7 +64,7 @@ class Attention(nn.Module):
         # as scaling the attention logits by concentration**2, which is where we put it.
         self.scale = concentration**2 / math.sqrt(self.head_dim)
 
-    def rope(self, x: mx.array, offset: int) -> mx.array:
+    def rope(self, x: mx.array, offset: "int | mx.array") -> mx.array:  # an array: one offset per row
         return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0,
                             offset=offset, freqs=self._wavelengths)
 
@@ -73,7 +73,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv, -1).transpose(0, 2, 1, 3)
-        if isinstance(cache, Rows):  # batched decoding: each row attends over its own cache, at its own length
+        rows = isinstance(cache, Rows)  # batched decoding: each row at its own position, over its own cache
+        offset = mx.array([c.offset for c in cache]) if rows else cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if rows:
             o = mx.concatenate([self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], c, create_attention_mask(
                 x[b:b + 1], c, window_size=self.window)) for b, c in enumerate(cache)])
         else:
@@ -81,9 +84,7 @@ class Attention(nn.Module):
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def attend(self, q, k, v, cache, mask) -> mx.array:
-        """Rotary at the cache's position, the cache updated, attention with the sinks: [B, heads, L, D]."""
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset), self.rope(k, offset)
+        """The cache updated with the rotated k and v, then attention with the sinks: [B, heads, L, D]."""
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # a quantized KV cache (mlx_gptoss.offload.kv) brings its own attention over its packed keys/values
