@@ -77,6 +77,8 @@ def serve(
                                      help="KV cache slots (default: from the memory plan, at most 8)."),
     max_queue: int = typer.Option(16, "--max-queue", callback=options.count("16"),
                                   help="Requests that may wait; more get 429."),
+    max_batch: int | None = typer.Option(None, "--max-batch", callback=options.count("4"),
+                                         help="Requests that decode together (default: the KV slots)."),
     max_body: int = typer.Option(16, "--max-body", callback=options.positive("16", "MB"),
                                   help="Largest request body, in MB."),
 ) -> None:
@@ -97,14 +99,14 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     interactive = err.is_terminal
     worker = Worker(lambda: load_model(model, ctx=ctx, memory=memory, interactive=interactive), slots=slots,
-                    max_queue=max_queue)
+                    max_queue=max_queue, max_batch=max_batch)
     worker.start()  # loads on the model thread; a GptOssError ends here as one red line
     model_id = Path(model).name if Path(model).expanduser().exists() else model
     settings = Settings(model_id, api_key=api_key, cors=list(cors), max_body=max_body << 20)
     server = make_server(worker, settings, host, port)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
-    err.print(f"serving {escape(model_id)} at [bold]{url}[/] ({worker.engine.pool.size} KV slots, queue {max_queue}); "
-              "Ctrl-C stops", markup=True, soft_wrap=True)
+    err.print(f"serving {escape(model_id)} at [bold]{url}[/] ({worker.engine.pool.size} KV slots, batches of up to "
+              f"{worker.max_batch}, queue {max_queue}); Ctrl-C stops", markup=True, soft_wrap=True)
     err.print("\n".join(client_lines(url, model_id, api_key)), markup=False, soft_wrap=True)
     try:
         server.run()

@@ -101,7 +101,8 @@ the message then fits: one that cannot fit even alone is refused with the sessio
 
 Sampling options are checked before anything runs (one GptOssError naming the option): temperature >= 0,
 top_p and min_p in [0, 1], all finite; top_k an integer >= 0; seed an integer >= 0 or None; max_tokens a
-positive integer or None. Logits that are not finite at the first token (NaN weights, a dtype overflow) stop
+positive integer or None. A seeded reply samples from its own RNG key (Sampler), so the same seed gives the
+same tokens whatever else runs beside it (the server decodes several requests together: mlx_gptoss.batch). Logits that are not finite at the first token (NaN weights, a dtype overflow) stop
 the reply with a GptOssError naming the likely cause instead of sampling garbage up to the cap.
 
 Tools: a Python callable (JSON schema from its signature, type hints and docstring) or a dict
@@ -121,7 +122,7 @@ from typing import Iterator
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from . import harmony
 from .errors import GptOssError
@@ -190,6 +191,11 @@ def restore_cache(cache: list, sliding: dict, n: int) -> None:
             c.offset = n  # KVCache.trim: positions past offset are overwritten by the next update
 
 
+def prefill_chunk(gpt) -> int:
+    """Tokens per prefill forward pass: the memory plan's (what its activation peak allows)."""
+    return max(1, getattr(getattr(gpt, "plan", None), "prefill_chunk", 0) or DEFAULT_PREFILL_CHUNK)
+
+
 def runner_for(gpt) -> "Runner":
     """gpt's Runner: under mlx.launch rank 0's mirrors its cache operations (mlx_gptoss.distributed)."""
     return getattr(gpt, "runner_class", Runner)(gpt)
@@ -210,8 +216,7 @@ class Runner:
         # Marks at or after this many tokens are never evicted (a Session sets it to the end of its last user
         # message: the marks of the current turn, however many tool rounds it takes, and its start).
         self.keep_from: int | None = None
-        plan = getattr(gpt, "plan", None)
-        self.chunk = max(1, getattr(plan, "prefill_chunk", 0) or DEFAULT_PREFILL_CHUNK)
+        self.chunk = prefill_chunk(gpt)
 
     def _forward(self, ids: list[int], want_logits: bool):
         self.dirty = True
@@ -261,6 +266,17 @@ class Runner:
 
     def prefill(self, prompt: list[int]) -> tuple[mx.array, int]:
         """Bring the cache to exactly `prompt`; returns (the last position's logits, tokens prefilled)."""
+        steps = self.prefill_steps(prompt)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_steps(self, prompt: list[int]):
+        """prefill() one chunk at a time, for a scheduler that interleaves it with other work: a generator
+        that yields before each chunk (send() it the chunk's size; None: self.chunk) and returns what
+        prefill() returns. Closing it between chunks leaves a consistent cache holding the chunks run."""
         if not self._extends(prompt):
             best = self._best_snapshot(prompt)
             if best is None:
@@ -277,8 +293,11 @@ class Runner:
         # reply is dropped (interrupted) still reuses the cache, and at the end of the prompt.
         mark = len(prompt) - 2 if len(prompt) - 2 > start else None
         for lo, hi in ((start, mark), (mark, len(prompt) - 1)) if mark else ((start, len(prompt) - 1),):
-            for i in range(lo, hi, self.chunk):
-                self._forward(prompt[i:min(i + self.chunk, hi)], want_logits=False)
+            i = lo
+            while i < hi:
+                n = max(1, (yield) or self.chunk)
+                self._forward(prompt[i:min(i + n, hi)], want_logits=False)
+                i += n
             if hi == mark:
                 self._snapshot(None)
         logits = self._forward(prompt[-1:], want_logits=True)
@@ -338,75 +357,130 @@ def _check_finite(logits: mx.array) -> None:
                           "(gptoss-mac doctor -m MODEL) and download it again if needed")
 
 
+class Sampler:
+    """One request's sampling, [V] logits -> a [1] token (lazy), with mlx-lm's filters. A seeded request
+    draws from its own RNG key, so its tokens are the same whatever else runs beside it (a batch);
+    without a seed it draws from MLX's global stream."""
+
+    def __init__(self, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                 seed: int | None = None):
+        self.temperature = float(temperature)
+        self.filters = [f for use, f in ((0 < top_p < 1, lambda x: apply_top_p(x, top_p)),
+                                         (min_p != 0, lambda x: apply_min_p(x, min_p)),
+                                         (top_k > 0, lambda x: apply_top_k(x, top_k))) if use]
+        self.key = mx.random.key(seed) if seed is not None else None
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        logits = logits[None]
+        if self.temperature == 0:  # greedy: normalizing cannot change the argmax (and is a pass over the vocabulary)
+            return mx.argmax(logits, axis=-1)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        for f in self.filters:
+            logprobs = f(logprobs)
+        key = None
+        if self.key is not None:
+            self.key, key = mx.random.split(self.key)
+        return mx.random.categorical(logprobs * (1 / self.temperature), key=key)
+
+
+class Reply:
+    """One request's generation after its prefill: sampling, limits, the parser, its Stats. generate_events
+    drives one; the server's scheduler (mlx_gptoss.batch) drives several that decode together, so both
+    stop, count and report exactly alike."""
+
+    def __init__(self, prompt: list[int], *, cap: int, parser, max_tokens: int | None = None,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                 seed: int | None = None, dropped: int = 0):
+        check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                       max_tokens=max_tokens)
+        if len(prompt) >= cap:
+            raise GptOssError(f"the prompt has {len(prompt):,} tokens: the context cap of {cap:,} tokens leaves no "
+                              "room for a reply; shorten the conversation, start a new one, or raise the context "
+                              "(--ctx)")
+        self.sample = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+        self.parser = parser
+        budget = cap - len(prompt)
+        self.limit = min(budget, max_tokens) if max_tokens else budget
+        self.stop = "max_tokens" if max_tokens and max_tokens < budget else "context"
+        self.stats = Stats(prompt_tokens=len(prompt), dropped_messages=dropped)
+        self.done = False
+        self.t0 = time.perf_counter()
+        self.t_prefill = 0.0
+        self.t_first: float | None = None
+
+    def prefilled(self, logits: mx.array, prefilled: int) -> mx.array:
+        """After the prefill: checks its logits and returns the first token (lazy)."""
+        _check_finite(logits)
+        self.stats.prefilled_tokens = prefilled
+        self.stats.cached_tokens = self.stats.prompt_tokens - prefilled
+        self.t_prefill = time.perf_counter() - self.t0
+        return self.sample(logits)
+
+    def wants_next(self) -> bool:
+        """Whether a token after the current one can still come (so its forward pass is worth queueing)."""
+        return self.stats.generated_tokens + 1 < self.limit
+
+    def feed(self, token: int) -> list[Event]:
+        """The current token: its events; sets self.done at a stop token, a malformed turn or the limit."""
+        self.stats.generated_tokens += 1
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+            self.stats.time_to_first_token = self.t_first - self.t0
+        events = _pieces_to_events(self.parser.feed(token))  # at a stop token: closes the message (tool call)
+        if token in harmony.STOP_TOKENS:
+            self.stop, self.done = harmony.STOP_TOKENS[token], True
+        elif self.parser.halted:  # the output left the assistant's turn (e.g. <|start|>user): nothing more to show
+            self.stop, self.done = "malformed", True
+        elif self.stats.generated_tokens >= self.limit:
+            self.done = True
+        return events
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.stop, self.done = reason, True
+
+    def finish(self) -> list[Event]:
+        """The events closing the reply, the last one "done" with the Stats."""
+        events = _pieces_to_events(self.parser.finish(self.stop))
+        t_end, stats = time.perf_counter(), self.stats
+        stats.stop_reason = self.stop
+        stats.prefill_tps = stats.prefilled_tokens / self.t_prefill if self.t_prefill > 0 and stats.prefilled_tokens \
+            else 0.0
+        if self.t_first is not None and stats.generated_tokens > 1 and t_end > self.t_first:
+            stats.decode_tps = (stats.generated_tokens - 1) / (t_end - self.t_first)
+        stats.peak_memory = int(mx.get_peak_memory())
+        stats.malformed, stats.warnings = self.parser.malformed, list(self.parser.warnings)
+        return events + [Event("done", stats=stats)]
+
+
 def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: int | None = None,
                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                     seed: int | None = None, cancel: threading.Event | None = None,
                     parser: "harmony.StreamParser | None" = None, dropped: int = 0) -> Iterator[Event]:
     """Prefill `prompt` on runner, sample until <|return|>/<|call|>/max_tokens/the context cap, yield Events.
     The parser (pass your own to read `parser.parts` afterwards) collects the reply; the last event is "done"."""
-    check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens)
-    if len(prompt) >= cap:
-        raise GptOssError(f"the prompt has {len(prompt):,} tokens: the context cap of {cap:,} tokens leaves no room "
-                          "for a reply; shorten the conversation, start a new one, or raise the context (--ctx)")
-    sampler = make_sampler(temp=float(temperature), top_p=float(top_p), min_p=float(min_p), top_k=top_k)
-    parser = parser or harmony.StreamParser(runner.gpt.path)
-    budget = cap - len(prompt)
-    limit = min(budget, max_tokens) if max_tokens else budget
-    if seed is not None:
-        mx.random.seed(seed)
+    reply = Reply(prompt, cap=cap, parser=parser or harmony.StreamParser(runner.gpt.path), max_tokens=max_tokens,
+                  temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, dropped=dropped)
     mx.reset_peak_memory()
-    stats = Stats(prompt_tokens=len(prompt), dropped_messages=dropped)
-    t0 = time.perf_counter()
-    logits, stats.prefilled_tokens = runner.prefill(prompt)
-    _check_finite(logits)
-    stats.cached_tokens = len(prompt) - stats.prefilled_tokens
-    t_prefill = time.perf_counter() - t0
-    stop, t_first = ("max_tokens" if max_tokens and max_tokens < budget else "context"), None
-
-    def sample(logits):  # [V] -> [1], lazy
-        logits = logits[None]
-        if temperature == 0:  # greedy: normalizing cannot change the argmax (and is a pass over the vocabulary)
-            return mx.argmax(logits, axis=-1)
-        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-
+    y = reply.prefilled(*runner.prefill(prompt))
     # Pipelined like mlx-lm's generate_step: the forward pass of token i and the sampling of token i+1 are
     # queued before Python waits for token i, so the model never idles while events are handled.
-    y = sample(logits)
     mx.async_eval(y)
-    for i in range(limit):
+    while True:
         if cancel is not None and cancel.is_set():
-            stop = "cancelled"
+            reply.cancel()
             break
         nxt = None
-        if i + 1 < limit:
-            nxt = sample(runner.step_lazy(y))
+        if reply.wants_next():
+            nxt = reply.sample(runner.step_lazy(y))
             mx.async_eval(nxt)
         token = int(y.item())
         if nxt is not None:
             runner.set_last(token)
-        stats.generated_tokens += 1
-        if t_first is None:
-            t_first = time.perf_counter()
-            stats.time_to_first_token = t_first - t0
-        for ev in _pieces_to_events(parser.feed(token)):  # at a stop token: closes the message (tool call)
-            yield ev
-        if token in harmony.STOP_TOKENS:
-            stop = harmony.STOP_TOKENS[token]
-            break
-        if parser.halted:  # the output left the assistant's turn (e.g. <|start|>user): nothing more to show
-            stop = "malformed"
+        yield from reply.feed(token)
+        if reply.done:
             break
         y = nxt
-    for ev in _pieces_to_events(parser.finish(stop)):
-        yield ev
-    t_end = time.perf_counter()
-    stats.stop_reason = stop
-    stats.prefill_tps = stats.prefilled_tokens / t_prefill if t_prefill > 0 and stats.prefilled_tokens else 0.0
-    if t_first is not None and stats.generated_tokens > 1 and t_end > t_first:
-        stats.decode_tps = (stats.generated_tokens - 1) / (t_end - t_first)
-    stats.peak_memory = int(mx.get_peak_memory())
-    stats.malformed, stats.warnings = parser.malformed, list(parser.warnings)
-    yield Event("done", stats=stats)
+    yield from reply.finish()
 
 
 def _pieces_to_events(pieces) -> list[Event]:

@@ -41,6 +41,11 @@ def yarn_inv_freq(head_dim: int, rope: YarnConfig) -> tuple[np.ndarray, float]:
     return inv_freq, concentration
 
 
+class Rows(list):
+    """One layer's caches for a batch of independent sequences, one per row (mlx_gptoss.batch): everything
+    but attention runs on the stacked rows, attention runs per row against that row's own cache."""
+
+
 class Attention(nn.Module):
     """GQA with biased projections, YaRN rotary, a learned sink logit per head, optional sliding window."""
 
@@ -59,7 +64,7 @@ class Attention(nn.Module):
         # as scaling the attention logits by concentration**2, which is where we put it.
         self.scale = concentration**2 / math.sqrt(self.head_dim)
 
-    def rope(self, x: mx.array, offset: int) -> mx.array:
+    def rope(self, x: mx.array, offset: "int | mx.array") -> mx.array:  # an array: one offset per row
         return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0,
                             offset=offset, freqs=self._wavelengths)
 
@@ -68,14 +73,23 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
+        rows = isinstance(cache, Rows)  # batched decoding: each row at its own position, over its own cache
+        offset = mx.array([c.offset for c in cache]) if rows else cache.offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
+        if rows:
+            o = mx.concatenate([self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], c, create_attention_mask(
+                x[b:b + 1], c, window_size=self.window)) for b, c in enumerate(cache)])
+        else:
+            o = self.attend(q, k, v, cache, mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def attend(self, q, k, v, cache, mask) -> mx.array:
+        """The cache updated with the rotated k and v, then attention with the sinks: [B, heads, L, D]."""
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # a quantized KV cache (mlx_gptoss.offload.kv) brings its own attention over its packed keys/values
         attend = getattr(cache, "attention", None) or mx.fast.scaled_dot_product_attention
-        o = attend(q, k, v, scale=self.scale, mask=mask, sinks=self.sinks)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return attend(q, k, v, scale=self.scale, mask=mask, sinks=self.sinks)
 
 
 class Experts(nn.Module):
@@ -141,7 +155,8 @@ class Backbone(nn.Module):
 
 
 class Transformer(nn.Module):
-    """tokens [B, T] int32 -> logits [B, T, vocab]. `cache` is make_cache()'s list, updated in place."""
+    """tokens [B, T] int32 -> logits [B, T, vocab]. `cache` is make_cache()'s list, updated in place (or,
+    with T == 1, per layer the Rows of B such caches: B sequences decoding together)."""
 
     full_attention_cache = KVCache  # the cache class of full-attention layers (offload.kv swaps in 8-bit)
 

@@ -405,6 +405,24 @@ def random_real_vocab_model(folder: Path, *, layers: int, seed: int, nan: str | 
     return mlx_gptoss.load(folder, allow_download=False)
 
 
+class Tokens:
+    """A parser for chat.generate_events / chat.Reply that only records the token ids (for tests comparing
+    what was generated, whatever it means)."""
+
+    halted = malformed = False
+    warnings: list = []
+
+    def __init__(self):
+        self.ids: list[int] = []
+
+    def feed(self, t):
+        self.ids.append(t)
+        return []
+
+    def finish(self, stop):
+        return []
+
+
 def forget_models() -> None:
     """Free the cached models (test modules call this when they finish: other tests measure peak memory)."""
     import gc

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -214,15 +215,20 @@ def test_serve_under_mlx_launch_answers_from_rank_0_with_both_ranks_computing(tw
             time.sleep(0.3)
         pids = rank_pids(proc.pid)
         assert len(pids) == 2, stderr.read_text()[-3000:]
-        for i in range(2):  # the same conversation twice: the second reuses the mirrored cache snapshots
+        def ask(i):
             r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
                 "model": "final", "temperature": 0, "messages": [{"role": "user", "content": "Say hi"}]})
             answers[i] = r.json()["choices"][0]["message"]["content"]
+        ask(0)
+        # the same conversation again (reusing the mirrored cache snapshots), twice at once: the scheduler
+        # interleaves the two requests' mirrored forward passes
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(ask, (1, 2)))
         os.kill(pids[0], 15)  # stop the server the way mlx.launch or a service manager would
 
     r = launch(2, [GPTOSS, "serve", "--model", str(two_rank_final), "--port", str(port)], timeout=600,
                env=chat_env(tmp_path), on_start=ask_then_stop)
-    assert answers == {0: "Just the answer.", 1: "Just the answer."}, r.stderr[-3000:]
+    assert answers == {0: "Just the answer.", 1: "Just the answer.", 2: "Just the answer."}, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     # only rank 0 served: one "serving" line, one port
     assert r.stderr.count("serving ") == 1

@@ -120,7 +120,7 @@ def test_eight_concurrent_clients_each_get_the_whole_answer(reason):
 
 @pytest.fixture(scope="module")
 def looping():
-    with running("loop", max_queue=1) as s:
+    with running("loop", max_queue=1, max_batch=1) as s:  # one at a time: a second request waits
         yield s
     forget_models()
 
@@ -179,7 +179,7 @@ def test_full_queue_gets_429_and_queued_requests_can_be_cancelled(looping):
     cm_b.__exit__(None, None, None)  # the queued client goes away
     wait_for(lambda: job_b.cancel.is_set(), 10, "the queued job to be cancelled")
     cm_a.__exit__(None, None, None)
-    wait_for(lambda: job_b.finished.is_set(), 30, "the queued job to be skipped")
+    wait_for(lambda: job_b.finished.is_set() and job_a.finished.is_set(), 30, "both jobs to end")
     assert job_a.stats.stop_reason == "cancelled"
     assert job_b.stats.stop_reason == "cancelled" and job_b.stats.generated_tokens == 0 and job_b.tokens == 0
 

@@ -23,6 +23,7 @@ def prompt(text: str) -> list[int]:
 def run(pool: SlotPool, ids: list[int]):
     runner = pool.acquire(ids)
     runner.prefill(ids)
+    pool.release(runner)
     return runner
 
 
@@ -43,6 +44,7 @@ def test_each_conversation_keeps_its_slot(gpt):
                                        "<|end|><|start|>assistant", allowed_special="all")
     assert ra.reusable(a2) == len(a) and rb.reusable(a2) < len(a)
     assert pool.acquire(a2) is ra  # the slot holding A's prefix, not the most recent one
+    pool.release(ra)
     c = prompt("a third one")
     rc = run(pool, c)
     assert rc not in (ra, rb) and len(pool.slots) == 3
@@ -58,3 +60,16 @@ def test_token_budget_empties_least_recently_used_slots(gpt):
     rc = run(pool, c)  # a + b + c do not fit: A, the least recently used, is emptied
     assert not ra.ids and rb.ids and rc.ids and pool.evictions == 1
     assert sum(pool.held_tokens()) <= pool.budget
+
+
+def test_busy_slots_are_never_given_away_nor_emptied(gpt):
+    a, b, c = prompt("first"), prompt("second conversation"), prompt("third conversation here")
+    pool = SlotPool(gpt, 2, budget=len(a) + len(b) + 4)
+    ra = pool.acquire(a)
+    ra.prefill(a)
+    assert pool.acquire(a) is not ra  # a's own cache is busy: another slot, prefilled afresh
+    assert pool.acquire(c) is None  # both slots busy: c waits
+    pool.release(ra)
+    assert pool.acquire(b, reserve=len(a) + len(b)) is None  # the busy slot's reservation leaves no room
+    assert ra.ids  # and nothing was emptied trying
+    assert pool.acquire(b) is ra and pool.busy.keys() == set(pool.slots)

@@ -154,7 +154,9 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
                 item = await job.next(POLL)
                 if item is None or time.monotonic() - checked > POLL:  # also while tokens flow
                     checked = time.monotonic()
-                    if stopping.is_set() or (request is not None and await request.is_disconnected()):
+                    if stopping.is_set():
+                        job.stop("shutdown")
+                    elif request is not None and await request.is_disconnected():
                         job.stop()
                     if not worker.thread.is_alive():
                         raise APIError(503, "the model thread has stopped; restart the server",
@@ -189,7 +191,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         alive = worker.thread.is_alive() and worker.error is None
         body = {"status": "ok" if alive else "error", "model": settings.model_id,
                 "model_thread": "running" if alive else "stopped", "queued": worker.queue.qsize(),
-                "busy": worker.current is not None}
+                "busy": worker.current is not None, "batch": worker.batch_size, "max_batch": worker.max_batch}
         if not alive:
             body["error"] = f"the model thread has stopped{f': {worker.error}' if worker.error else ''}; restart"
         return JSONResponse(body, status_code=200 if alive else 503)

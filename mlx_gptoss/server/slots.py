@@ -8,8 +8,10 @@ anywhere, an empty slot is taken, else the least recently used one.
 
 Memory: the slots share one token budget, what the memory plan leaves for KV after the weights, the
 activation peak and the reserve, with each slot's sliding-window layers and growth step counted (the same
-figures as `plan --json`; at least the planned context). Before a request runs, the least
-recently used other slots are emptied until all caches plus this prompt and its reply fit that budget.
+figures as `plan --json`; at least the planned context). Before a request runs, the least recently used idle
+slots are emptied until all caches plus this prompt and its reply fit that budget. The slots of running
+requests (the scheduler runs several at once) are busy: never given to another request nor emptied, and
+counted at what they may come to hold; a request for which they leave no room waits.
 """
 
 from __future__ import annotations
@@ -36,40 +38,55 @@ def default_slots(gpt) -> int:
 
 
 class SlotPool:
-    """Up to `size` Runners, created on first use, ordered by last use. Used only by the model thread."""
+    """Up to `size` Runners, created on first use, ordered by last use. Used only by the model thread.
+    A slot acquired for a running request is busy (with the tokens it may come to hold) until released:
+    it is never given to another request nor emptied to make room."""
 
     def __init__(self, gpt, size: int | None = None, budget: int | None = -1):
         self.gpt = gpt
         self.size = max(1, size or default_slots(gpt))
         self.budget = token_budget(gpt) if budget == -1 else budget
         self.slots: list[Runner] = []  # least recently used first
+        self.busy: dict[Runner, int] = {}  # running requests' slots -> the tokens each may hold
         self.evictions = 0
 
-    def acquire(self, prompt: list[int], reserve: int = 0) -> Runner:
-        """The slot to run `prompt` on (marked most recently used), after making room for it."""
-        scored = [(r.reusable(prompt), -i, r) for i, r in enumerate(self.slots)]
+    def acquire(self, prompt: list[int], reserve: int = 0) -> Runner | None:
+        """The slot to run `prompt` on (marked busy and most recently used), after making room for it; None
+        when every slot is busy or the busy ones leave no room for it (the request waits)."""
+        need = len(prompt) + reserve
+        if self.budget is not None and self.busy and sum(self.busy.values()) + need > self.budget:
+            return None
+        free = [r for r in self.slots if r not in self.busy]
+        scored = [(r.reusable(prompt), -i, r) for i, r in enumerate(free)]
         best = max(scored, key=lambda s: (s[0], s[1]), default=None)
         if best is not None and best[0] > 0:
             runner = best[2]
         elif len(self.slots) < self.size:
             runner = runner_for(self.gpt)  # under mlx.launch, a cache mirrored on every rank
+        elif free:
+            empty = [r for r in free if not r.ids]
+            runner = empty[0] if empty else free[0]  # the least recently used
         else:
-            empty = [r for r in self.slots if not r.ids]
-            runner = empty[0] if empty else self.slots[0]  # the least recently used
+            return None
         if runner in self.slots:
             self.slots.remove(runner)
         self.slots.append(runner)
-        self._fit(runner, len(prompt) + reserve)
+        self.busy[runner] = need
+        self._fit(runner, need)
         return runner
 
+    def release(self, runner: Runner) -> None:
+        self.busy.pop(runner, None)
+
     def _fit(self, runner: Runner, need: int) -> None:
+        """Empty idle slots, least recently used first, until all caches and the busy slots' reservations fit."""
         if self.budget is None:
             return
         for other in list(self.slots):
-            held = sum(len(r.ids) for r in self.slots if r is not runner)
+            held = sum(self.busy.get(r, len(r.ids)) for r in self.slots if r is not runner)
             if held + need <= self.budget:
                 return
-            if other is not runner and other.ids:
+            if other is not runner and other not in self.busy and other.ids:
                 other.reset()
                 self.evictions += 1
 

@@ -1,13 +1,17 @@
-"""The model thread: a bounded queue of jobs, run one at a time in arrival order, on one thread.
+"""The model thread: a bounded queue of jobs, and one scheduler (mlx_gptoss.batch) serving them on one thread.
 
 MLX streams belong to the thread that made them, so every model call (loading too, when the server is
 given a loader) happens on this thread; the event loop only renders prompts and moves events. Engine.run()
-is the one place the model thread calls the model: a distributed follower mirrors exactly that call.
+starts a job's generation and Batch.step() runs the model: a distributed follower mirrors those model calls.
 
-Policy (documented in the README): one request generates at a time; others wait in a queue of max_queue
-jobs (a full queue answers 429 with Retry-After). Batched decoding of concurrent requests is a later step.
-A job is cancelled when its client disconnects (queued: it is skipped; running: the engine checks the flag
-before every token, so it stops within one token and its slot keeps a consistent cache), or at shutdown.
+Policy (documented in the README): jobs wait in a queue of max_queue (a full queue answers 429 with
+Retry-After) and join the running batch between steps, in arrival order, while it has room: at most
+max_batch requests (--max-batch; default the slot count, which the memory plan sizes), each on its own KV
+slot, all of whose caches fit the plan's token budget (a prompt plus the room its reply may take). Running
+requests decode together, one token each per step; a new one prefills one chunk per step in between. A job
+is cancelled when its client disconnects (queued: it is skipped; prefilling: it stops between chunks;
+decoding: before its next token, so its slot keeps a consistent cache) or at shutdown: a running job then
+ends with stop_reason "shutdown", a queued one gets a 503.
 """
 
 from __future__ import annotations
@@ -21,29 +25,44 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..chat import Event, Stats, context_cap, generate_events
+from ..batch import Batch, Cancel, Request
+from ..chat import Event, Reply, Stats, context_cap, prefill_chunk
 from ..errors import GptOssError
 from ..memory import ContextLengthError
 from .errors import APIError
 from .slots import SlotPool
 
 log = logging.getLogger("gptoss_mac.server")
+SHUTTING_DOWN = "the server is shutting down; retry"
 
 
 class Engine:
-    """The model calls of the server: the slot pool and generation. Only the model thread uses it."""
+    """The model calls of the server: the slot pool and the batch. Only the model thread uses it."""
 
-    def __init__(self, gpt, slots: int | None = None):
+    def __init__(self, gpt, slots: int | None = None, max_batch: int | None = None):
         self.gpt = gpt
         self.pool = SlotPool(gpt, slots)
         self.cap = context_cap(gpt, None)
+        self.max_batch = max(1, min(max_batch or self.pool.size, self.pool.size))
+        self.batch = Batch(gpt, prefill_chunk(gpt))
 
     def run(self, prompt: list[int], parser, cancel: threading.Event, *, max_tokens: int | None = None,
-            temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None):
+            temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> Request | None:
+        """Start a generation: it joins the batch (None: no slot or KV room for it yet; it waits)."""
+        if len(self.batch.requests) >= self.max_batch:
+            return None
+        reply = Reply(prompt, cap=self.cap, parser=parser, max_tokens=max_tokens, temperature=temperature,
+                      top_p=top_p, seed=seed)
         room = self.cap - len(prompt)
         runner = self.pool.acquire(prompt, reserve=min(max_tokens, room) if max_tokens else room)
-        return generate_events(runner, prompt, cap=self.cap, max_tokens=max_tokens, temperature=temperature,
-                               top_p=top_p, seed=seed, cancel=cancel, parser=parser)
+        if runner is None:
+            return None
+        req = Request(runner, prompt, reply, cancel)
+        self.batch.add(req)
+        return req
+
+    def release(self, req: Request) -> None:
+        self.pool.release(req.runner)
 
 
 class _Tap:
@@ -86,11 +105,13 @@ class Job:
     sampling: dict
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: Cancel = field(default_factory=Cancel)
     tokens: int = 0  # generated so far
     cancelled_at: int | None = None  # tokens generated when cancel was asked
     stats: Stats | None = None
+    batch: int = 0  # the most requests it decoded together with
     finished: threading.Event = field(default_factory=threading.Event)
+    started: float = 0.0  # perf_counter when it left the queue
 
     def emit(self, item) -> None:
         try:
@@ -98,10 +119,13 @@ class Job:
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
             pass
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "cancelled") -> None:
+        """Ask the job to end ("cancelled": its client left; "shutdown": the server stops, which wins)."""
         if not self.cancel.is_set():
             self.cancelled_at = self.tokens
-            self.cancel.set()
+            self.cancel.set(reason)
+        elif reason == "shutdown":
+            self.cancel.reason = reason
 
     async def next(self, timeout: float):
         """The next Event or APIError from the model thread, or None after timeout seconds."""
@@ -115,18 +139,34 @@ class Worker:
     """The model thread and its queue. `load` is a loaded GptOss, or a function loading one (run on the
     model thread itself)."""
 
-    def __init__(self, load, *, slots: int | None = None, max_queue: int = 16,
+    def __init__(self, load, *, slots: int | None = None, max_queue: int = 16, max_batch: int | None = None,
                  on_ready: Callable[[object], None] | None = None):
-        self._load, self._slots, self._on_ready = load, slots, on_ready
+        self._load, self._slots, self._max_batch, self._on_ready = load, slots, max_batch, on_ready
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, max_queue))
         self.thread = threading.Thread(target=self._main, name="gptoss-model", daemon=True)
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.engine: Engine | None = None
-        self.current: Job | None = None
+        self.running: list[Job] = []  # in arrival order: prefilling or decoding
         self.done: deque[Job] = deque(maxlen=256)  # recent jobs (for inspection and tests)
         self._closing = threading.Event()
+        self._wake = threading.Event()  # a job was submitted or stopped: the idle model thread looks again
         self._seconds: deque[float] = deque(maxlen=16)  # recent job durations, for Retry-After
+
+    @property
+    def current(self) -> Job | None:
+        """The oldest running job."""
+        running = self.running
+        return running[0] if running else None
+
+    @property
+    def batch_size(self) -> int:
+        """How many jobs decode together now."""
+        return self.engine.batch.size if self.engine else 0
+
+    @property
+    def max_batch(self) -> int:
+        return self.engine.max_batch if self.engine else 0
 
     # ---- lifecycle
     def start(self, timeout: float | None = None) -> "Worker":
@@ -140,7 +180,7 @@ class Worker:
     def _main(self) -> None:
         try:
             gpt = self._load() if callable(self._load) else self._load
-            self.engine = Engine(gpt, self._slots)
+            self.engine = Engine(gpt, self._slots, self._max_batch)
             if self._on_ready:
                 self._on_ready(gpt)
         except BaseException as e:  # reported by start() on the caller's thread
@@ -148,25 +188,31 @@ class Worker:
             self.ready.set()
             return
         self.ready.set()
-        while not self._closing.is_set():
-            try:
-                job = self.queue.get(timeout=0.2)
-            except queue.Empty:
+        batch = self.engine.batch
+        while not (self._closing.is_set() and batch.idle and self.queue.empty()):
+            self._admit()
+            if batch.idle:
+                if self.queue.empty():
+                    self._wake.wait(0.2)
+                    self._wake.clear()
                 continue
-            if job is None:
-                break
-            self._run(job)
+            for req, item in batch.step():
+                self._deliver(req.tag, req, item)
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Cancel every job (each still gets its final event) and stop the thread."""
+        """Stop every job (a running one ends with stop_reason "shutdown", a queued one gets a 503) and the
+        thread, once each has had its final event."""
         self.cancel_all()
         self._closing.set()
+        self._wake.set()
         self.thread.join(timeout) if self.thread.is_alive() else None
 
     def cancel_all(self) -> None:
-        for job in list(self.queue.queue) + [self.current]:
+        """The server is stopping: every job ends (see shutdown)."""
+        for job in list(self.queue.queue) + list(self.running):
             if job is not None:
-                job.stop()
+                job.stop("shutdown")
+        self._wake.set()
 
     # ---- jobs
     def submit(self, job: Job) -> None:
@@ -174,44 +220,75 @@ class Worker:
             raise APIError(503, "the server is shutting down", code="server_shutting_down")
         try:
             self.queue.put_nowait(job)
+            self._wake.set()
         except queue.Full:
             avg = sum(self._seconds) / len(self._seconds) if self._seconds else 1.0
-            wait = max(1, min(60, round(avg * self.queue.maxsize)))
+            wait = max(1, min(60, round(avg * self.queue.maxsize / max(1, self.max_batch))))
             raise APIError(429, f"the server is busy: {self.queue.maxsize} requests are already waiting; retry "
                            f"in about {wait} s", code="queue_full", headers={"Retry-After": str(wait)}) from None
 
-    def _run(self, job: Job) -> None:
-        self.current = job
-        t0 = time.perf_counter()
-        try:
-            if job.cancel.is_set():  # cancelled while queued: never reaches the model
-                job.stats = Stats(prompt_tokens=len(job.prompt), stop_reason="cancelled")
-                self._finish(job, t0)
-                job.emit(Event("done", stats=job.stats))
+    def _admit(self) -> None:
+        """Move queued jobs into the batch, oldest first, while it has room (the oldest waits for room)."""
+        while True:
+            with self.queue.mutex:
+                job = self.queue.queue[0] if self.queue.queue else None
+            if job is None:
                 return
+            job.started = time.perf_counter()
+            if job.cancel.is_set():  # cancelled while queued: never reaches the model
+                self.queue.get_nowait()
+                if job.cancel.reason == "shutdown":
+                    self._finish(job)
+                    job.emit(APIError(503, SHUTTING_DOWN, code="server_shutting_down"))
+                else:
+                    job.stats = Stats(prompt_tokens=len(job.prompt), stop_reason="cancelled")
+                    self._finish(job)
+                    job.emit(Event("done", stats=job.stats))
+                continue
             tap = _Tap(job.parser, job)
-            for ev in self.engine.run(job.prompt, tap, job.cancel, **job.sampling):
-                if ev.kind == "done":  # the job is on record before its client hears it is done
-                    job.stats = ev.stats
-                    self._finish(job, t0)
-                job.emit(tap.annotate(ev))
-        except GptOssError as e:  # the context filled up in a way the request check could not foresee (400), or
-            self._finish(job, t0)  # a fault inside generation, e.g. non-finite logits: the server's (500)
-            job.emit(APIError(400, str(e), code="context_length_exceeded") if isinstance(e, ContextLengthError)
-                     else APIError(500, f"generation failed: {e}", code="generation_failed"))
-        except Exception as e:  # a bug: the client gets its name, the log the traceback
-            log.exception("request %s failed", job.id)
-            self._finish(job, t0)
-            job.emit(APIError(500, f"internal error: {type(e).__name__}: {e}"))
-        finally:
-            if not job.finished.is_set():
-                self._finish(job, t0)
+            try:
+                req = self.engine.run(job.prompt, tap, job.cancel, **job.sampling)
+            except Exception as e:
+                self.queue.get_nowait()
+                self._fail(job, e)
+                continue
+            if req is None:
+                return
+            self.queue.get_nowait()
+            req.tag = job
+            job.parser = tap
+            self.running.append(job)
 
-    def _finish(self, job: Job, t0: float) -> None:
+    def _deliver(self, job: Job, req: Request, item) -> None:
+        job.batch = req.batch
+        if not isinstance(item, list):
+            self.engine.release(req)
+            self._fail(job, item)
+            return
+        for ev in item:
+            if ev.kind == "done":  # the job is on record before its client hears it is done
+                self.engine.release(req)
+                job.stats = ev.stats
+                self._finish(job)
+            job.emit(job.parser.annotate(ev))
+
+    def _fail(self, job: Job, e: BaseException) -> None:
+        if isinstance(e, ContextLengthError):  # the context filled up in a way the request check could not foresee
+            err = APIError(400, str(e), code="context_length_exceeded")
+        elif isinstance(e, GptOssError):  # a fault inside generation, e.g. non-finite logits: the server's
+            err = APIError(500, f"generation failed: {e}", code="generation_failed")
+        else:  # a bug: the client gets its name, the log the traceback
+            log.error("request %s failed", job.id, exc_info=e)
+            err = APIError(500, f"internal error: {type(e).__name__}: {e}")
+        self._finish(job)
+        job.emit(err)
+
+    def _finish(self, job: Job) -> None:
         if job.finished.is_set():
             return
-        self.current = None
-        seconds = time.perf_counter() - t0
+        if job in self.running:
+            self.running.remove(job)
+        seconds = time.perf_counter() - (job.started or time.perf_counter())
         self._seconds.append(seconds)
         self.done.append(job)
         job.finished.set()
@@ -224,4 +301,4 @@ def request_line(job: Job, seconds: float) -> str:
         return f"{job.id} {job.kind} failed after {seconds:.2f} s"
     tps = s.generated_tokens / seconds if seconds > 0 else 0.0
     return (f"{job.id} {job.kind} prompt={s.prompt_tokens} cached={s.cached_tokens} generated={s.generated_tokens} "
-            f"{tps:.1f} tok/s stop={s.stop_reason}" + (" malformed" if s.malformed else ""))
+            f"{tps:.1f} tok/s batch={job.batch} stop={s.stop_reason}" + (" malformed" if s.malformed else ""))
