@@ -248,9 +248,9 @@ class Worker:
             tap = _Tap(job.parser, job)
             try:
                 req = self.engine.run(job.prompt, tap, job.cancel, **job.sampling)
-            except Exception as e:
+            except Exception as e:  # refused before it ran (sampling, context): the request's fault
                 self.queue.get_nowait()
-                self._fail(job, e)
+                self._fail(job, e, admitted=False)
                 continue
             if req is None:
                 return
@@ -272,9 +272,11 @@ class Worker:
                 self._finish(job)
             job.emit(job.parser.annotate(ev))
 
-    def _fail(self, job: Job, e: BaseException) -> None:
+    def _fail(self, job: Job, e: BaseException, admitted: bool = True) -> None:
         if isinstance(e, ContextLengthError):  # the context filled up in a way the request check could not foresee
             err = APIError(400, str(e), code="context_length_exceeded")
+        elif isinstance(e, GptOssError) and not admitted:  # e.g. sampling values the request check let through
+            err = APIError(400, str(e))
         elif isinstance(e, GptOssError):  # a fault inside generation, e.g. non-finite logits: the server's
             err = APIError(500, f"generation failed: {e}", code="generation_failed")
         else:  # a bug: the client gets its name, the log the traceback
