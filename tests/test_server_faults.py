@@ -93,12 +93,18 @@ def test_with_a_key_any_host_and_configured_names():
         assert httpx.get(s.url + "/v1/models", headers={"Host": "other.lan"}).status_code == 403
 
 
-def test_health_reports_a_dead_model_thread():
+def test_health_reports_a_dead_model_thread(monkeypatch):
     s = ServerThread(model("loop"), model_id="gpt-oss-20b").start()
     try:
         assert httpx.get(s.url + "/health").json()["model_thread"] == "running"
-        s.worker.queue.put(None)  # the model thread ends (as if it had died)
+
+        def die():
+            raise RuntimeError("the model thread died")
+
+        monkeypatch.setattr(threading, "excepthook", lambda args: None)  # its traceback is expected
+        s.worker._admit = die  # the scheduler's next pass raises out of the thread
         s.worker.thread.join(10)
+        assert not s.worker.thread.is_alive()
         resp = httpx.get(s.url + "/health")
         assert resp.status_code == 503 and resp.json()["model_thread"] == "stopped"
         resp = httpx.post(s.url + "/v1/responses", json={**ASK, "max_output_tokens": 3}, timeout=30)
