@@ -116,11 +116,12 @@ def test_health_reports_a_dead_model_thread(monkeypatch):
 def test_a_fault_inside_generation_is_a_server_error(looping, monkeypatch):
     from mlx_gptoss.errors import GptOssError
 
-    def broken(*a, **kw):
-        raise GptOssError("the model produced non-finite logits (NaN or inf)")
-        yield
+    from mlx_gptoss import batch
 
-    monkeypatch.setattr(looping.worker.engine, "run", broken)
+    def broken(*a, **kw):  # the request's first prefill chunk, on the model thread
+        raise GptOssError("the model produced non-finite logits (NaN or inf)")
+
+    monkeypatch.setattr(batch.Request, "advance", broken)
     resp = httpx.post(looping.url + "/v1/chat/completions", timeout=30,
                       json={"model": "gpt-oss-20b", "messages": [{"role": "user", "content": "Hi"}]})
     assert resp.status_code == 500 and resp.json()["error"]["code"] == "generation_failed"
