@@ -168,7 +168,7 @@ def canonical(prompt: str, part: dict) -> str:
     enc = harmony.encoding()
     msg = (Message.from_role_and_content(Role.ASSISTANT, part["content"]).with_channel(part["channel"])
            .with_recipient(part["recipient"]).with_content_type(part["content_type"]))
-    return prompt.replace(enc.decode(harmony._as_generated(enc, part)), enc.decode(enc.render(msg)))
+    return prompt.replace(enc.decode(harmony.rendering._as_generated(enc, part)), enc.decode(enc.render(msg)))
 
 
 def loop_mlx_lm(port: int, steps: int, reference_rendering: bool):

@@ -316,7 +316,7 @@ def offline_harmony() -> Path:
         root = Path(tempfile.mkdtemp(prefix="gptoss-scripted-"))
         os.environ["XDG_CACHE_HOME"] = str(root / "cache")
         os.environ.pop("TIKTOKEN_ENCODINGS_BASE", None)
-        harmony._ENCODING = None
+        harmony.vocabulary._ENCODING = None
         (root / "tok").mkdir()
         write_tokenizer_json(root / "tok" / "tokenizer.json")
         harmony.encoding(root / "tok")  # derives cache/gptoss-mac/o200k_base.tiktoken, checks its sha256

@@ -295,7 +295,7 @@ def test_chat_on_a_folder_without_tokenizer_names_the_file(fresh_cache, monkeypa
     gpt = scripted_model("final")
     bare = fresh_cache / "bare"
     bare.mkdir()
-    monkeypatch.setattr(harmony, "_ENCODING", None)  # as in a fresh process
+    monkeypatch.setattr(harmony.vocabulary, "_ENCODING", None)  # as in a fresh process
     monkeypatch.setattr(gpt, "path", bare)
     with pytest.raises(GptOssError, match=r"bare/tokenizer\.json is missing"):
         list(gpt.chat([{"role": "user", "content": "Hi"}]))
