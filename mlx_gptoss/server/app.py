@@ -29,7 +29,7 @@ from starlette.middleware.cors import CORSMiddleware
 from .. import harmony
 from ..chat import assistant_message, check_sampling
 from ..errors import GptOssError
-from . import chat_completions, completions, inputs, responses
+from . import anthropic, chat_completions, completions, inputs, responses
 from . import schemas as S
 from .errors import APIError, bad, error_body, from_validation
 from .worker import Job, Worker
@@ -340,6 +340,9 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
             yield {"data": "[DONE]"}
         return sse(stream())
 
+    anthropic.add_routes(app, read=read, render=render, submit=submit, events=events, model_id=settings.model_id,
+                         calls=calls)
+
     # the API key guards everything but /health; CORS is outermost so its headers reach errors too
     if settings.api_key:
         app.add_middleware(RequireKey, key=settings.api_key)
@@ -350,7 +353,8 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
 
 
 class RequireKey:
-    """Pure ASGI middleware: `Authorization: Bearer KEY` (or `api-key: KEY`), compared in constant time."""
+    """Pure ASGI middleware: `Authorization: Bearer KEY` (or `api-key: KEY`, or Anthropic's `x-api-key: KEY`),
+    compared in constant time."""
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode()
@@ -360,11 +364,14 @@ class RequireKey:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"")
-        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"api-key", b"")
+        given = (auth[7:].strip() if auth[:7].lower() == b"bearer " else
+                 headers.get(b"api-key") or headers.get(b"x-api-key") or b"")
         if hmac.compare_digest(given, self.key):
             return await self.app(scope, receive, send)
         msg = ("Incorrect API key provided" if given else
                "Missing API key: send it as `Authorization: Bearer KEY`") + " (gptoss-mac serve --api-key)"
-        resp = JSONResponse(error_body(401, msg, code="invalid_api_key"), status_code=401,
+        body = (anthropic.error_body(401, msg) if scope["path"].startswith("/v1/messages") else
+                error_body(401, msg, code="invalid_api_key"))
+        resp = JSONResponse(body, status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})
         await resp(scope, receive, send)

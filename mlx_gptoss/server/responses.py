@@ -178,8 +178,9 @@ def response_object(rid: str, req, model: str, tools: list, effort: str) -> dict
 
 
 class CallMemory:
-    """The calls this server generated, by call id: their channel, recipient and content type (the newest
-    `size`), so a call a client sends back renders token for token as the model wrote it."""
+    """The calls this server generated, by call id: their channel, recipient, content type and arguments text
+    (the newest `size`), so a call a client sends back renders token for token as the model wrote it (Anthropic's
+    tool_use sends the arguments back as an object: the text is used when it parses to the same object)."""
 
     def __init__(self, size: int = 4096):
         self.size = size
@@ -188,7 +189,7 @@ class CallMemory:
     def remember(self, parts) -> None:
         for p in parts or []:
             if p.get("recipient") and p.get("id"):
-                self.calls[p["id"]] = {k: p.get(k) for k in ("channel", "recipient", "content_type")}
+                self.calls[p["id"]] = {k: p.get(k) for k in ("channel", "recipient", "content_type", "content")}
         while len(self.calls) > self.size:
             self.calls.popitem(last=False)
 
