@@ -124,28 +124,35 @@ def build_rules(episodes: list[tuple[list[int], list[int]]]):
             occ.setdefault(seq[j], []).append((_windows(seq, j), seq[j + 1]))
     rules = []  # (successor, current, weight on current, discriminators or None)
     for cur, items in occ.items():
-        succs = [s for _, s in items]
-        # the default successor needs no discriminator: the most common one for which all others have one
-        for default in sorted(set(succs), key=lambda s: (-succs.count(s), s)):
-            found = []
-            for s in sorted(set(succs) - {default}):
-                mine = [w for w, t in items if t == s]
-                others = set().union(*[w for w, t in items if t != s])
-                cands = _cover(mine, others)
-                if not cands:
-                    break
-                found.append((s, cur, P - DELTA, cands))
-            else:
-                rules += [(default, cur, P, None)] + found
-                break
-        else:
-            raise ValueError(f"token {cur} has successors {set(succs)} that no token in a window of "
-                             f"{WINDOW} tells apart; change the script")
+        # single discriminating tokens first (they hold for prompts the episodes did not show), covers after
+        found = _successors(items, single=True) or _successors(items, single=False)
+        if found is None:
+            raise ValueError(f"token {cur} has successors {set(s for _, s in items)} that no token in a window "
+                             f"of {WINDOW} tells apart; change the script")
+        rules += [(s, cur, w, ds) for s, w, ds in found]
     tokens = set(occ) | {d for *_, ds in rules for d in ds or ()}
     if len(tokens) > CODES:
         raise ValueError(f"the script uses {len(tokens)} distinct tokens; at most {CODES} fit")
     codes = {t: i for i, t in enumerate(sorted(tokens))}
     return codes, rules
+
+
+def _successors(items: list[tuple[set[int], int]], single: bool):
+    """[(successor, weight, discriminators)] for one current token: the default successor needs no
+    discriminator (the most common one for which all others have one); None when there is no such choice."""
+    succs = [s for _, s in items]
+    for default in sorted(set(succs), key=lambda s: (-succs.count(s), s)):
+        found = [(default, P, None)]
+        for s in sorted(set(succs) - {default}):
+            mine = [w for w, t in items if t == s]
+            others = set().union(*[w for w, t in items if t != s])
+            cands = _cover(mine, others)
+            if not cands or (single and len(cands) > 1):
+                break
+            found.append((s, P - DELTA, cands))
+        else:
+            return found
+    return None
 
 
 def _cover(windows: list[set[int]], others: set[int]) -> tuple[int, ...] | None:
