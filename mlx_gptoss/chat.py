@@ -146,7 +146,7 @@ class Stats:
 
 @dataclass
 class Event:
-    kind: str  # "reasoning" | "content" | "preamble" | "tool_call" | "done"
+    kind: str  # "reasoning" | "content" | "preamble" | "tool_call" | "tool_call_delta" (opt-in) | "done"
     text: str = ""
     recipient: str | None = None
     arguments: str | None = None
@@ -404,8 +404,11 @@ def generate_events(runner: Runner, prompt: list[int], *, cap: int, max_tokens: 
 
 
 def _pieces_to_events(pieces) -> list[Event]:
-    return [Event("tool_call", p.text, p.recipient, p.text, id=p.id, channel=p.channel) if p.kind == "tool_call"
-            else Event(p.kind, p.text, channel=p.channel) for p in pieces]
+    """One Event per Piece; a tool call (and, from a parser with stream_arguments, each piece of its arguments
+    as "tool_call_delta") carries its recipient, argument text and id."""
+    return [Event(p.kind, p.text, p.recipient, p.text, id=p.id, channel=p.channel)
+            if p.kind in ("tool_call", "tool_call_delta") else Event(p.kind, p.text, channel=p.channel)
+            for p in pieces]
 
 
 # ------------------------------------------------------------------------------------------- Session

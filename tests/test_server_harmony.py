@@ -89,17 +89,17 @@ def test_malformed_output_is_content_with_a_warning(script, shown):
 
 
 def test_tool_choice_shapes_the_prompt():
-    from mlx_gptoss.server import inputs
+    from mlx_gptoss.server import conversation, responses
 
     def turn():
-        return inputs.Turn([{"role": "user", "content": "Hi"}], inputs.response_tools([WEATHER_TOOL]))
+        return responses.read_tools([WEATHER_TOOL]).turn([{"role": "user", "content": "Hi"}], "medium")
 
-    assert inputs.apply_tool_choice(turn(), "auto").forced == "" and turn().tools
-    assert inputs.apply_tool_choice(turn(), "none").tools == []  # rendered without the tools
-    assert inputs.apply_tool_choice(turn(), "required").forced == "<|channel|>commentary to=functions."
-    named = inputs.apply_tool_choice(turn(), {"type": "function", "name": "get_weather"})
+    assert conversation.apply_tool_choice(turn(), "auto").forced == "" and turn().tools
+    assert conversation.apply_tool_choice(turn(), "none").tools == []  # rendered without the tools
+    assert conversation.apply_tool_choice(turn(), "required").forced == "<|channel|>commentary to=functions."
+    named = conversation.apply_tool_choice(turn(), {"type": "function", "name": "get_weather"})
     assert named.forced == "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
-    chat_named = inputs.apply_tool_choice(turn(), {"type": "function", "function": {"name": "get_weather"}})
+    chat_named = conversation.apply_tool_choice(turn(), {"type": "function", "function": {"name": "get_weather"}})
     assert chat_named.forced == named.forced
 
 

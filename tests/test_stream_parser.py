@@ -103,10 +103,31 @@ def _utf8(b: bytes) -> bool:
 def test_a_call_cut_off_by_max_tokens_is_reported(enc):
     p, pieces = parse(enc, '<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>commentary '
                            'to=functions.get_weather <|constrain|>json<|message|>{"city": "Pa', stop="max_tokens")
-    assert p.cut_call == {"recipient": "functions.get_weather", "arguments": '{"city": "Pa'}
+    assert p.cut_call == {"recipient": "functions.get_weather", "arguments": '{"city": "Pa', "id": p.cut_call["id"]}
     assert any('{"city": "Pa' in w and "functions.get_weather" in w for w in p.warnings)
     assert not p.tool_calls and p.parts == [{"channel": "analysis", "content": "x", "recipient": None,
                                              "content_type": None, "id": None}]
+
+
+def test_call_arguments_stream_as_generated_when_asked(enc):
+    """stream_arguments: a call's text also comes as tool_call_delta pieces, one per token, with the recipient
+    and the id the finished call gets; without it (the default) only the finished call."""
+    text = ('<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>commentary to=multi_agent_v1.spawn_agent'
+            ' <|constrain|>json<|message|>{"message": "hi"}<|call|>')
+    p, pieces = parse(enc, text, stop="call", stream_arguments=True)
+    deltas = [x for x in pieces if x.kind == "tool_call_delta"]
+    call = [x for x in pieces if x.kind == "tool_call"]
+    assert len(deltas) > 2 and "".join(d.text for d in deltas) == '{"message": "hi"}'
+    assert {d.id for d in deltas} == {call[0].id} and {d.recipient for d in deltas} == {"multi_agent_v1.spawn_agent"}
+    assert p.tool_calls[0]["id"] == call[0].id
+    # message_ids: each well-formed message as it stands in a prompt (the analysis one is what gets sealed)
+    assert enc.decode(p.message_ids[0]) == "<|start|>assistant<|channel|>analysis<|message|>x<|end|>"
+    assert p.message_ids[1][-1] == harmony.CALL
+    _, plain = parse(enc, text, stop="call")
+    assert not [x for x in plain if x.kind == "tool_call_delta"]
+    # cut off mid-call: the deltas went out, the cut call keeps their id
+    p, pieces = parse(enc, text.split("hi")[0], stop="max_tokens", stream_arguments=True)
+    assert p.cut_call["id"] == pieces[-1].id and pieces[-1].kind == "tool_call_delta" and 1 not in p.message_ids
 
 
 def test_a_call_cut_off_in_a_real_generation_is_in_the_stats():

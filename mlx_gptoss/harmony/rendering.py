@@ -115,10 +115,11 @@ def assistant_dict(parts: list[dict]) -> dict:
 
 
 def _head(messages: list[dict], reasoning_effort: str, tools, developer: str | None, date: str | None,
-          knowledge_cutoff: str):
+          knowledge_cutoff: str, namespaces: dict[str, str]):
     """The system message and the developer message (instructions: developer=, then every system and
     developer message in order; the function tools), as openai-harmony Messages."""
-    from openai_harmony import DeveloperContent, Message, ReasoningEffort, Role, SystemContent, ToolDescription
+    from openai_harmony import (DeveloperContent, Message, ReasoningEffort, Role, SystemContent, ToolDescription,
+                                ToolNamespaceConfig)
 
     if reasoning_effort not in EFFORTS:
         raise GptOssError(f"reasoning_effort {reasoning_effort!r}: use one of {', '.join(EFFORTS)}")
@@ -135,9 +136,11 @@ def _head(messages: list[dict], reasoning_effort: str, tools, developer: str | N
         dev = DeveloperContent.new()
         if instructions:
             dev = dev.with_instructions("\n\n".join(instructions))
-        if specs:
-            dev = dev.with_function_tools([ToolDescription.new(t.name, t.description, parameters=t.parameters)
-                                           for t in specs])
+        for ns in dict.fromkeys(t.namespace for t in specs):  # each namespace once, in the order given
+            described = [ToolDescription.new(t.name, t.description, parameters=t.parameters)
+                         for t in specs if t.namespace == ns]
+            dev = (dev.with_function_tools(described) if ns == "functions" else
+                   dev.with_tools(ToolNamespaceConfig(name=ns, description=namespaces.get(ns), tools=described)))
         head.append(Message.from_role_and_content(Role.DEVELOPER, dev))
     return head
 
@@ -164,7 +167,8 @@ def part_key(part: dict) -> tuple:
 
 def render(messages: list[dict], *, model_path: Path | None = None, reasoning_effort: str = "medium", tools=None,
            developer: str | None = None, date: str | None = None, knowledge_cutoff: str = KNOWLEDGE_CUTOFF,
-           exact: Callable[[dict], list[int] | None] | None = None) -> list[int]:
+           exact: Callable[[dict], list[int] | None] | None = None,
+           namespaces: dict[str, str] | None = None) -> list[int]:
     """The prompt ids for the assistant's next message, ending with <|start|>assistant.
 
     What the history keeps (harmony's rules, as OpenAI's Responses server applies them):
@@ -177,14 +181,16 @@ def render(messages: list[dict], *, model_path: Path | None = None, reasoning_ef
       Session keeps them): those are used as they are in an unfinished turn, so even a tokenization that
       encode() would not produce renders back token for token;
     - a tool result is authored by the recipient of the call it answers (found by tool_call_id, else by name)
-      on the channel that call used."""
+      on the channel that call used.
+    Tools declared in another namespace than `functions` (Tool.namespace) get a namespace of their own in the
+    developer message, described by namespaces[name]."""
     from openai_harmony import Message, Role
 
     enc = encoding(model_path)
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
             raise GptOssError(f"message {m!r}: needs a \"role\" of system, developer, user, assistant or tool")
-    items: list = _head(messages, reasoning_effort, tools, developer, date, knowledge_cutoff)
+    items: list = _head(messages, reasoning_effort, tools, developer, date, knowledge_cutoff, namespaces or {})
     n_head = len(items)
     parts_of = {i: assistant_parts(m) for i, m in enumerate(messages) if m["role"] == "assistant"}
     turns = _turns(messages)

@@ -16,7 +16,7 @@ MAX_HEADER = 16  # tokens; a header cut off by max_tokens within this is not cal
 
 @dataclass
 class Piece:
-    kind: str  # "reasoning" | "content" | "preamble" | "tool_call"
+    kind: str  # "reasoning" | "content" | "preamble" | "tool_call" | "tool_call_delta" (see StreamParser)
     text: str = ""
     recipient: str | None = None
     message: int = 0  # which generated message (0, 1, ...) the text belongs to
@@ -35,7 +35,8 @@ class StreamParser:
     A message is `<|start|>assistant HEADER <|message|> TEXT <|end|>|<|return|>|<|call|>` (the first
     `<|start|>assistant` is the prompt's). Its text streams as "reasoning" (analysis), "preamble" (commentary
     without a recipient) or "content" (final); a message with a recipient (`to=functions.x`, `to=python`) is
-    one "tool_call" piece when it ends. Output that breaks the format sets `malformed` and a warning:
+    one "tool_call" piece when it ends; with stream_arguments=True, its text also streams as "tool_call_delta"
+    pieces (recipient and call id set) while it is generated, for APIs that stream a call's arguments. Output that breaks the format sets `malformed` and a warning:
     - a missing or unknown channel, an invalid recipient, text where a `<|start|>` must come, a header that
       never reaches <|message|>: the text is kept, hidden as "reasoning" (it is how chain-of-thought leaks);
     - a `<|start|>` with a role other than assistant: everything from there on is dropped (`halted`);
@@ -43,9 +44,10 @@ class StreamParser:
     Text is decoded incrementally from the token bytes: a multi-byte character split across tokens is never
     a U+FFFD. Every token is counted once in `n_shown` (its text reached a piece), `n_framing` (the markup of
     a well-formed message) or `n_dropped`; `parts` holds the finished messages in order (the message dict
-    "parts" shape of mlx_gptoss.chat)."""
+    "parts" shape of mlx_gptoss.chat); `message_ids[n]` the ids of well-formed message n as it stands in a
+    prompt (what render(exact=) takes back)."""
 
-    def __init__(self, model_path: Path | None = None, *, trace: bool = False):
+    def __init__(self, model_path: Path | None = None, *, trace: bool = False, stream_arguments: bool = False):
         self.enc = encoding(model_path)
         self.bytes = token_bytes()
         self.trace: dict[int, list[int]] | None = {} if trace else None  # message -> its shown token ids
@@ -56,6 +58,9 @@ class StreamParser:
         self.halted = False  # the output left the assistant's turn: nothing more is parsed
         self.n_shown = self.n_framing = self.n_dropped = 0
         self.cut_call: dict | None = None  # a tool call cut off before <|call|> (see finish())
+        self.stream_arguments = stream_arguments
+        self.message_ids: dict[int, list[int]] = {}
+        self._call_id: str | None = None  # the id of the call being generated
         self._state = "header"  # "header" | "content" | "between"
         self._header: list[int] = []
         self._role_given = True  # the prompt ended with <|start|>assistant
@@ -216,6 +221,7 @@ class StreamParser:
         import codecs
 
         self._msg = msg
+        self._call_id = "call_" + uuid.uuid4().hex[:24] if msg["recipient"] else None
         self._state, self._header = "content", []
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._text, self._tokens = [], 0
@@ -232,7 +238,8 @@ class StreamParser:
         self._text.append(text)
         kind = self._kind()
         if kind == "tool_call":
-            return []
+            return [Piece("tool_call_delta", text, self._msg["recipient"], message=self._n, id=self._call_id,
+                          channel=self._msg["channel"])] if self.stream_arguments else []
         out = []
         if kind == "reasoning":
             if self._reasoned and len(self._text) == 1:
@@ -274,19 +281,21 @@ class StreamParser:
                 self.n_dropped += self._tokens
                 if self.trace is not None:
                     self.trace.pop(self._n, None)
-                self.cut_call = {"recipient": m["recipient"], "arguments": text}
+                self.cut_call = {"recipient": m["recipient"], "arguments": text, "id": self._call_id}
                 self._warn(f"the reply was cut off inside a call to {m['recipient']}; its partial arguments "
                            f"were {text!r}")
                 self._n += 1
                 return out
             self.n_shown += self._tokens
-            kind["id"] = "call_" + uuid.uuid4().hex[:24]
+            kind["id"] = self._call_id
             out.append(Piece("tool_call", text, m["recipient"], message=self._n, id=kind["id"],
                              channel=kind["channel"]))
         if text or m["recipient"]:
             self.parts.append(kind)
             whole = self._ids_ok and not partial and self._ids[-1] in (END, RETURN, CALL)
             self.part_ids.append(list(self._ids) if whole else None)
+            if whole:
+                self.message_ids[self._n] = self.part_ids[-1]
         self._n += 1
         return out
 

@@ -14,6 +14,8 @@ from typing import Callable, Iterable
 
 from ..errors import GptOssError
 
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # a tool's or a namespace's name
+
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
 
@@ -53,12 +55,18 @@ def _doc_parts(doc: str) -> tuple[str, dict[str, str]]:
 
 @dataclass
 class Tool:
-    """A function tool: name, description, JSON-schema parameters, and the Python callable if any."""
+    """A function tool: name, description, JSON-schema parameters, the Python callable if any, and the harmony
+    namespace it is declared in (the model calls it as NAMESPACE.NAME: functions.get_weather)."""
 
     name: str
     description: str
     parameters: dict
     fn: Callable | None = None
+    namespace: str = "functions"
+
+    @property
+    def recipient(self) -> str:
+        return f"{self.namespace}.{self.name}"
 
     def run(self, arguments: str) -> str:
         """Call fn with the model's JSON arguments; errors become a message the model can read."""
@@ -79,18 +87,22 @@ class Tool:
 
 def tool_spec(tool: Callable | dict | Tool) -> Tool:
     """A Tool from a Python callable (schema from its signature, type hints and docstring) or from a dict
-    {"name", "description", "parameters"} (also accepted: OpenAI's {"type": "function", "function": {...}})."""
+    {"name", "description", "parameters", "namespace"} (also accepted: OpenAI's {"type": "function", "function":
+    {...}}). Names are letters, digits, _ and - (MCP tools such as resolve-library-id)."""
     if isinstance(tool, Tool):
         return tool
     if isinstance(tool, dict):
         d = tool.get("function", tool) if tool.get("type") == "function" else tool
         name = d.get("name")
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise GptOssError(f"tool {tool!r}: needs a \"name\" made of letters, digits and _")
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise GptOssError(f"tool {tool!r}: needs a \"name\" made of letters, digits, _ and -")
+        namespace = d.get("namespace") or "functions"
+        if not isinstance(namespace, str) or not NAME.fullmatch(namespace):
+            raise GptOssError(f"tool {name!r}: the namespace {namespace!r} must be made of letters, digits, _ and -")
         params = d.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(params, dict):
             raise GptOssError(f"tool {name!r}: \"parameters\" must be a JSON schema object")
-        return Tool(name, str(d.get("description", "")), params, d.get("fn"))
+        return Tool(name, str(d.get("description", "")), params, d.get("fn"), namespace)
     if not callable(tool):
         raise GptOssError(f"tool {tool!r}: expected a Python function or a dict with name/description/parameters")
     name = getattr(tool, "__name__", type(tool).__name__)
@@ -117,9 +129,9 @@ def tool_spec(tool: Callable | dict | Tool) -> Tool:
 
 def tool_specs(tools: Iterable | None) -> list[Tool]:
     specs = [tool_spec(t) for t in (tools or [])]
-    names = [t.name for t in specs]
+    names = [t.recipient for t in specs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise GptOssError(f"tools: the name {sorted(dup)[0]!r} is used twice")
+        raise GptOssError(f"tools: the name {sorted(dup)[0].removeprefix('functions.')!r} is used twice")
     return specs
 

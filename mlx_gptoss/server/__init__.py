@@ -1,11 +1,15 @@
 """`gptoss-mac serve`: an OpenAI-compatible HTTP server for gpt-oss (Responses, Chat Completions, Completions).
 
-    app.py               routes, body limit, API key, CORS, SSE (FastAPI + sse-starlette under uvicorn)
-    schemas.py           request bodies (pydantic, strict)
-    inputs.py            Responses items / Chat messages -> the engine's harmony message dicts; tool_choice
-    responses.py         Responses output items, streaming events, the store behind previous_response_id
-    chat_completions.py  chat.completion and its chunks (reasoning_content, tool_calls)
+One module per wire protocol, over one shared conversation model and one scheduler:
+
+    responses.py         the Responses API: input items and tools in; output items, streaming events, the store
+    chat_completions.py  Chat Completions: messages and tools in; chat.completion and its chunks out
     completions.py       raw harmony text completions
+    conversation.py      protocol-neutral messages and tools -> the harmony prompt (namespaces, tool_choice,
+                         sealed reasoning); generated calls and reasoning -> what the protocols call them
+    sealed.py            the HMAC-checked blob of a reasoning message's exact generated tokens
+    app.py               routes, request reading (JSON, limits), API key / Host checks, CORS, SSE
+    schemas.py           request bodies (pydantic: strict types, unknown fields ignored)
     worker.py            the model thread: bounded queue, jobs, cancellation; Engine = the model calls
     slots.py             the KV slot pool (longest cached prefix, LRU, the memory plan's token budget)
     run.py               uvicorn in the foreground or in a thread; clean shutdown

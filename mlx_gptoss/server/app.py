@@ -1,15 +1,22 @@
-"""The ASGI app (FastAPI): routes, request reading (size limit, JSON), API-key check, CORS, SSE streaming.
+"""The ASGI app (FastAPI): routes, request reading (size limit, JSON), API-key and Host checks, CORS, SSE.
 
 Routes: POST /v1/responses, GET /v1/responses/{id}, POST /v1/chat/completions, POST /v1/completions,
 GET /v1/models, GET /v1/models/{id}, GET /health. Every failure is OpenAI's error object (errors.py).
-Prompts are rendered here (off the event loop); generation happens on the model thread (worker.py), whose
-events come back through the job's queue and go out as JSON or as server-sent events.
+Each protocol module reads its request into the shared conversation model (conversation.py), which renders
+the prompt here (off the event loop); generation happens on the model thread (worker.py), whose events come
+back through the job's queue and go out as JSON or as server-sent events.
+
+What a request body must be: JSON (Content-Type application/json: a web page cannot send that without a CORS
+preflight), at most max_body bytes, nested at most MAX_DEPTH levels, no lone UTF-16 surrogates, integers within
+Python's 4,300 digits; each is a 400, never a 500. Without an API key, the Host header must name the loopback,
+an IP address or a configured host name (a DNS-rebinding page names its own domain).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import threading
@@ -20,7 +27,6 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -29,13 +35,15 @@ from starlette.middleware.cors import CORSMiddleware
 from .. import harmony
 from ..chat import assistant_message, check_sampling
 from ..errors import GptOssError
-from . import anthropic, chat_completions, completions, inputs, responses
+from . import anthropic, chat_completions, completions, conversation, responses
 from . import schemas as S
-from .errors import APIError, bad, error_body, from_validation
+from .errors import APIError, bad, error_body, refuse
 from .worker import Job, Worker
 
 log = logging.getLogger("gptoss_mac.server")
 POLL = 0.25  # seconds between checks for a disconnected client or a shutdown while waiting for events
+MAX_DEPTH = 128  # JSON nesting (openai-harmony's JSON reader stops at 128 too); real requests nest ~10 deep
+LOOPBACK_NAMES = ("localhost",)
 
 
 @dataclass
@@ -44,7 +52,11 @@ class Settings:
     api_key: str | None = None
     cors: list[str] = field(default_factory=list)
     max_body: int = 16 << 20
-    store_size: int = 256
+    store_size: int = 256  # stored responses (previous_response_id), at most
+    store_bytes: int = 256 << 20  # ... and at most this many bytes of them
+    default_max_tokens: int = 16384  # the output cap of a request that gives none (a runaway reply ends there)
+    write_timeout: float = 30.0  # seconds a stream may wait for a client that does not read before it is cut
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names accepted without an API key
 
     def served(self) -> set[str]:
         return {self.model_id, Path(self.model_id.rstrip("/")).name}
@@ -53,10 +65,9 @@ class Settings:
 def create_app(worker: Worker, settings: Settings) -> FastAPI:
     app = FastAPI(title="gptoss-mac", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker, app.state.settings = worker, settings
-    app.state.store = responses.Store(settings.store_size)
+    app.state.store = store = responses.Store(settings.store_size, settings.store_bytes)
     app.state.stopping = stopping = threading.Event()
     app.state.calls = calls = responses.CallMemory()
-    store = app.state.store
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -80,6 +91,10 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
 
     # ------------------------------------------------------------------------------- helpers
     async def read(request: Request, model: type):
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+            raise APIError(415, f"the request body must be JSON, sent with Content-Type: application/json "
+                           f"(got {kind or 'no Content-Type'})", code="unsupported_media_type")
         size = request.headers.get("content-length")
         if size and size.isdigit() and int(size) > settings.max_body:
             raise too_large(int(size))
@@ -88,17 +103,10 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
             body += chunk
             if len(body) > settings.max_body:
                 raise too_large(len(body))
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise bad(f"the request body is not valid JSON ({e}); send a JSON object") from None
-        if not isinstance(data, dict):
-            raise bad(f"the request body must be a JSON object, got {type(data).__name__}")
-        try:
-            req = model.model_validate(data)
-        except ValidationError as e:
-            raise from_validation(e) from None
-        inputs.check_model(req.model, settings.served(), settings.model_id)
+        # a big body is checked off the event loop
+        data = await run_in_threadpool(parse_json, bytes(body)) if len(body) > 1 << 18 else parse_json(bytes(body))
+        req = S.validate(model, data, "")
+        check_model(req.model, settings.served(), settings.model_id)
         return req
 
     def too_large(n: int) -> APIError:
@@ -115,21 +123,14 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
                       "(with room for at least one token of reply); shorten the conversation or restart the "
                       "server with a larger --ctx", param=param, code="context_length_exceeded")
 
-    def render(turn: inputs.Turn, developer: str | None, param: str):
-        try:
-            ids = harmony.render(turn.messages, model_path=gpt().path, developer=developer, **turn.render_settings())
-        except GptOssError as e:
-            raise bad(str(e), param=param) from None
-        parser = harmony.StreamParser(gpt().path)
-        if turn.forced:
-            forced = harmony.encoding().encode(turn.forced, allowed_special="all")
-            for t in forced:
-                parser.feed(t)
-            ids = ids + forced
+    def render(turn: conversation.Turn, developer: str | None, param: str):
+        ids, parser = conversation.render(turn, gpt().path, developer, param)
         check_length(ids, param)
         return ids, parser
 
     def submit(kind: str, jid: str, prompt, parser, **sampling) -> Job:
+        if sampling.get("max_tokens") is None:  # a reply that never ends stops here
+            sampling["max_tokens"] = settings.default_max_tokens
         sampling = {k: v for k, v in sampling.items() if v is not None}
         try:  # the engine's own checks, before the request is queued (and before a stream says 200)
             check_sampling(**sampling)
@@ -139,9 +140,13 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         worker.submit(job)
         return job
 
+    def stop_reason(stats) -> str:
+        """The job's stop reason; a job cancelled because the server is stopping was cut by the shutdown."""
+        return "shutdown" if stats.stop_reason == "cancelled" and stopping.is_set() else stats.stop_reason
+
     async def events(job: Job, request: Request | None):
         """The job's Events until "done"; an APIError from the model thread is raised. Leaving early (a
-        disconnect, a cancelled stream) cancels the job."""
+        disconnect, a cancelled stream, a stream the client stopped reading) cancels the job."""
         checked = time.monotonic()
         try:
             while True:
@@ -151,11 +156,14 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
                     if stopping.is_set() or (request is not None and await request.is_disconnected()):
                         job.stop()
                     if not worker.thread.is_alive():
-                        raise APIError(500, "the model thread stopped")
+                        raise APIError(503, "the model thread has stopped; restart the server",
+                                       code="model_thread_stopped")
                 if item is None:
                     continue
                 if isinstance(item, APIError):
                     raise item
+                if item.kind == "done":
+                    item.stats.stop_reason = stop_reason(item.stats)
                 yield item
                 if item.kind == "done":
                     return
@@ -163,14 +171,27 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
             if not job.finished.is_set():
                 job.stop()
 
+    def cut_error(stats) -> APIError | None:
+        """A non-streamed reply cut off by the server (a cancel, the shutdown) is an error, not an answer."""
+        cut = responses.cut_reason(stats.stop_reason)
+        return APIError(503, cut[1], code=cut[0]) if cut else None
+
     def sse(gen):
-        return EventSourceResponse(gen, ping=15, send_timeout=30)
+        # a client that stops reading blocks the writes: after write_timeout seconds the stream is closed,
+        # which cancels its job (run.py keeps the socket buffers small so this happens soon)
+        return EventSourceResponse(gen, ping=15, send_timeout=settings.write_timeout)
 
     # -------------------------------------------------------------------------------- routes
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.model_id, "queued": worker.queue.qsize(),
+        """ok while the model thread runs (503 once it has died: nothing can be answered any more)."""
+        alive = worker.thread.is_alive() and worker.error is None
+        body = {"status": "ok" if alive else "error", "model": settings.model_id,
+                "model_thread": "running" if alive else "stopped", "queued": worker.queue.qsize(),
                 "busy": worker.current is not None}
+        if not alive:
+            body["error"] = f"the model thread has stopped{f': {worker.error}' if worker.error else ''}; restart"
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     def model_card():
         return {"id": settings.model_id, "object": "model", "created": int(time.time()), "owned_by": "openai"}
@@ -181,7 +202,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
-        inputs.check_model(name, settings.served(), settings.model_id)
+        check_model(name, settings.served(), settings.model_id)
         return model_card()
 
     @app.get("/v1/responses/{rid}")
@@ -194,33 +215,32 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
     @app.post("/v1/responses")
     async def create_response(request: Request):
         req = await read(request, S.ResponsesRequest)
-        inputs.refuse(req.background, "background responses are not supported", "background")
-        inputs.refuse(req.text and req.text.format and req.text.format.type != "text",
-                      "structured output (text.format other than text) is not supported", "text.format")
-        inputs.refuse(req.top_logprobs, "logprobs are not supported", "top_logprobs")
-        inputs.refuse(req.max_tool_calls is not None, "max_tool_calls is not supported", "max_tool_calls")
-        inputs.refuse(req.conversation is not None, "conversations are not supported; use previous_response_id",
-                      "conversation")
-        inputs.refuse(req.prompt is not None, "prompt templates are not supported", "prompt")
-        inputs.refuse(req.truncation not in (None, "disabled"), "truncation \"auto\" is not supported", "truncation")
+        refuse(req.background, "background responses are not supported", "background")
+        refuse(req.text and req.text.format and req.text.format.type != "text",
+               "structured output (text.format other than text) is not supported", "text.format")
+        refuse(req.top_logprobs, "logprobs are not supported", "top_logprobs")
+        refuse(req.max_tool_calls is not None, "max_tool_calls is not supported", "max_tool_calls")
+        refuse(req.conversation is not None, "conversations are not supported; use previous_response_id",
+               "conversation")
+        refuse(req.prompt is not None, "prompt templates are not supported", "prompt")
+        refuse(req.truncation not in (None, "disabled"), "truncation \"auto\" is not supported", "truncation")
         prior = store.messages(req.previous_response_id) if req.previous_response_id else []
-        msgs = inputs.response_messages(req.input, prior, calls.calls)
-        turn = inputs.Turn(msgs, inputs.response_tools(req.tools),
-                           inputs.effort_of(req.reasoning.effort if req.reasoning else None))
-        inputs.apply_tool_choice(turn, req.tool_choice)
+        turn = responses.read_turn(req, prior, calls.calls)
+        conversation.apply_tool_choice(turn, req.tool_choice)
         prompt, parser = await run_in_threadpool(render, turn, req.instructions, "input")
         rid = responses.new_id("resp")
-        builder = responses.ResponseBuilder(responses.response_object(rid, req, settings.model_id, req.tools or [],
-                                                                      turn.effort))
+        sealing = "reasoning.encrypted_content" in (req.include or [])
+        builder = responses.ResponseBuilder(
+            responses.response_object(rid, req, settings.model_id, req.tools or [], turn.effort), turn,
+            (lambda n: conversation.sealed_message(parser, n)) if sealing else None)
         job = submit("responses", rid, prompt, parser, max_tokens=req.max_output_tokens,
                      temperature=req.temperature, top_p=req.top_p)
 
         def finish(stats):
             calls.remember(parser.parts)
-            failed = "the server is shutting down; retry" if stats.stop_reason == "cancelled" else None
-            out = builder.finish(stats, failed=failed)
-            if req.store and not failed:
-                store.put(builder.snapshot(), msgs + [assistant_message(parser)])
+            out = builder.finish(stats)
+            if req.store and not responses.cut_reason(stats.stop_reason):
+                store.put(builder.snapshot(), turn.messages + [assistant_message(parser)])
             return out
 
         if not req.stream:
@@ -246,29 +266,30 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await read(request, S.ChatRequest)
-        inputs.refuse(req.n not in (None, 1), "n > 1 is not supported (one choice per request)", "n")
-        inputs.refuse(req.stop, "stop sequences are not supported (harmony's stop tokens end every reply)", "stop")
-        inputs.refuse(req.logprobs or req.top_logprobs, "logprobs are not supported", "logprobs")
-        inputs.refuse(req.logit_bias, "logit_bias is not supported", "logit_bias")
-        inputs.refuse(req.response_format and req.response_format.get("type") != "text",
-                      "response_format other than text is not supported", "response_format")
-        inputs.refuse(req.frequency_penalty or req.presence_penalty, "frequency and presence penalties are not "
-                      "supported", "frequency_penalty" if req.frequency_penalty else "presence_penalty")
-        inputs.refuse(req.functions is not None or req.function_call is not None,
-                      "the legacy functions/function_call fields are not supported; use tools", "functions")
-        inputs.refuse(req.modalities not in (None, ["text"]), "only text output is supported", "modalities")
-        turn = inputs.Turn(inputs.chat_messages(req.messages, calls.calls), inputs.chat_tools(req.tools),
-                           inputs.effort_of(req.reasoning_effort))
-        inputs.apply_tool_choice(turn, req.tool_choice)
+        refuse(req.n not in (None, 1), "n > 1 is not supported (one choice per request)", "n")
+        refuse(req.stop, "stop sequences are not supported (harmony's stop tokens end every reply)", "stop")
+        refuse(req.logprobs or req.top_logprobs, "logprobs are not supported", "logprobs")
+        refuse(req.logit_bias, "logit_bias is not supported", "logit_bias")
+        refuse(req.response_format and req.response_format.get("type") != "text",
+               "response_format other than text is not supported", "response_format")
+        refuse(req.frequency_penalty or req.presence_penalty, "frequency and presence penalties are not "
+               "supported", "frequency_penalty" if req.frequency_penalty else "presence_penalty")
+        refuse(req.functions is not None or req.function_call is not None,
+               "the legacy functions/function_call fields are not supported; use tools", "functions")
+        refuse(req.modalities not in (None, ["text"]), "only text output is supported", "modalities")
+        turn = chat_completions.read_turn(req, calls.calls)
+        conversation.apply_tool_choice(turn, req.tool_choice)
         prompt, parser = await run_in_threadpool(render, turn, None, "messages")
         cid = responses.new_id("chatcmpl")
-        builder = chat_completions.ChatBuilder(cid, settings.model_id)
+        builder = chat_completions.ChatBuilder(cid, settings.model_id, turn.warnings)
         job = submit("chat.completions", cid, prompt, parser, max_tokens=req.max_completion_tokens or req.max_tokens,
                      temperature=req.temperature, top_p=req.top_p, seed=req.seed)
         if not req.stream:
             async for ev in events(job, request):
                 if ev.kind == "done":
                     calls.remember(parser.parts)
+                    if err := cut_error(ev.stats):
+                        raise err
                     return builder.completion(ev.stats)
                 builder.feed(ev)
         usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -290,17 +311,16 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
     @app.post("/v1/completions")
     async def complete(request: Request):
         req = await read(request, S.CompletionRequest)
-        inputs.refuse(req.n not in (None, 1) or req.best_of not in (None, 1), "n > 1 is not supported", "n")
-        inputs.refuse(req.stop, "stop sequences are not supported", "stop")
-        inputs.refuse(req.echo, "echo is not supported", "echo")
-        inputs.refuse(req.logprobs, "logprobs are not supported", "logprobs")
-        inputs.refuse(req.suffix, "suffix is not supported", "suffix")
-        inputs.refuse(req.logit_bias, "logit_bias is not supported", "logit_bias")
-        inputs.refuse(req.frequency_penalty or req.presence_penalty, "penalties are not supported",
-                      "frequency_penalty")
+        refuse(req.n not in (None, 1) or req.best_of not in (None, 1), "n > 1 is not supported", "n")
+        refuse(req.stop, "stop sequences are not supported", "stop")
+        refuse(req.echo, "echo is not supported", "echo")
+        refuse(req.logprobs, "logprobs are not supported", "logprobs")
+        refuse(req.suffix, "suffix is not supported", "suffix")
+        refuse(req.logit_bias, "logit_bias is not supported", "logit_bias")
+        refuse(req.frequency_penalty or req.presence_penalty, "penalties are not supported", "frequency_penalty")
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            inputs.refuse(len(prompt) > 1, "one prompt per request", "prompt")
+            refuse(len(prompt) > 1, "one prompt per request", "prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
             ids = await run_in_threadpool(harmony.encoding().encode, prompt, allowed_special="all")
@@ -320,6 +340,8 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
             text = []
             async for ev in events(job, request):
                 if ev.kind == "done":
+                    if err := cut_error(ev.stats):
+                        raise err
                     return completions.completion(cid, settings.model_id, "".join(text), ev.stats)
                 text.append(ev.text)
         usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -330,6 +352,8 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
                     if ev.kind != "done":
                         yield {"data": json.dumps(completions.completion(cid, settings.model_id, ev.text))}
                         continue
+                    if err := cut_error(ev.stats):
+                        raise err
                     last = completions.completion(cid, settings.model_id, "", ev.stats)
                     u = last.pop("usage")
                     yield {"data": json.dumps(last)}
@@ -340,16 +364,83 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
             yield {"data": "[DONE]"}
         return sse(stream())
 
-    anthropic.add_routes(app, read=read, render=render, submit=submit, events=events, model_id=settings.model_id,
-                         calls=calls)
+    anthropic.add_routes(app, read=read, render=render, submit=submit, events=events, settings=settings, calls=calls)
 
-    # the API key guards everything but /health; CORS is outermost so its headers reach errors too
+    # the API key guards everything but /health (without a key, the Host check guards everything); CORS is
+    # outermost so its headers reach errors too
     if settings.api_key:
         app.add_middleware(RequireKey, key=settings.api_key)
+    else:
+        app.add_middleware(RequireLocalHost, names=settings.allowed_hosts)
     if settings.cors:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
     return app
+
+
+def check_model(asked: str | None, served: set[str], shown: str) -> None:
+    if asked is not None and asked not in served:
+        raise APIError(404, f"The model {asked!r} does not exist here; this server runs {shown!r} "
+                       "(GET /v1/models)", param="model", code="model_not_found")
+
+
+def parse_json(body: bytes) -> dict:
+    """The request body as a JSON object, or a 400 for anything Python's json would take but the server cannot
+    hold: lone surrogates (not UTF-8 text), integers over 4,300 digits, nesting deeper than MAX_DEPTH."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the request body is not valid JSON ({e}); send a JSON object") from None
+    except RecursionError:
+        raise bad(f"the request body nests deeper than {MAX_DEPTH} levels") from None
+    except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise bad(f"the request body holds a number this server cannot read ({e})") from None
+    if not isinstance(data, dict):
+        raise bad(f"the request body must be a JSON object, got {type(data).__name__}")
+    depth, level = 0, [data]
+    while level:
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise bad(f"the request body nests deeper than {MAX_DEPTH} levels")
+        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, (dict, list))]
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(f"the request body holds a lone UTF-16 surrogate ({e.object[e.start:e.end]!r} is not a "
+                  "character); send valid Unicode text") from None
+    return data
+
+
+class RequireLocalHost:
+    """Pure ASGI middleware for a server without an API key: the Host header must name the loopback, an IP
+    address or one of `names`. A page on evil.example whose DNS name is rebound to 127.0.0.1 sends
+    Host: evil.example, so it cannot read this server's answers."""
+
+    def __init__(self, app, names=()):
+        self.app, self.names = app, {n.lower() for n in names}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1").strip().lower()
+        name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+        if allowed_host(name, self.names):
+            return await self.app(scope, receive, send)
+        resp = JSONResponse(error_body(403, f"the Host header {host!r} is not this server: without an API key it "
+                                            "answers only requests to localhost or an IP address (gptoss-mac "
+                                            "serve --api-key KEY serves other names)", code="host_not_allowed"),
+                            status_code=403)
+        await resp(scope, receive, send)
+
+
+def allowed_host(name: str, names=()) -> bool:
+    if name in LOOPBACK_NAMES or name.endswith(".localhost") or name in names:
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
 class RequireKey:

@@ -2,15 +2,20 @@
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "temperature", "code": null}}
 
-400  the request is wrong: bad JSON, wrong types, unknown fields, values out of range, tool_choice naming an
-     unknown tool, a tool result without its call, a prompt over the context (code context_length_exceeded)
+400  the request is wrong: bad JSON (also lone surrogates, integers over 4,300 digits, nesting too deep),
+     wrong types, values out of range, metadata over OpenAI's bounds, tool_choice naming an unknown tool, a
+     tool result without its call, a prompt over the context (code context_length_exceeded)
 401  a missing or wrong API key (code invalid_api_key)
+403  without an API key: a Host header that is not the loopback, an IP address or a configured name
 404  an unknown model (code model_not_found), an unknown path or stored response
 413  a request body over the size limit
-422  a well-formed request asking for something this server does not do (images, non-function tools, n > 1,
-     stop sequences, logprobs, ...): the message says what instead
+415  a POST whose Content-Type is not JSON
+422  a well-formed request asking for something this server does not do (images, n > 1, stop sequences,
+     logprobs, ...): the message says what instead. Unknown fields and tools it cannot offer are not errors
+     (ignored; a tool left out is named in the response's `warnings`).
 429  the queue is full (a Retry-After header says when to try again)
-500  a bug: the message names the exception, never a traceback
+500  a bug or a fault inside generation: the message names the exception, never a traceback
+503  the model thread has stopped, or a reply was cut off by the shutdown
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import re
 
 from fastapi.responses import JSONResponse
 
-TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-         413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-         503: "server_error"}
+TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+         404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+         422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
 class APIError(Exception):
@@ -51,6 +56,12 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
 
 def unsupported(message: str, param: str | None = None) -> APIError:
     return APIError(422, message, param=param, code="unsupported")
+
+
+def refuse(flag, message: str, param: str) -> None:
+    """422 when a request asks for something this server does not do."""
+    if flag:
+        raise unsupported(message, param=param)
 
 
 def from_validation(err, prefix: str = "") -> APIError:

@@ -16,10 +16,23 @@ from .app import Settings, create_app
 from .worker import Worker
 
 
+SEND_BUFFER = 64 << 10  # bytes of socket send buffer per connection (see _Uvicorn.run)
+
+
 class _Uvicorn(uvicorn.Server):
     def __init__(self, config, app):
         super().__init__(config)
         self._gptoss_app = app
+
+    def run(self, sockets=None):
+        """Listen on a socket whose connections get a small send buffer: a stream client that stops reading
+        then blocks the server's writes after ~100 KB instead of after the megabytes the kernel would buffer,
+        so the write timeout (Settings.write_timeout) cancels its job soon. Accepted sockets inherit it."""
+        if sockets is None and self.config.fd is None and self.config.uds is None:
+            sock = self.config.bind_socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            sockets = [sock]
+        return super().run(sockets=sockets)
 
     def handle_exit(self, sig, frame):  # first the jobs, so streams can still say goodbye
         self._gptoss_app.state.stopping.set()
@@ -31,6 +44,8 @@ class _Uvicorn(uvicorn.Server):
 
 def make_server(worker: Worker, settings: Settings, host: str, port: int, *, log_level: str = "warning",
                 grace: float = 5.0) -> _Uvicorn:
+    if host not in ("0.0.0.0", "::", "") and host not in settings.allowed_hosts:  # its own name is a valid Host
+        settings.allowed_hosts.append(host)
     app = create_app(worker, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace,
                             lifespan="off", access_log=False)
@@ -48,10 +63,10 @@ class ServerThread:
 
     def __init__(self, load, *, model_id: str = "gpt-oss", port: int | None = None, slots: int | None = None,
                  max_queue: int = 16, api_key: str | None = None, cors=(), max_body: int = 16 << 20,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, **settings):
         self.worker = Worker(load, slots=slots, max_queue=max_queue)
         self.port = port or free_port()
-        self.settings = Settings(model_id, api_key=api_key, cors=list(cors), max_body=max_body)
+        self.settings = Settings(model_id, api_key=api_key, cors=list(cors), max_body=max_body, **settings)
         self.timeout = timeout
         self.server = None
         self.thread = None

@@ -1,20 +1,52 @@
-"""The request bodies of the three endpoints, as pydantic models (strict types, unknown fields refused).
+"""The request bodies of the endpoints, as pydantic models: strict types, unknown fields ignored.
 
-Fields OpenAI defines that change nothing here (metadata, user, parallel_tool_calls, include, ...) are
-accepted; fields that would change the answer and are not implemented are refused with 422 by the endpoint
-(see inputs.refuse_unsupported), so no request is silently answered differently from what it asked.
-Input items, messages and tools are validated one by one in mlx_gptoss.server.inputs (by their "type"/"role").
+Real clients send fields of their own or of newer API versions (Codex: client_metadata; Claude Code:
+context_management): an unknown field is accepted and ignored, its name logged once at debug level, as vLLM
+and llama.cpp do. A known field of the wrong type or out of range is a 400. Fields that would change the
+answer and are not implemented (n > 1, logprobs, ...) are refused with 422 by the endpoint (errors.refuse), so
+no request is silently answered differently from what it asked. Input items, messages and tools are validated
+one by one by the protocol modules (by their "type"/"role"), with validate().
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import bad, from_validation
+
+log = logging.getLogger("gptoss_mac.server")
+_unknown_seen: set[tuple[str, str]] = set()
+
+# OpenAI's bounds on metadata: 16 pairs, keys up to 64 characters, string values up to 512
+METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _note_unknown(cls, data):
+        if isinstance(data, dict):
+            known = {k for name, f in cls.model_fields.items() for k in (name, f.alias) if k}
+            for name in data:
+                if name not in known and (cls.__name__, name) not in _unknown_seen:
+                    _unknown_seen.add((cls.__name__, name))
+                    log.debug("ignoring the unknown field %r of %s (first time seen)", name, cls.__name__)
+        return data
+
+
+def validate(model: type[BaseModel], data, where: str):
+    """data as `model`, or a 400 naming the field at fault under `where` (e.g. input[3].call_id)."""
+    if not isinstance(data, dict):
+        raise bad(f"{where}: must be a JSON object, got {type(data).__name__}", param=where)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation(e, where) from None
 
 
 Number = Union[int, float]
@@ -52,11 +84,24 @@ class Sampling(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded(cls, v):
+        if v is not None:
+            if len(v) > METADATA_PAIRS:
+                raise ValueError(f"at most {METADATA_PAIRS} key-value pairs ({len(v)} given)")
+            for k, value in v.items():
+                if len(k) > METADATA_KEY:
+                    raise ValueError(f"the key {k[:METADATA_KEY]!r}... is longer than {METADATA_KEY} characters")
+                if len(value) > METADATA_VALUE:
+                    raise ValueError(f"the value of {k!r} is longer than {METADATA_VALUE} characters")
+        return v
 
 
 class ResponsesRequest(Sampling):
@@ -157,16 +202,61 @@ class FunctionCallItem(Strict):
     call_id: str
     name: str
     arguments: str
+    namespace: str | None = None  # a call to a namespace tool's function (Codex: multi_agent_v1)
     id: str | None = None
+    status: str | None = None
+
+
+class CustomToolCallItem(Strict):
+    type: Literal["custom_tool_call"]
+    call_id: str
+    name: str
+    input: str
+    namespace: str | None = None
+    id: str | None = None
+    status: str | None = None
+
+
+class LocalShellAction(Strict):
+    type: Literal["exec"] = "exec"
+    command: list[str]
+    timeout_ms: int | None = None
+    working_directory: str | None = None
+    env: dict[str, str] | None = None
+    user: str | None = None
+
+
+class LocalShellCallItem(Strict):
+    type: Literal["local_shell_call"]
+    call_id: str | None = None
+    id: str | None = None
+    action: LocalShellAction
     status: str | None = None
 
 
 class FunctionCallOutputItem(Strict):
-    type: Literal["function_call_output"]
+    type: Literal["function_call_output", "custom_tool_call_output", "local_shell_call_output"]
     call_id: str
     output: Union[str, list[dict]]
     id: str | None = None
     status: str | None = None
+
+
+class NamespaceTool(Strict):
+    """A group of tools in a namespace of their own (Codex's multi_agent_v1); its members are function tools."""
+    type: Literal["namespace"]
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    description: str | None = None
+    tools: list[dict]
+
+
+class CustomTool(Strict):
+    """A freeform tool (Codex's apply_patch): the model writes its input as plain text, in a format
+    (a grammar) the description states."""
+    type: Literal["custom"]
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    description: str | None = None
+    format: dict | None = None
 
 
 class ReasoningItem(Strict):

@@ -195,9 +195,10 @@ class Worker:
                     job.stats = ev.stats
                     self._finish(job, t0)
                 job.emit(tap.annotate(ev))
-        except GptOssError as e:  # e.g. the context filled up in a way the request check could not foresee
-            self._finish(job, t0)
-            job.emit(APIError(400, str(e), code="context_length_exceeded" if isinstance(e, ContextLengthError) else None))
+        except GptOssError as e:  # the context filled up in a way the request check could not foresee (400), or
+            self._finish(job, t0)  # a fault inside generation, e.g. non-finite logits: the server's (500)
+            job.emit(APIError(400, str(e), code="context_length_exceeded") if isinstance(e, ContextLengthError)
+                     else APIError(500, f"generation failed: {e}", code="generation_failed"))
         except Exception as e:  # a bug: the client gets its name, the log the traceback
             log.exception("request %s failed", job.id)
             self._finish(job, t0)
