@@ -298,6 +298,7 @@ def assert_loop_cached(served: Served, since: tuple[int, int], min_requests: int
     after the first read at least `share` of its prompt from the prefix cache."""
     assert_all_2xx_and_local(served, since)
     reqs = served.requests()[since[1]:]
+    print("prompt/cached tokens per request:", [(r["prompt"], r["cached"]) for r in reqs])  # shown with -rP
     assert len(reqs) >= min_requests, served.report()
     for r in reqs[1:]:
         assert r["cached"] >= share * r["prompt"], f"{r} read less than {share:.0%} from the cache\n{served.report()}"
