@@ -110,9 +110,13 @@ def test_launch_starts_a_server_for_the_client_and_stops_it(fake):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
-def test_clear_errors(fake, tmp_path):
-    r, _ = launch(fake, "emacs")
-    assert r.returncode == 2 and "choose codex, claude or opencode" in r.stderr
-    fake["PATH"] = str(tmp_path)  # no client on PATH
-    r, _ = launch(fake, "claude", "--port", str(free_port()))
-    assert r.returncode == 1 and "npm install -g @anthropic-ai/claude-code" in r.stderr and "Traceback" not in r.stderr
+def test_clear_errors(fake, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mlx_gptoss.cli.app import app
+
+    r = CliRunner().invoke(app, ["launch", "emacs"])
+    assert r.exit_code == 2 and "choose codex, claude or opencode" in r.output
+    monkeypatch.setenv("PATH", str(tmp_path))  # no client on PATH
+    r = CliRunner().invoke(app, ["launch", "claude", "--port", str(free_port())])
+    assert r.exit_code == 1 and "npm install -g @anthropic-ai/claude-code" in r.output

@@ -303,3 +303,18 @@ def assert_loop_cached(served: Served, since: tuple[int, int], min_requests: int
     for r in reqs[1:]:
         assert r["cached"] >= share * r["prompt"], f"{r} read less than {share:.0%} from the cache\n{served.report()}"
     return reqs
+
+
+def launch_env(exe: Path, home: Path, served: Served) -> dict:
+    """The environment `gptoss-mac launch` runs in for a real client: the client on PATH, a fresh HOME, the trap
+    as proxy, the server's key in $GPTOSS_API_KEY."""
+    env = base_env(home, served)
+    env["PATH"] = f"{exe.parent}{os.pathsep}{env.get('PATH', '')}"
+    return env | {"GPTOSS_API_KEY": served.api_key, "HF_HUB_OFFLINE": "1"}
+
+
+def run_launch(client: str, served: Served, env: dict, cwd: Path, *client_args) -> subprocess.CompletedProcess:
+    """`gptoss-mac launch CLIENT --port P -- ARGS` against the served model (through the recorder's port)."""
+    port = served.url.rsplit(":", 1)[1]
+    return run_client([sys.executable, "-m", "mlx_gptoss.cli.app", "launch", client, "--port", port, "--",
+                       *client_args], env, cwd)

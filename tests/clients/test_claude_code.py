@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import (assert_all_2xx_and_local, assert_loop_cached, base_env, client_or_skip, mark, run_client,
-                     scripted_client_model, serve, tool_turns, answer)
+from harness import (answer, assert_all_2xx_and_local, assert_loop_cached, base_env, client_or_skip, launch_env,
+                     mark, run_client, run_launch, scripted_client_model, serve, tool_turns)
 from mlx_gptoss.cli.launch import claude_env
 
 pytestmark = pytest.mark.slow
@@ -69,3 +69,13 @@ def test_bash_tool_loop_stays_cached(claude, served, tmp_path):
     assert [b["content"] for b in results] == ["1", "2", "3"]
     thinking = [b for m in last["messages"] if m["role"] == "assistant" for b in m["content"] if b["type"] == "thinking"]
     assert thinking and all(b["signature"].startswith("gm1.") for b in thinking)  # our sealed tokens came back
+
+
+def test_through_gptoss_mac_launch(claude, served, tmp_path):
+    """The README's recipe: `gptoss-mac launch claude -- -p ...` (a Bearer token, every model role mapped)."""
+    since = mark(served)
+    work = tmp_path / "work"
+    work.mkdir()
+    r = run_launch("claude", served, launch_env(claude, tmp_path / "home", served), work, "-p", HI)
+    assert r.returncode == 0 and GREETING in r.stdout, (r.stdout, r.stderr, served.report())
+    assert_all_2xx_and_local(served, since)

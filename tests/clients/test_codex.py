@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import (answer, assert_all_2xx_and_local, assert_loop_cached, base_env, client_or_skip, mark,
-                     run_client, scripted_client_model, serve, tool_turns)
+from harness import (answer, assert_all_2xx_and_local, assert_loop_cached, base_env, client_or_skip, launch_env,
+                     mark, run_client, run_launch, scripted_client_model, serve, tool_turns)
 from mlx_gptoss.cli.launch import codex_args
 
 pytestmark = pytest.mark.slow
@@ -70,3 +70,15 @@ def test_shell_tool_loop_stays_cached(codex, served, tmp_path):
     assert len(outputs) == 3 and all(str(n) in o for n, o in zip((1, 2, 3), outputs))
     sealed = [i for i in last["input"] if i.get("type") == "reasoning"]
     assert sealed and all(i.get("encrypted_content") for i in sealed)  # Codex sent our sealed tokens back
+
+
+def test_through_gptoss_mac_launch(codex, served, tmp_path):
+    """The README's recipe: `gptoss-mac launch codex -- exec ...` (the provider given as -c overrides)."""
+    since = mark(served)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = launch_env(codex, tmp_path / "home", served) | {"CODEX_HOME": str(tmp_path / "codex-home")}
+    (tmp_path / "codex-home").mkdir()
+    r = run_launch("codex", served, env, work, "exec", "--skip-git-repo-check", HI)
+    assert r.returncode == 0 and GREETING in r.stdout, (r.stdout, r.stderr, served.report())
+    assert_all_2xx_and_local(served, since)
