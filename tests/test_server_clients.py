@@ -212,3 +212,33 @@ def test_custom_and_local_shell_calls_map_both_ways():
     assert [m["content"] for m in msgs if m["role"] == "tool"] == ["Done", "a.txt", "ok"]
     assert any("web_search_call" in w for w in turn.warnings)
     assert conversation.call_name("multi_agent_v1.spawn_agent", turn.namespaces) == ("multi_agent_v1", "spawn_agent")
+
+
+def test_outputs_validate_with_the_openai_types(agent):
+    """Non-streamed replies of both APIs parse with the installed openai client's own models."""
+    from openai.types.chat import ChatCompletion
+
+    body = {**codex_body("What is the weather in Paris?", [WEATHER, MULTI_AGENT]), "stream": False}
+    r = Response.model_validate(httpx.post(agent.url + "/v1/responses", json=body, timeout=60).json())
+    assert r.usage.input_tokens_details.cache_write_tokens >= 0 and r.output[0].encrypted_content
+    chat = httpx.post(agent.url + "/v1/chat/completions", timeout=60, json={
+        "model": "gpt-oss-20b", "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}]})
+    c = ChatCompletion.model_validate(chat.json())
+    assert c.choices[0].finish_reason == "tool_calls" and c.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+def test_a_bare_recipient_sent_back_renders_as_generated():
+    """A call the model addressed to `python` (no functions. namespace) comes back from a Chat client as the
+    name "python": it is matched by call id and rendered to `python` again."""
+    from mlx_gptoss.server import chat_completions, conversation
+
+    known = {"call_p": {"channel": "analysis", "recipient": "python", "content_type": "code", "content": "1+1"}}
+    turn = conversation.Tools().turn([], "medium")
+    msgs = chat_completions.read_messages([
+        {"role": "user", "content": "Compute"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_p", "type": "function", "function": {"name": "python", "arguments": "1+1"}}]},
+        {"role": "tool", "tool_call_id": "call_p", "content": "2"}], known, turn)
+    part = msgs[1]["parts"][0]
+    assert (part["channel"], part["recipient"], part["content_type"]) == ("analysis", "python", "code")

@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -179,7 +180,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
     def sse(gen):
         # a client that stops reading blocks the writes: after write_timeout seconds the stream is closed,
         # which cancels its job (run.py keeps the socket buffers small so this happens soon)
-        return EventSourceResponse(gen, ping=15, send_timeout=settings.write_timeout)
+        return StreamResponse(gen, ping=15, send_timeout=settings.write_timeout)
 
     # -------------------------------------------------------------------------------- routes
     @app.get("/health")
@@ -376,6 +377,17 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"])
     return app
+
+
+class StreamResponse(EventSourceResponse):
+    """Server-sent events; a stream cut by the write timeout is one log line, not a traceback."""
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            log.info("%s: the client did not read the stream for %s s; its reply was cancelled", scope.get("path"),
+                     self.send_timeout)
 
 
 def check_model(asked: str | None, served: set[str], shown: str) -> None:

@@ -118,8 +118,8 @@ class Assistant:
         recipient, content type), it is rendered exactly as generated (e.g. on the analysis channel), which the
         client's JSON does not say; else as a commentary call to the recipient with <|constrain|>json."""
         meta = (known or {}).get(call_id)
-        if meta and meta["recipient"] == recipient:
-            self.add(meta["channel"], arguments, recipient, meta["content_type"], call_id)
+        if meta and harmony.call_name(meta["recipient"]) == harmony.call_name(recipient):  # also a bare `python`
+            self.add(meta["channel"], arguments, meta["recipient"], meta["content_type"], call_id)
         else:
             self.add("commentary", arguments, recipient, "<|constrain|>json", call_id)
 

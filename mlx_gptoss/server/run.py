@@ -44,8 +44,10 @@ class _Uvicorn(uvicorn.Server):
 
 def make_server(worker: Worker, settings: Settings, host: str, port: int, *, log_level: str = "warning",
                 grace: float = 5.0) -> _Uvicorn:
-    if host not in ("0.0.0.0", "::", "") and host not in settings.allowed_hosts:  # its own name is a valid Host
-        settings.allowed_hosts.append(host)
+    # the names this machine is reached by are valid Host headers: the --host name, or for a wildcard address the
+    # machine's own name (my-mac, my-mac.local); IP addresses and localhost always are (app.allowed_host)
+    names = [host] if host not in ("0.0.0.0", "::", "") else [socket.gethostname(), socket.gethostname() + ".local"]
+    settings.allowed_hosts += [n for n in names if n not in settings.allowed_hosts]
     app = create_app(worker, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace,
                             lifespan="off", access_log=False)

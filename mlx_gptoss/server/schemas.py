@@ -197,24 +197,22 @@ class MessageItem(Strict):
     status: str | None = None
 
 
-class FunctionCallItem(Strict):
-    type: Literal["function_call"]
+class CallItem(Strict):
     call_id: str
     name: str
-    arguments: str
     namespace: str | None = None  # a call to a namespace tool's function (Codex: multi_agent_v1)
     id: str | None = None
     status: str | None = None
 
 
-class CustomToolCallItem(Strict):
+class FunctionCallItem(CallItem):
+    type: Literal["function_call"]
+    arguments: str
+
+
+class CustomToolCallItem(CallItem):
     type: Literal["custom_tool_call"]
-    call_id: str
-    name: str
     input: str
-    namespace: str | None = None
-    id: str | None = None
-    status: str | None = None
 
 
 class LocalShellAction(Strict):
