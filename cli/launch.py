@@ -2,9 +2,9 @@
 
 It uses the server answering on 127.0.0.1:PORT, or starts `gptoss-mac serve` with the same model options;
 writes the client's configuration without touching the user's own files; and runs the client:
-- codex: `-c` overrides on the command line (a provider with wire_api "responses"; update checks, analytics,
-  the plugin sync from GitHub and ChatGPT apps off); the user's ~/.codex (history, AGENTS.md, MCP servers) is
-  used as it is.
+- codex: `-c` overrides on the command line (a provider with wire_api "responses"; the raw reasoning shown,
+  as gpt-oss writes no summaries; update checks, analytics, the plugin sync from GitHub and ChatGPT apps off);
+  the user's ~/.codex (history, AGENTS.md, MCP servers) is used as it is.
 - claude: environment variables only (ANTHROPIC_BASE_URL, ANTHROPIC_AUTH_TOKEN, every model role mapped to
   the served model, non-essential traffic off).
 - opencode: OPENCODE_CONFIG pointing to a file written in gptoss-mac's state folder.
@@ -48,7 +48,8 @@ def codex_args(url: str, model: str, api_key: str | None) -> list[str]:
     inline = "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in provider.items()) + "}"
     return ["-c", f"model_providers.{PROVIDER}={inline}", "-c", f"model_provider={json.dumps(PROVIDER)}",
             "-c", f"model={json.dumps(model)}", "-c", "check_for_update_on_startup=false",
-            "-c", "analytics.enabled=false", "-c", "features.plugins=false", "-c", "features.apps=false"]
+            "-c", "analytics.enabled=false", "-c", "features.plugins=false", "-c", "features.apps=false",
+            "-c", "show_raw_agent_reasoning=true"]  # gpt-oss writes no summaries: show its reasoning itself
 
 
 def codex_env(api_key: str | None) -> dict[str, str]:
