@@ -81,4 +81,5 @@ def test_through_gptoss_mac_launch(codex, served, tmp_path):
     (tmp_path / "codex-home").mkdir()
     r = run_launch("codex", served, env, work, "exec", "--skip-git-repo-check", HI)
     assert r.returncode == 0 and GREETING in r.stdout, (r.stdout, r.stderr, served.report())
+    assert "Greet answer" in r.stderr  # the model's reasoning, shown
     assert_all_2xx_and_local(served, since)
