@@ -222,6 +222,7 @@ class Served:
 @contextlib.contextmanager
 def serve(model_dir: Path, tmp: Path):
     """`gptoss-mac serve` as a real process on a free 127.0.0.1 port, with the recorder and the trap."""
+    from mlx_gptoss.cli.launch import stop_server
     from mlx_gptoss.server import free_port
 
     port = free_port()
@@ -248,13 +249,7 @@ def serve(model_dir: Path, tmp: Path):
             time.sleep(0.2)
         yield Served(recorder.url, model_dir.name, proc, recorder, trap, log)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(30)
+        stop_server(proc)
         reader.join(5)
         recorder.close()
         trap.close()
