@@ -1,7 +1,8 @@
 """The ASGI app (FastAPI): routes, request reading (size limit, JSON), API-key and Host checks, CORS, SSE.
 
 Routes: POST /v1/responses, GET /v1/responses/{id}, POST /v1/chat/completions, POST /v1/completions,
-GET /v1/models, GET /v1/models/{id}, GET /health. Every failure is OpenAI's error object (errors.py).
+GET /v1/models, GET /v1/models/{id}, GET /health; anthropic.py adds POST /v1/messages and
+/v1/messages/count_tokens. Every failure is OpenAI's error object (errors.py; Anthropic's on its routes).
 Each protocol module reads its request into the shared conversation model (conversation.py), which renders
 the prompt here (off the event loop); generation happens on the model thread (worker.py), whose events come
 back through the job's queue and go out as JSON or as server-sent events.
