@@ -5,6 +5,7 @@ incremental in the prefix cache, count_tokens, Claude Code's extra fields, auth,
 from __future__ import annotations
 
 import json
+import threading
 
 import anthropic
 import httpx
@@ -238,3 +239,40 @@ def test_errors_are_anthropic_error_objects(agent, reason):
     r = httpx.post(reason.url + "/v1/messages", content=b"{not json", timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_tool_choice_any_and_none(tool):
+    c = client(tool)
+    ask = [{"role": "user", "content": "Weather?"}]
+    with_tools = c.messages.count_tokens(model=MODEL, messages=ask, tools=[WEATHER]).input_tokens
+    # any: the reply is made to open with a call (its header is part of the prompt)
+    forced = c.messages.count_tokens(model=MODEL, messages=ask, tools=[WEATHER], tool_choice={"type": "any"})
+    assert forced.input_tokens > with_tools
+    without = c.messages.count_tokens(model=MODEL, messages=ask, tools=[WEATHER], tool_choice={"type": "none"})
+    assert without.input_tokens == c.messages.count_tokens(model=MODEL, messages=ask).input_tokens < with_tools
+
+
+# ------------------------------------------------------------------------------------------ cut replies
+
+def test_max_tokens_and_a_stream_cut_by_the_shutdown():
+    from mlx_gptoss.server import ServerThread
+    from server_fixtures import model, wait_for
+
+    s = ServerThread(model("loop"), model_id=MODEL).start()
+    try:
+        m = client(s).messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "Loop"}])
+        assert m.stop_reason == "max_tokens" and m.usage.output_tokens == 5
+        got = []
+        body = {"model": MODEL, "max_tokens": 4000, "stream": True, "messages": [{"role": "user", "content": "Loop"}]}
+        cm = httpx.stream("POST", s.url + "/v1/messages", json=body, timeout=60)
+        resp = cm.__enter__()
+        reader = threading.Thread(target=lambda: got.extend(sse_events(resp.iter_lines())), daemon=True)
+        reader.start()
+        wait_for(lambda: s.worker.current and s.worker.current.tokens > 3, what="generation")
+    finally:
+        s.stop()
+    reader.join(30)
+    cm.__exit__(None, None, None)
+    names = [n for n, _ in got]
+    assert names[-1] == "error" and "message_stop" not in names  # a cut reply says it was cut
+    assert json.loads(got[-1][1])["error"]["type"] == "overloaded_error"
