@@ -107,6 +107,17 @@ def served_model(url: str, api_key: str | None) -> str | None:
         return None
 
 
+def key_accepted(url: str, api_key: str | None) -> bool:
+    """Whether the server at url takes this key (or needs none): GET /v1/models is not a 401."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        return httpx.get(f"{url}/v1/models", headers=headers, timeout=5).status_code != 401
+    except httpx.HTTPError:
+        return True  # it answered /health a moment ago; the client will say what goes wrong
+
+
 def start_server(model: str, port: int, ctx: int | None, memory: str | None, api_key: str | None,
                  log_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mlx_gptoss.cli.app", "serve", "--model", model, "--port", str(port)]
@@ -191,6 +202,9 @@ def launch(
     folder = state_dir() / "launch"
     proc = None
     served = served_model(url, api_key)
+    if served is not None and not key_accepted(url, api_key):
+        raise typer.Exit(_fail(f"the server on port {port} needs its API key: give it with --api-key KEY or "
+                               f"${KEY_ENV}" if not api_key else f"the server on port {port} refuses this API key"))
     if served is None:
         proc = start_server(model, port, ctx, memory, api_key, folder / f"serve-{port}.log")
         served = wait_until_up(proc, url, api_key, folder / f"serve-{port}.log")

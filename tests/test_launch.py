@@ -110,6 +110,22 @@ def test_launch_starts_a_server_for_the_client_and_stops_it(fake):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
+def test_a_server_that_needs_a_key_is_said_so(fake, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mlx_gptoss.cli.app import app
+
+    monkeypatch.setenv("PATH", fake["PATH"])  # the fake clients (these cases stop before running one)
+    monkeypatch.delenv("GPTOSS_API_KEY", raising=False)
+    with running("reason", api_key="sk-right") as s:
+        r = CliRunner().invoke(app, ["launch", "claude", "--port", str(s.port)])
+        assert r.exit_code == 1 and "needs its API key" in r.output
+        r = CliRunner().invoke(app, ["launch", "claude", "--port", str(s.port), "--api-key", "sk-wrong"])
+        assert r.exit_code == 1 and "refuses this API key" in r.output
+        r, rec = launch(dict(fake, GPTOSS_API_KEY="sk-right", FAKE_PORT=str(s.port)), "claude", "--port", str(s.port))
+        assert r.returncode == 0 and rec["env"]["ANTHROPIC_AUTH_TOKEN"] == "sk-right"
+
+
 def test_clear_errors(fake, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
