@@ -242,3 +242,39 @@ def test_a_bare_recipient_sent_back_renders_as_generated():
         {"role": "tool", "tool_call_id": "call_p", "content": "2"}], known, turn)
     part = msgs[1]["parts"][0]
     assert (part["channel"], part["recipient"], part["content_type"]) == ("analysis", "python", "code")
+
+
+def test_each_unknown_field_is_logged_once_at_debug_level(caplog):
+    from mlx_gptoss.server import schemas as S
+
+    with caplog.at_level("DEBUG", logger="gptoss_mac.server"):
+        for _ in range(3):
+            S.ResponsesRequest.model_validate({"input": "Hi", "zz_unknown_once": 1, "client_metadata": {}})
+    said = [r.getMessage() for r in caplog.records if "zz_unknown_once" in r.getMessage()]
+    assert len(said) == 1 and "ResponsesRequest" in said[0]
+
+
+@pytest.mark.parametrize("stateless", [False, True])
+def test_a_tokenization_encode_would_not_give_stays_cached(stateless):
+    """The model writes a call's arguments one character a token (not as encode() would). With
+    previous_response_id the store keeps the generated ids; stateless, the call id (and the sealed reasoning)
+    bring them back: either way the next prompt extends the last token for token."""
+    from scripted_checkpoint import LOOKUP
+
+    tool = {"type": "function", **LOOKUP}
+    with running("noncanonical") as s:
+        c = httpx.Client(base_url=s.url + "/v1", timeout=60)
+        body = {"model": "gpt-oss-20b", "input": "Say hi", "tools": [tool], "temperature": 0,
+                "store": not stateless, "include": ["reasoning.encrypted_content"]}
+        r = Response.model_validate(c.post("/responses", json=body).json())
+        call = r.output[-1]
+        out = {"type": "function_call_output", "call_id": call.call_id, "output": "seven"}
+        if stateless:
+            items = [{"role": "user", "content": "Say hi"}] + [
+                o.model_dump(exclude_none=True, exclude={"id", "status"}) for o in r.output] + [out]
+            body2 = {**body, "input": items}
+        else:
+            body2 = {**body, "input": [out], "previous_response_id": r.id}
+        r2 = Response.model_validate(c.post("/responses", json=body2).json())
+        assert r2.output_text == "Seven."
+        assert r2.usage.input_tokens_details.cached_tokens == r.usage.input_tokens + r.usage.output_tokens

@@ -68,6 +68,15 @@ CORPUS = [
     (R, b'{"input": "Hi", "tools": [{"type": "function", "name": "f", "parameters": ' + b'{"a": ' * 300
      + b"1" + b"}" * 300 + b"}]}", 400, None, None),  # deeper than MAX_DEPTH
     (C, {"messages": USER, "metadata": {f"k{i}": "v" for i in range(17)}}, 400, "metadata", None),
+    (C, {"messages": USER + [{**CALL, "tool_calls": [{**CALL["tool_calls"][0], "function": {"name": "a b",
+                                                                                         "arguments": "{}"}}]}]},
+     400, "messages[1].tool_calls[0].function.name", None),
+    (R, {"input": [{"type": "function_call", "call_id": "c", "name": "f", "namespace": "bad ns", "arguments": "{}"}]},
+     400, "input[0].name", None),
+    # within the body's depth limit, past openai-harmony's JSON limit for a tool schema
+    (C, b'{"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function", "function": {"name": "f", '
+     b'"parameters": ' + b'{"type": "object", "properties": {"a": ' * 60 + b"{}" + b"}}" * 60 + b"}}]}", 400,
+     "messages", None),
     (R, {"input": "Hi", "background": True}, 422, "background", "unsupported"),
     (R, {"input": "Hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, 422,
      "text.format", "unsupported"),

@@ -227,7 +227,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         refuse(req.prompt is not None, "prompt templates are not supported", "prompt")
         refuse(req.truncation not in (None, "disabled"), "truncation \"auto\" is not supported", "truncation")
         prior = store.messages(req.previous_response_id) if req.previous_response_id else []
-        turn = responses.read_turn(req, prior, calls.calls)
+        turn = responses.read_turn(req, prior, calls.calls, store.exact(req.previous_response_id))
         conversation.apply_tool_choice(turn, req.tool_choice)
         prompt, parser = await run_in_threadpool(render, turn, req.instructions, "input")
         rid = responses.new_id("resp")
@@ -239,10 +239,11 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
                      temperature=req.temperature, top_p=req.top_p)
 
         def finish(stats):
-            calls.remember(parser.parts)
+            calls.remember(parser.parts, parser.part_ids)
             out = builder.finish(stats)
             if req.store and not responses.cut_reason(stats.stop_reason):
-                store.put(builder.snapshot(), turn.messages + [assistant_message(parser)])
+                store.put(builder.snapshot(), turn.messages + [assistant_message(parser)],
+                          {**turn.exact, **conversation.generated_ids(parser)})
             return out
 
         if not req.stream:
@@ -289,7 +290,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
         if not req.stream:
             async for ev in events(job, request):
                 if ev.kind == "done":
-                    calls.remember(parser.parts)
+                    calls.remember(parser.parts, parser.part_ids)
                     if err := cut_error(ev.stats):
                         raise err
                     return builder.completion(ev.stats)
@@ -302,7 +303,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
             try:
                 async for ev in events(job, None):
                     if ev.kind == "done":
-                        calls.remember(parser.parts)
+                        calls.remember(parser.parts, parser.part_ids)
                     for c in (builder.finish(ev.stats, usage) if ev.kind == "done" else builder.feed(ev)):
                         yield {"data": json.dumps(c)}
             except APIError as err:

@@ -58,8 +58,9 @@ def read_messages(raw: list, known: dict, turn: Turn) -> list[dict]:
             text = text_of(m.content, f"{where}.content")
             if text:
                 reply.add("commentary" if m.tool_calls else "final", text)
-            for c in m.tool_calls or []:
-                reply.call(c.id, conversation.recipient(c.function.name), c.function.arguments, known)
+            for j, c in enumerate(m.tool_calls or []):
+                reply.call(c.id, conversation.recipient(c.function.name), c.function.arguments, known,
+                           f"{where}.tool_calls[{j}].function.name")
             if not reply.parts:
                 reply.add("final", "")
             msgs.append(reply.message())

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .. import harmony
 from ..errors import GptOssError
+from . import schemas as S
 from . import sealed
 from .errors import bad, unsupported
 
@@ -35,7 +36,7 @@ IMAGE_PARTS = ("image_url", "input_image", "input_audio", "input_file", "file", 
 @dataclass
 class Turn:
     """What one generation needs: the conversation, the tools, how the reply must start, and the exact ids of
-    the parts sent back sealed."""
+    the parts the server generated that came back (sealed reasoning, known calls, a stored reply)."""
     messages: list[dict]
     tools: list[harmony.Tool] = field(default_factory=list)
     effort: str = "medium"
@@ -58,6 +59,8 @@ def render(turn: Turn, model_path: Path, developer: str | None, param: str, *, s
         ids = harmony.render(turn.messages, model_path=model_path, developer=developer, **turn.render_settings())
     except GptOssError as e:
         raise bad(str(e), param=param) from None
+    except ValueError as e:  # openai-harmony's own refusals, e.g. a tool schema nested past its JSON limit
+        raise bad(f"this conversation cannot be written in harmony: {e}", param=param) from None
     parser = harmony.StreamParser(model_path, stream_arguments=stream_arguments)
     if turn.forced:
         forced = harmony.encoding().encode(turn.forced, allowed_special="all")
@@ -69,8 +72,6 @@ def render(turn: Turn, model_path: Path, developer: str | None, param: str, *, s
 
 def text_of(content, where: str) -> str:
     """A message's text: a string, or a list of text parts ({"type": ..., "text"}; joined by newlines)."""
-    from . import schemas as S
-
     if content is None or isinstance(content, str):
         return content or ""
     texts = []
@@ -113,13 +114,19 @@ class Assistant:
         elif text:
             self.add("analysis", text)
 
-    def call(self, call_id: str, recipient: str, arguments: str, known: dict | None) -> None:
+    def call(self, call_id: str, recipient: str, arguments: str, known: dict | None, where: str = "tool call") -> None:
         """A tool call sent back by a client. If this server generated it (known: call id -> the part's channel,
-        recipient, content type), it is rendered exactly as generated (e.g. on the analysis channel), which the
-        client's JSON does not say; else as a commentary call to the recipient with <|constrain|>json."""
+        recipient, content type, text, ids: responses.CallMemory), it is rendered exactly as generated (e.g. on
+        the analysis channel, with the model's own tokenization), which the client's JSON does not say; else as
+        a commentary call to the recipient with <|constrain|>json."""
+        if not harmony.RECIPIENT.fullmatch(recipient):
+            raise bad(f"{where}: {harmony.call_name(recipient)!r} is not a tool name (letters, digits, _ and -, "
+                      "optionally dotted)", param=where)
         meta = (known or {}).get(call_id)
         if meta and harmony.call_name(meta["recipient"]) == harmony.call_name(recipient):  # also a bare `python`
             self.add(meta["channel"], arguments, meta["recipient"], meta["content_type"], call_id)
+            if meta.get("ids") and meta.get("content") == arguments:  # the very tokens generated
+                self.exact[harmony.part_key(self.parts[-1])] = meta["ids"]
         else:
             self.add("commentary", arguments, recipient, "<|constrain|>json", call_id)
 
@@ -144,6 +151,11 @@ def analysis_text(ids: list[int]) -> str | None:
     except Exception:  # ids outside the vocabulary: not a message we made
         return None
     return text if "<|channel|>analysis" in head and " to=" not in head else None
+
+
+def generated_ids(parser) -> dict[tuple, list[int]]:
+    """part_key -> ids of each well-formed part of a reply (for render(exact=) in a later request)."""
+    return {harmony.part_key(p): ids for p, ids in zip(parser.parts, parser.part_ids) if ids}
 
 
 def sealed_message(parser, message: int) -> str | None:
@@ -223,7 +235,7 @@ def specs(tools: list[dict]) -> list[harmony.Tool]:
     try:
         return harmony.tool_specs(tools)
     except GptOssError as e:
-        raise bad(f"tools: {e}", param="tools") from None
+        raise bad(str(e) if str(e).startswith("tools") else f"tools: {e}", param="tools") from None
 
 
 def apply_tool_choice(turn: Turn, choice) -> Turn:

@@ -54,9 +54,11 @@ LOCAL_SHELL_PARAMETERS = {"type": "object", "properties": {
 
 # ------------------------------------------------------------------------------------------- requests
 
-def read_turn(req, prior: list[dict], known: dict) -> Turn:
-    """A Responses request (after the stored conversation `prior`, from previous_response_id) as a Turn."""
-    turn = read_tools(req.tools).turn([], conversation.effort_of(req.reasoning.effort if req.reasoning else None))
+def read_turn(req, prior: list[dict], known: dict, prior_exact: dict | None = None) -> Turn:
+    """A Responses request (after the stored conversation `prior`, from previous_response_id, whose generated
+    parts' ids are prior_exact) as a Turn."""
+    turn = read_tools(req.tools).turn([], conversation.effort_of(req.reasoning.effort if req.reasoning else None),
+                                      dict(prior_exact or {}))
     turn.messages = read_input(req.input, prior, known, turn)
     return turn
 
@@ -139,11 +141,12 @@ def read_input(items: str | list, prior: list[dict], known: dict, turn: Turn) ->
             msgs.append({"role": "user" if m.role == "user" else "developer", "content": text})
         elif kind == "function_call":
             c = S.validate(S.FunctionCallItem, raw, where)
-            assistant().call(c.call_id, conversation.recipient(c.name, c.namespace), c.arguments, known)
+            assistant().call(c.call_id, conversation.recipient(c.name, c.namespace), c.arguments, known,
+                             f"{where}.name")
         elif kind == "custom_tool_call":
             c = S.validate(S.CustomToolCallItem, raw, where)
             assistant().call(c.call_id, conversation.recipient(c.name, c.namespace),
-                             _as_generated(known, c.call_id, {"input": c.input}), known)
+                             _as_generated(known, c.call_id, {"input": c.input}), known, f"{where}.name")
         elif kind == "local_shell_call":
             c = S.validate(S.LocalShellCallItem, raw, where)
             cid = c.call_id or c.id
@@ -413,7 +416,8 @@ def response_object(rid: str, req, model: str, tools: list, effort: str) -> dict
             "max_output_tokens": req.max_output_tokens, "model": model, "output": [],
             "parallel_tool_calls": req.parallel_tool_calls if req.parallel_tool_calls is not None else True,
             "previous_response_id": req.previous_response_id,
-            "reasoning": {"effort": effort, "summary": None}, "store": req.store,
+            "reasoning": {"effort": effort, "summary": req.reasoning.summary if req.reasoning else None},
+            "store": req.store,
             "temperature": req.temperature if req.temperature is not None else 1.0,
             "text": {"format": {"type": "text"}}, "tool_choice": req.tool_choice or "auto", "tools": tools,
             "top_p": req.top_p if req.top_p is not None else 1.0, "truncation": "disabled", "usage": None,
@@ -421,18 +425,21 @@ def response_object(rid: str, req, model: str, tools: list, effort: str) -> dict
 
 
 class CallMemory:
-    """The calls this server generated, by call id: their channel, recipient, content type and argument text
-    (the newest `size`), so a call a client sends back renders token for token as the model wrote it (also one
-    sent back as an object, e.g. a custom tool's input: the text is used when it parses to the same object)."""
+    """The calls this server generated, by call id: their channel, recipient, content type, argument text and
+    generated ids (the newest `size`), so a call a client sends back renders token for token as the model wrote
+    it (also one sent back as an object, e.g. a custom tool's input: the text is used when it parses to the
+    same object)."""
 
     def __init__(self, size: int = 4096):
         self.size = size
         self.calls: OrderedDict[str, dict] = OrderedDict()
 
-    def remember(self, parts) -> None:
-        for p in parts or []:
+    def remember(self, parts, part_ids=None) -> None:
+        """The calls among a reply's parts; part_ids (the parser's) adds each call's generated ids."""
+        for p, ids in zip(parts or [], part_ids or [None] * len(parts or [])):
             if p.get("recipient") and p.get("id"):
                 self.calls[p["id"]] = {k: p.get(k) for k in ("channel", "recipient", "content_type", "content")}
+                self.calls[p["id"]]["ids"] = ids
         while len(self.calls) > self.size:
             self.calls.popitem(last=False)
 
@@ -440,23 +447,25 @@ class CallMemory:
 class Store:
     """Stored responses (store=true) for previous_response_id and GET /v1/responses/{id}: the newest `size`
     and at most `max_bytes` of them (their JSON size), each with the whole conversation it ended (messages)
-    so a follow-up extends it. A response bigger than the whole budget is not stored."""
+    and the ids of its generated parts (exact: part_key -> ids), so a follow-up extends it token for token.
+    A response bigger than the whole budget is not stored."""
 
     def __init__(self, size: int = 256, max_bytes: int = 256 << 20):
         self.size, self.max_bytes = size, max_bytes
-        self.items: OrderedDict[str, tuple[dict, list[dict], int]] = OrderedDict()
+        self.items: OrderedDict[str, tuple[dict, list[dict], dict, int]] = OrderedDict()
         self.bytes = 0
 
-    def put(self, response: dict, messages: list[dict]) -> None:
-        n = len(json.dumps(response)) + len(json.dumps(messages))
+    def put(self, response: dict, messages: list[dict], exact: dict | None = None) -> None:
+        exact = exact or {}
+        n = len(json.dumps(response)) + len(json.dumps(messages)) + 8 * sum(map(len, exact.values()))
         if n > self.max_bytes:
             return
         if response["id"] in self.items:
-            self.bytes -= self.items.pop(response["id"])[2]
-        self.items[response["id"]] = (response, messages, n)
+            self.bytes -= self.items.pop(response["id"])[-1]
+        self.items[response["id"]] = (response, messages, exact, n)
         self.bytes += n
         while len(self.items) > self.size or self.bytes > self.max_bytes:
-            self.bytes -= self.items.popitem(last=False)[1][2]
+            self.bytes -= self.items.popitem(last=False)[1][-1]
 
     def messages(self, rid: str) -> list[dict]:
         if rid not in self.items:
@@ -465,6 +474,9 @@ class Store:
                       param="previous_response_id",
                       code="previous_response_not_found")
         return self.items[rid][1]
+
+    def exact(self, rid: str) -> dict:
+        return self.items[rid][2] if rid in self.items else {}
 
     def get(self, rid: str) -> dict | None:
         item = self.items.get(rid)
