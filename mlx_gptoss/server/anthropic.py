@@ -202,7 +202,8 @@ def read_assistant(content, where: str, known: dict, turn: Turn) -> dict:
             cid, name, args = b.get("id"), b.get("name"), b.get("input", {})
             if not isinstance(cid, str) or not isinstance(name, str) or not isinstance(args, dict):
                 raise bad(f"{w}: a tool_use block needs \"id\", \"name\" and an \"input\" object", param=w)
-            reply.call(cid, conversation.recipient(name), responses._as_generated(known, cid, args), known)
+            reply.call(cid, conversation.recipient(name), responses._as_generated(known, cid, args), known,
+                       f"{w}.name")
         else:
             raise bad(f"{w}.type: {kind!r} is not an assistant block; use text, thinking or tool_use",
                       param=f"{w}.type")
@@ -406,7 +407,7 @@ def add_routes(app, *, read, render, submit, events, settings, calls) -> None:
                 if ev.kind != "done":
                     builder.feed(ev)
                     continue
-                calls.remember(parser.parts)
+                calls.remember(parser.parts, parser.part_ids)
                 if err := cut_error(ev.stats):
                     raise err
                 return builder.result(ev.stats)
@@ -417,7 +418,7 @@ def add_routes(app, *, read, render, submit, events, settings, calls) -> None:
             try:
                 async for ev in events(job, None):
                     if ev.kind == "done":
-                        calls.remember(parser.parts)
+                        calls.remember(parser.parts, parser.part_ids)
                         if err := cut_error(ev.stats):
                             raise err
                     for e in (builder.finish(ev.stats) if ev.kind == "done" else builder.feed(ev)):
