@@ -242,6 +242,12 @@ def test_errors_are_anthropic_error_objects(agent, reason):
             {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "no such!", "input": {}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "x"}]}])
     assert "messages[1].content[0].name" in e.value.body["error"]["message"]
+    with pytest.raises(anthropic.APIStatusError) as e:
+        c.messages.create(model=MODEL, max_tokens=10, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}])
+    assert e.value.body["error"]["type"] == "invalid_request_error"
+    assert "messages[0].content[1]: image blocks are not supported" in e.value.body["error"]["message"]
     r = httpx.post(reason.url + "/v1/messages", content=b"{not json", timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"

@@ -117,22 +117,22 @@ def effort_of(req: CountRequest) -> str:
 
 
 def block_text(content, where: str) -> str:
-    """The text of a string or of a list of text blocks (joined by newlines); images and documents are refused."""
+    """The text of a string or of a list of text blocks (joined by newlines)."""
     if isinstance(content, str):
         return content
-    texts = []
-    for i, b in enumerate(content or []):
-        kind = b.get("type") if isinstance(b, dict) else None
-        if kind in NOT_TEXT:
-            raise unsupported(f"{where}[{i}]: {kind} blocks are not supported (gpt-oss reads text only)",
-                              param=f"{where}[{i}].type")
-        if kind == "tool_reference":  # a tool search result (Claude Code's ToolSearch): every tool is loaded
-            texts.append(f"Tool {b.get('tool_name')} is available.")
-        elif kind == "text" and isinstance(b.get("text"), str):
-            texts.append(b["text"])
-        else:
-            raise bad(f"{where}[{i}]: expected a text block with a \"text\" string", param=f"{where}[{i}]")
-    return "\n".join(texts)
+    return "\n".join(text_of(b, f"{where}[{i}]") for i, b in enumerate(content or []))
+
+
+def text_of(block, where: str) -> str:
+    """One text block's text; images and documents are refused (gpt-oss reads text only)."""
+    kind = block.get("type") if isinstance(block, dict) else None
+    if kind in NOT_TEXT:
+        raise unsupported(f"{where}: {kind} blocks are not supported (gpt-oss reads text only)", param=f"{where}.type")
+    if kind == "tool_reference":  # a tool search result (Claude Code's ToolSearch): every tool is loaded
+        return f"Tool {block.get('tool_name')} is available."
+    if kind != "text" or not isinstance(block.get("text"), str):
+        raise bad(f"{where}: expected a text block with a \"text\" string", param=where)
+    return block["text"]
 
 
 def read_turn(req: CountRequest, known: dict) -> Turn:
@@ -176,7 +176,7 @@ def read_user(content, where: str, msgs: list[dict]) -> None:
                                                   f"Error: {text}" if b.get("is_error") is True else text,
                                                   f"{w}.tool_use_id"))
         else:
-            texts.append(block_text([b], where))
+            texts.append(text_of(b, w))
     if texts:
         msgs.append({"role": "user", "content": "\n".join(texts)})
 
@@ -189,8 +189,8 @@ def read_assistant(content, where: str, known: dict, turn: Turn) -> dict:
         w = f"{where}[{i}]"
         kind = b.get("type") if isinstance(b, dict) else None
         if kind == "text":
-            if b.get("text"):
-                reply.add("final", block_text([b], where))
+            if text_of(b, w):
+                reply.add("final", b["text"])
         elif kind == "thinking":
             if not isinstance(b.get("thinking"), str):
                 raise bad(f"{w}.thinking: required (a string)", param=f"{w}.thinking")
