@@ -94,7 +94,7 @@ def client_command(client: str, exe: str, url: str, model: str, api_key: str | N
 
 # ------------------------------------------------------------------------------------------ the server
 
-def served_model(url: str, api_key: str | None) -> str | None:
+def served_model(url: str) -> str | None:
     """The model id of a gptoss-mac server answering at url, or None when nothing (or something else) answers."""
     import httpx
 
@@ -134,18 +134,14 @@ def start_server(model: str, port: int, ctx: int | None, memory: str | None, api
                                 start_new_session=True)
 
 
-def wait_until_up(proc: subprocess.Popen, url: str, api_key: str | None, log_path: Path,
-                  timeout: float = LOAD_TIMEOUT) -> str:
-    from rich.console import Console
-
-    err = Console(stderr=True, highlight=False)
+def wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = LOAD_TIMEOUT) -> str:
     deadline = time.monotonic() + timeout
-    with err.status(f"starting gptoss-mac serve (log: {log_path})"):
+    with _err().status(f"starting gptoss-mac serve (log: {log_path})"):
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
                 raise typer.Exit(_fail("gptoss-mac serve stopped before answering:\n  " + "\n  ".join(tail)))
-            model = served_model(url, api_key)
+            model = served_model(url)
             if model:
                 return model
             time.sleep(0.5)
@@ -161,6 +157,12 @@ def stop_server(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def _err():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
 
 
 def _fail(text: str) -> int:
@@ -201,13 +203,15 @@ def launch(
     url = f"http://127.0.0.1:{port}"
     folder = state_dir() / "launch"
     proc = None
-    served = served_model(url, api_key)
+    served = served_model(url)
     if served is not None and not key_accepted(url, api_key):
         raise typer.Exit(_fail(f"the server on port {port} needs its API key: give it with --api-key KEY or "
                                f"${KEY_ENV}" if not api_key else f"the server on port {port} refuses this API key"))
     if served is None:
         proc = start_server(model, port, ctx, memory, api_key, folder / f"serve-{port}.log")
-        served = wait_until_up(proc, url, api_key, folder / f"serve-{port}.log")
+        served = wait_until_up(proc, url, folder / f"serve-{port}.log")
+    _err().print(f"{client} on {served} at {url}" + (" (the server stops with it)" if proc else " (a running server)"),
+                 soft_wrap=True)
     argv, extra = client_command(client, exe, url, served, api_key, list(args or []), folder)
     env = {**os.environ, **extra}
     if proc is None:  # the server is someone else's: become the client
