@@ -225,7 +225,8 @@ def test_outputs_validate_with_the_openai_types(agent):
         "model": "gpt-oss-20b", "messages": [{"role": "user", "content": "Weather in Paris?"}],
         "tools": [{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}]})
     c = ChatCompletion.model_validate(chat.json())
-    assert c.choices[0].finish_reason == "tool_calls" and c.choices[0].message.tool_calls[0].function.name == "get_weather"
+    assert c.choices[0].finish_reason == "tool_calls"
+    assert c.choices[0].message.tool_calls[0].function.name == "get_weather"
 
 
 def test_a_bare_recipient_sent_back_renders_as_generated():

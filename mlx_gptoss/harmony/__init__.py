@@ -15,8 +15,8 @@ from .rendering import (CHANNELS, CONTENT_TYPE, EFFORTS, KNOWLEDGE_CUTOFF, REASO
 from .stream import MAX_HEADER, MAX_HEADER_TOKENS, Piece, StreamParser
 from .tools import Tool, tool_spec, tool_specs
 from .vocabulary import (CALL, CHANNEL, CONSTRAIN, END, MESSAGE, N_ORDINARY, RETURN, START, STOP_TOKENS, VOCAB_FILE,
-                         VOCAB_SHA256, cache_dir, check_vocabulary, encoding, ensure_vocab, tiktoken_from_tokenizer_json,
-                         token_bytes)
+                         VOCAB_SHA256, cache_dir, check_vocabulary, encoding, ensure_vocab,
+                         tiktoken_from_tokenizer_json, token_bytes)
 
 __all__ = ["CALL", "CHANNEL", "CHANNELS", "CONSTRAIN", "CONTENT_TYPE", "EFFORTS", "END", "KNOWLEDGE_CUTOFF",
            "MAX_HEADER", "MAX_HEADER_TOKENS", "MESSAGE", "N_ORDINARY", "REASONING_SEPARATOR", "RECIPIENT", "RETURN",

@@ -117,7 +117,7 @@ def assistant_dict(parts: list[dict]) -> dict:
 def _head(messages: list[dict], reasoning_effort: str, tools, developer: str | None, date: str | None,
           knowledge_cutoff: str, namespaces: dict[str, str]):
     """The system message and the developer message (instructions: developer=, then every system and
-    developer message in order; the function tools), as openai-harmony Messages."""
+    developer message in order; the tools, one harmony namespace each), as openai-harmony Messages."""
     from openai_harmony import (DeveloperContent, Message, ReasoningEffort, Role, SystemContent, ToolDescription,
                                 ToolNamespaceConfig)
 

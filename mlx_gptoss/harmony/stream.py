@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .rendering import CHANNELS, CONTENT_TYPE, REASONING_SEPARATOR, RECIPIENT, assistant_tool_calls
-from .vocabulary import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, N_ORDINARY, RETURN, START, STOP_TOKENS, encoding, token_bytes
+from .vocabulary import (CALL, CHANNEL, CONSTRAIN, END, MESSAGE, N_ORDINARY, RETURN, START, STOP_TOKENS, encoding,
+                         token_bytes)
 
 MAX_HEADER = 16  # tokens; a header cut off by max_tokens within this is not called malformed
 
@@ -36,7 +37,8 @@ class StreamParser:
     `<|start|>assistant` is the prompt's). Its text streams as "reasoning" (analysis), "preamble" (commentary
     without a recipient) or "content" (final); a message with a recipient (`to=functions.x`, `to=python`) is
     one "tool_call" piece when it ends; with stream_arguments=True, its text also streams as "tool_call_delta"
-    pieces (recipient and call id set) while it is generated, for APIs that stream a call's arguments. Output that breaks the format sets `malformed` and a warning:
+    pieces (recipient and call id set) while it is generated, for APIs that stream a call's arguments.
+    Output that breaks the format sets `malformed` and a warning:
     - a missing or unknown channel, an invalid recipient, text where a `<|start|>` must come, a header that
       never reaches <|message|>: the text is kept, hidden as "reasoning" (it is how chain-of-thought leaks);
     - a `<|start|>` with a role other than assistant: everything from there on is dropped (`halted`);
