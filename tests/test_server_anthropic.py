@@ -15,6 +15,7 @@ from scripted_checkpoint import forget_models, get_weather
 from server_fixtures import running, sse_events
 
 MODEL = "gpt-oss-20b"
+HI = [{"role": "user", "content": "hi"}]
 T0 = {"extra_body": {"temperature": 0}}  # this SDK's create() has no temperature parameter any more
 WEATHER = {"name": "get_weather", "description": "Current weather in a city.",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -122,7 +123,8 @@ def test_claude_code_fields_and_system_blocks_are_accepted(reason):
         system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
         messages=[{"role": "user", "content": [{"type": "text", "text": "Say hi"}]}],
         metadata={"user_id": "u1"}, thinking={"type": "adaptive"},
-        extra_body={"temperature": 0, "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        extra_body={"temperature": 0,
+                    "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
                     "output_config": {"effort": "high"}, "something_new": {"x": 1}})
     assert m.content[-1].text == "Hello there!"
 
@@ -193,7 +195,8 @@ def test_ten_step_loop_with_bearer_auth_every_step_cached(agent):
                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
                                                "content": json.dumps({"temp_c": 20 + step})}]}]
     for before, now in zip(usages, usages[1:]):
-        assert now.cache_read_input_tokens == before.input_tokens + before.cache_read_input_tokens + before.output_tokens
+        prompt = before.input_tokens + before.cache_read_input_tokens
+        assert now.cache_read_input_tokens == prompt + before.output_tokens
         assert 0 < now.input_tokens < 40  # the tool message alone
     assert cached_share(usages[-1]) > 0.9
 
@@ -227,14 +230,14 @@ def test_errors_are_anthropic_error_objects(agent, reason):
         c.messages.create(model="claude-x", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
     assert e.value.body["error"]["type"] == "not_found_error" and MODEL in e.value.body["error"]["message"]
     with pytest.raises(anthropic.APIStatusError) as e:
-        c.messages.create(model=MODEL, max_tokens=10, stop_sequences=["x"], messages=[{"role": "user", "content": "hi"}])
+        c.messages.create(model=MODEL, max_tokens=10, stop_sequences=["x"], messages=HI)
     assert "stop_sequences" in e.value.body["error"]["message"]
     with pytest.raises(anthropic.BadRequestError) as e:
         c.messages.create(model=MODEL, max_tokens=10, messages=[{"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": "toolu_nope", "content": "x"}]}])
     assert "toolu_nope" in e.value.body["error"]["message"]
     with pytest.raises(anthropic.BadRequestError) as e:
-        c.messages.create(model=MODEL, max_tokens=10, extra_body={"temperature": 7}, messages=[{"role": "user", "content": "hi"}])
+        c.messages.create(model=MODEL, max_tokens=10, extra_body={"temperature": 7}, messages=HI)
     assert "temperature" in e.value.body["error"]["message"]
     with pytest.raises(anthropic.BadRequestError) as e:
         c.messages.create(model=MODEL, max_tokens=10, messages=[

@@ -264,7 +264,8 @@ def run_client(argv: list, env: dict, cwd: Path, timeout: float = RUN_TIMEOUT) -
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"{argv[0]} did not finish within {timeout} s\nstdout: {out[-3000:]}\nstderr: {err[-3000:]}")
+        raise AssertionError(f"{argv[0]} did not finish within {timeout} s\nstdout: {out[-3000:]}\n"
+                             f"stderr: {err[-3000:]}")
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 

@@ -67,7 +67,8 @@ def test_bash_tool_loop_stays_cached(claude, served, tmp_path):
     results = [b for m in last["messages"] if m["role"] == "user" and isinstance(m["content"], list)
                for b in m["content"] if b.get("type") == "tool_result"]
     assert [b["content"] for b in results] == ["1", "2", "3"]
-    thinking = [b for m in last["messages"] if m["role"] == "assistant" for b in m["content"] if b["type"] == "thinking"]
+    thinking = [b for m in last["messages"] if m["role"] == "assistant" for b in m["content"]
+                if b["type"] == "thinking"]
     assert thinking and all(b["signature"].startswith("gm1.") for b in thinking)  # our sealed tokens came back
 
 
