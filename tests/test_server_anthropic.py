@@ -137,6 +137,20 @@ def test_count_tokens_is_the_prompt(reason):
     assert n == m.usage.input_tokens + m.usage.cache_read_input_tokens > 20
 
 
+def test_each_analysis_message_is_its_own_thinking_block():
+    with running("multi_analysis") as s:
+        with client(s).messages.stream(model=MODEL, max_tokens=200, **T0,
+                                       messages=[{"role": "user", "content": "Say hi"}]) as stream:
+            events = list(stream)
+            m = stream.get_final_message()
+    assert [b.type for b in m.content] == ["thinking", "thinking", "text"]
+    assert [b.thinking for b in m.content[:2]] == ["First thought.", "Then a second one."]
+    sigs = [b.signature for b in m.content[:2]]
+    assert sigs[0] != sigs[1] and all(x.startswith("gm1.") for x in sigs)
+    stops = [e.index for e in events if e.type == "content_block_stop"]
+    assert stops == [0, 1, 2]
+
+
 # ------------------------------------------------------------------------------------------ tools
 
 def test_tool_loop_stays_in_the_cache(tool):

@@ -297,7 +297,7 @@ class MessageBuilder:
         if b["type"] == "thinking":  # "" when the message broke the format or was cut off
             b["signature"] = conversation.sealed_message(self.parser, self.open_message) or ""
             out.append(self._delta({"type": "signature_delta", "signature": b["signature"]}))
-        return out + [{"type": "content_block_stop", "index": self.content.index(b)}]
+        return out + [{"type": "content_block_stop", "index": len(self.content) - 1}]  # the open block is the last
 
     def _tool_use(self, ev, whole: bool) -> list[dict]:
         """A piece of a call's arguments (whole=False), or the finished call."""
