@@ -70,6 +70,7 @@ from .doctor import doctor  # noqa: E402
 from .plan import plan  # noqa: E402
 from .bench import bench  # noqa: E402
 from .serve import serve  # noqa: E402
+from .launch import launch  # noqa: E402
 
 app.command()(chat)
 app.command()(download)
@@ -77,6 +78,7 @@ app.command()(doctor)
 app.command()(plan)
 app.command()(bench)
 app.command()(serve)
+app.command()(launch)
 
 
 UNIT = re.compile(r"[kmgt]i?b?", re.IGNORECASE)

@@ -10,7 +10,8 @@ through the real model path (hub layout, MXFP4 experts, mlx_gptoss.load, sliding
 - layer 1 (full attention) and every expert output are exactly zero (zero weights, zero MXFP4 codes).
 - lm_head reads (current token, bag): successor of the current token with weight P; when a token has
   several successors, the non-default ones get P - delta plus Q for a discriminating token that is in the
-  window only where that successor is meant (found automatically, checked by simulation below).
+  window only where that successor is meant (found automatically, checked by simulation below; when no one
+  token is in all of its windows, a few tokens that together cover them).
 
 The tokenizer.json written next to it is built from quicktok-v1's o200k vocabulary (the same ranks as
 o200k_base) plus harmony's special tokens, so mlx_gptoss.harmony derives its vocabulary from it for real.
@@ -121,30 +122,57 @@ def build_rules(episodes: list[tuple[list[int], list[int]]]):
         seq = list(prompt) + list(gen)
         for j in range(len(prompt) - 1, len(seq) - 1):
             occ.setdefault(seq[j], []).append((_windows(seq, j), seq[j + 1]))
-    rules = []  # (successor, current, weight on current, discriminator or None)
+    rules = []  # (successor, current, weight on current, discriminators or None)
     for cur, items in occ.items():
-        succs = [s for _, s in items]
-        # the default successor needs no discriminator: the most common one for which all others have one
-        for default in sorted(set(succs), key=lambda s: (-succs.count(s), s)):
-            found = []
-            for s in sorted(set(succs) - {default}):
-                mine = [w for w, t in items if t == s]
-                others = set().union(*[w for w, t in items if t != s])
-                cands = set.intersection(*mine) - others
-                if not cands:
-                    break
-                found.append((s, cur, P - DELTA, min(cands)))
-            else:
-                rules += [(default, cur, P, None)] + found
-                break
-        else:
-            raise ValueError(f"token {cur} has successors {set(succs)} that no token in a window of "
-                             f"{WINDOW} tells apart; change the script")
-    tokens = set(occ) | {d for *_, d in rules if d is not None}
+        # single discriminating tokens first (they hold for prompts the episodes did not show), covers after
+        found = _successors(items, single=True) or _successors(items, single=False)
+        if found is None:
+            raise ValueError(f"token {cur} has successors {set(s for _, s in items)} that no token in a window "
+                             f"of {WINDOW} tells apart; change the script")
+        rules += [(s, cur, w, ds) for s, w, ds in found]
+    tokens = set(occ) | {d for *_, ds in rules for d in ds or ()}
     if len(tokens) > CODES:
         raise ValueError(f"the script uses {len(tokens)} distinct tokens; at most {CODES} fit")
     codes = {t: i for i, t in enumerate(sorted(tokens))}
     return codes, rules
+
+
+def _successors(items: list[tuple[set[int], int]], single: bool):
+    """[(successor, weight, discriminators)] for one current token: the default successor needs no
+    discriminator (the most common one for which all others have one); None when there is no such choice."""
+    succs = [s for _, s in items]
+    for default in sorted(set(succs), key=lambda s: (-succs.count(s), s)):
+        found = [(default, P, None)]
+        for s in sorted(set(succs) - {default}):
+            mine = [w for w, t in items if t == s]
+            others = set().union(*[w for w, t in items if t != s])
+            cands = _cover(mine, others)
+            if not cands or (single and len(cands) > 1):
+                break
+            found.append((s, P - DELTA, cands))
+        else:
+            return found
+    return None
+
+
+def _cover(windows: list[set[int]], others: set[int]) -> tuple[int, ...] | None:
+    """Discriminating tokens for a successor: one token in all of its windows (and in no other successor's),
+    else a few such tokens that together touch each of its windows; None when there are none."""
+    common = set.intersection(*windows) - others
+    if common:
+        return (min(common),)
+    left, chosen = list(windows), []
+    while left:
+        counts: dict[int, int] = {}
+        for w in left:
+            for t in w - others:
+                counts[t] = counts.get(t, 0) + 1
+        if not counts:
+            return None
+        best = min(counts, key=lambda t: (-counts[t], t))
+        chosen.append(best)
+        left = [w for w in left if best not in w]
+    return tuple(chosen)
 
 
 def simulate(codes, rules, seq: list[int], j: int) -> int:
@@ -152,10 +180,12 @@ def simulate(codes, rules, seq: list[int], j: int) -> int:
     window = seq[max(0, j - WINDOW + 1):j + 1]
     logits: dict[int, float] = {}
     bag = {t: window.count(t) / len(window) for t in set(window) if t in codes}
-    for s, cur, w, d in rules:
+    discriminators = {(s, d) for s, _, _, ds in rules for d in ds or ()}  # one lm_head weight each
+    for s, cur, w, _ in rules:
         if cur == seq[j]:
             logits[s] = logits.get(s, 0.0) + w
-        if d is not None and d in bag:
+    for s, d in discriminators:
+        if d in bag:
             logits[s] = logits.get(s, 0.0) + Q * bag[d]
     return max(logits, key=logits.get) if logits and max(logits.values()) > 0 else -1
 
@@ -175,9 +205,9 @@ def scripted_weights(cfg: dict, episodes) -> dict[str, np.ndarray]:
     for t, c in codes.items():
         embed[t, c] = 1.0
     head = np.zeros((VOCAB, H), f32)
-    for s, cur, w, d in rules:
+    for s, cur, w, ds in rules:
         head[s, codes[cur]] += w
-        if d is not None:
+        for d in ds or ():
             head[s, CODES + codes[d]] = Q
     v = np.zeros((D, H), f32)
     v[np.arange(CODES), np.arange(CODES)] = 1.0 / np.sqrt(H)  # RMSNorm scaled the one-hot up by sqrt(H)

@@ -1,10 +1,12 @@
-"""`gptoss-mac serve`: an OpenAI-compatible HTTP server for gpt-oss (Responses, Chat Completions, Completions).
+"""`gptoss-mac serve`: an HTTP server for gpt-oss (OpenAI's Responses, Chat Completions, Completions; Anthropic's
+Messages).
 
 One module per wire protocol, over one shared conversation model and one scheduler:
 
     responses.py         the Responses API: input items and tools in; output items, streaming events, the store
     chat_completions.py  Chat Completions: messages and tools in; chat.completion and its chunks out
     completions.py       raw harmony text completions
+    anthropic.py         Anthropic's Messages API (Claude Code): content blocks in and out, its events and errors
     conversation.py      protocol-neutral messages and tools -> the harmony prompt (namespaces, tool_choice,
                          sealed reasoning); generated calls and reasoning -> what the protocols call them
     sealed.py            the HMAC-checked blob of a reasoning message's exact generated tokens

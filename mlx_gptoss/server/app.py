@@ -1,7 +1,8 @@
 """The ASGI app (FastAPI): routes, request reading (size limit, JSON), API-key and Host checks, CORS, SSE.
 
 Routes: POST /v1/responses, GET /v1/responses/{id}, POST /v1/chat/completions, POST /v1/completions,
-GET /v1/models, GET /v1/models/{id}, GET /health. Every failure is OpenAI's error object (errors.py).
+GET /v1/models, GET /v1/models/{id}, GET /health; anthropic.py adds POST /v1/messages and
+/v1/messages/count_tokens. Every failure is OpenAI's error object (errors.py; Anthropic's on its routes).
 Each protocol module reads its request into the shared conversation model (conversation.py), which renders
 the prompt here (off the event loop); generation happens on the model thread (worker.py), whose events come
 back through the job's queue and go out as JSON or as server-sent events.
@@ -36,7 +37,7 @@ from starlette.middleware.cors import CORSMiddleware
 from .. import harmony
 from ..chat import assistant_message, check_sampling
 from ..errors import GptOssError
-from . import chat_completions, completions, conversation, responses
+from . import anthropic, chat_completions, completions, conversation, responses
 from . import schemas as S
 from .errors import APIError, bad, error_body, refuse
 from .worker import Job, Worker
@@ -368,6 +369,8 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
             yield {"data": "[DONE]"}
         return sse(stream())
 
+    anthropic.add_routes(app, read=read, render=render, submit=submit, events=events, settings=settings, calls=calls)
+
     # the API key guards everything but /health (without a key, the Host check guards everything); CORS is
     # outermost so its headers reach errors too
     if settings.api_key:
@@ -457,7 +460,8 @@ def allowed_host(name: str, names=()) -> bool:
 
 
 class RequireKey:
-    """Pure ASGI middleware: `Authorization: Bearer KEY` (or `api-key: KEY`), compared in constant time."""
+    """Pure ASGI middleware: `Authorization: Bearer KEY` (or `api-key: KEY`, or Anthropic's `x-api-key: KEY`),
+    compared in constant time."""
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode()
@@ -467,11 +471,14 @@ class RequireKey:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"")
-        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"api-key", b"")
+        given = (auth[7:].strip() if auth[:7].lower() == b"bearer " else
+                 headers.get(b"api-key") or headers.get(b"x-api-key") or b"")
         if hmac.compare_digest(given, self.key):
             return await self.app(scope, receive, send)
         msg = ("Incorrect API key provided" if given else
                "Missing API key: send it as `Authorization: Bearer KEY`") + " (gptoss-mac serve --api-key)"
-        resp = JSONResponse(error_body(401, msg, code="invalid_api_key"), status_code=401,
+        body = (anthropic.error_body(401, msg) if scope["path"].startswith("/v1/messages") else
+                error_body(401, msg, code="invalid_api_key"))
+        resp = JSONResponse(body, status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})
         await resp(scope, receive, send)
