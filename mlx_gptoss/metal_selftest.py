@@ -117,12 +117,18 @@ def _weights(case: dict) -> dict:
 
 def _inputs(dtype, tokens: int, case: dict, weights: dict) -> dict:
     """The case at T = tokens in dtype. Round r's token t uses experts order[n(r) + 4t .. n(r) + 4t + 3] (mod
-    E): distinct within a round while 4T <= E, and the rounds walk through all E experts in turn."""
+    E), except that every token's first expert is token 0's: decode's tokens often share experts, and the
+    kernels read a shared expert once. The rounds walk through all E experts in turn."""
     H, k, E = case["hidden"], case["experts_per_token"], case["experts"]
     rng = np.random.default_rng(case["seed"] + tokens)
     n = tokens * k
-    rounds = [mx.array(weights["order"][(np.arange(n) + r * n) % E].reshape(tokens, k).astype(np.uint32))
-              for r in range(max(1, case.get("rounds", 1)))]
+
+    def ids(r):  # with several tokens, all share their first expert (the kernels' SHARE path, as in drafts)
+        a = weights["order"][(np.arange(n) + r * n) % E].reshape(tokens, k)
+        a[:, 0] = a[0, 0]
+        return mx.array(a.astype(np.uint32))
+
+    rounds = [ids(r) for r in range(max(1, case.get("rounds", 1)))]
     a = dict(weights, ids=rounds[0], rounds=rounds,
              x=mx.array(rng.standard_normal((tokens, H), dtype=np.float32)),
              weights=mx.softmax(mx.array(rng.standard_normal((tokens, k), dtype=np.float32)), axis=-1))
