@@ -89,7 +89,7 @@ def graph_table(reps: int) -> list[str]:
         variants = {"builtin": (net, "builtin"), "kernels": (net, "auto"), "mlx-lm": (peer, None)}
         samples = {k: [] for k in variants}
         with simulated_mac(kernels="oneop"):
-            judge = kernel_gate.set_judge(lambda kernel, dtype: True)
+            judge = kernel_gate.set_judge(lambda kernel, dtype, tokens: True)
             try:
                 for rep in range(reps + 2):  # the first two: warm-up
                     names = list(variants) if rep % 2 == 0 else list(variants)[::-1]

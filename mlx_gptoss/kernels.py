@@ -197,7 +197,7 @@ def build(spec: KernelSpec):
 def _use_metal(backend: str, spec: KernelSpec, dtype, tokens: int) -> bool:
     """Per call: a few comparisons and kernel_gate's memo (the verdict is decided once per kernel and dtype)."""
     if backend == "auto":  # the judge checks for a Metal GPU once; per call only an approved kernel does
-        return tokens <= DECODE_MAX_TOKENS and kernel_gate.approved(spec.key, dtype) and on_metal_gpu()
+        return tokens <= DECODE_MAX_TOKENS and kernel_gate.approved(spec.key, dtype, tokens) and on_metal_gpu()
     _check_backend(backend)
     return backend == "metal"
 

@@ -7,8 +7,8 @@ variants decode uses), against MLX's own mx.gather_qmm path in float32 on the sa
 correct does it time it, the way decode runs it: ROUNDS layers of gate_up -> down chained, each on other
 experts, cycling through more expert bytes than a Max/Ultra system-level cache holds (decode reads every
 layer's experts from DRAM); the graph is built before the clock starts; the kernel's chain and MLX's own
-alternate which goes first. The kernel is enabled only if its chain is faster by selftest_record.MIN_SPEEDUP
-at both T. A compile error or mismatch warns once; a slower kernel is quietly left off (doctor shows why).
+alternate which goes first. The kernel is enabled only where its chain is faster by
+selftest_record.MIN_SPEEDUP: at T = 1 for single tokens, at T = 4 for 2..4 (different kernel variants). A compile error or mismatch warns once; a slower kernel is quietly left off (doctor shows why).
 
 Where and when. The test runs in a child process (ISOLATE): a GPU fault there, whether it aborts the process
 or leaves MLX raising on every later operation, cannot touch the user's process; a child that dies or
@@ -117,12 +117,18 @@ def _weights(case: dict) -> dict:
 
 def _inputs(dtype, tokens: int, case: dict, weights: dict) -> dict:
     """The case at T = tokens in dtype. Round r's token t uses experts order[n(r) + 4t .. n(r) + 4t + 3] (mod
-    E): distinct within a round while 4T <= E, and the rounds walk through all E experts in turn."""
+    E), except that every token's first expert is token 0's: decode's tokens often share experts, and the
+    kernels read a shared expert once. The rounds walk through all E experts in turn."""
     H, k, E = case["hidden"], case["experts_per_token"], case["experts"]
     rng = np.random.default_rng(case["seed"] + tokens)
     n = tokens * k
-    rounds = [mx.array(weights["order"][(np.arange(n) + r * n) % E].reshape(tokens, k).astype(np.uint32))
-              for r in range(max(1, case.get("rounds", 1)))]
+
+    def ids(r):  # with several tokens, all share their first expert (the kernels' SHARE path, as in drafts)
+        a = weights["order"][(np.arange(n) + r * n) % E].reshape(tokens, k)
+        a[:, 0] = a[0, 0]
+        return mx.array(a.astype(np.uint32))
+
+    rounds = [ids(r) for r in range(max(1, case.get("rounds", 1)))]
     a = dict(weights, ids=rounds[0], rounds=rounds,
              x=mx.array(rng.standard_normal((tokens, H), dtype=np.float32)),
              weights=mx.softmax(mx.array(rng.standard_normal((tokens, k), dtype=np.float32)), axis=-1))
@@ -204,8 +210,9 @@ def run(spec: kernels.KernelSpec, dtype, case: dict | None = None) -> dict:
             t = measure(_chains(spec, a))
             layers = len(a["rounds"])
             timings[f"T={tokens}"] = {"metal_s": t["metal"] / layers, "builtin_s": t["builtin"] / layers}
-        enabled, why = selftest_record.decide(True, timings)
-        return {"passed": True, "enabled": enabled, "error": worst, "timings": timings, "tested": _now(),
+        enabled_tokens, why = selftest_record.decide(True, timings)
+        return {"passed": True, "enabled": bool(enabled_tokens), "enabled_tokens": enabled_tokens, "error": worst,
+                "timings": timings, "tested": _now(),
                 "detail": f"matches mx.gather_qmm (relative error {worst:.1e} <= {tol:.0e}); {why}"}
     except Exception as exc:  # a Metal compile error or GPU fault arrives as RuntimeError; anything else too
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -350,10 +357,15 @@ def result(spec: kernels.KernelSpec, dtype) -> dict:
     return record
 
 
-def approves(kernel_key: str, dtype) -> bool:
-    """kernel_gate's judge: is this kernel enabled for this dtype on this setup (testing it if due)?"""
+def approves(kernel_key: str, dtype, tokens: int) -> bool:
+    """kernel_gate's judge: is this kernel enabled for this dtype at T = tokens on this setup (testing it if
+    due)? By the timing of the smallest tested T >= tokens."""
     spec = next((s for s in kernels.SPECS if s.key == kernel_key), None)
-    return spec is not None and dtype in DTYPE_NAMES and bool(result(spec, dtype)["enabled"])
+    if spec is None or dtype not in DTYPE_NAMES:
+        return False
+    record = result(spec, dtype)
+    timed = [int(t.removeprefix("T=")) for t in record.get("timings", {})]
+    return bool(record["enabled"]) and selftest_record.covering_count(timed, tokens) in record["enabled_tokens"]
 
 
 def prepare(dtype) -> None:
@@ -362,7 +374,8 @@ def prepare(dtype) -> None:
     kernel_gate.forget()
     if dtype in DTYPE_NAMES and kernels.on_metal_gpu():
         for spec in kernels.SPECS:
-            kernel_gate.approved(spec.key, dtype)
+            for tokens in range(1, kernels.DECODE_MAX_TOKENS + 1):
+                kernel_gate.approved(spec.key, dtype, tokens)
 
 
 def kernel_status(dtypes=None) -> list[dict]:

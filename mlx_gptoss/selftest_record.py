@@ -15,7 +15,7 @@ makes a crash count as a failure, which failures are transient (never stored), a
 - Out-of-memory failures (and a command buffer discarded for another process's GPU fault) say nothing about
   the kernel: they are kept for the process only. A timeout is the kernel's: stored as a failure.
 - decide(): a kernel is enabled for "auto" only if it is correct AND faster than MLX's own ops by at least
-  MIN_SPEEDUP at every timed token count.
+  MIN_SPEEDUP; at T = 1 by its T = 1 timing, at T = 2..4 by its T = 4 timing (a different kernel variant).
 """
 
 from __future__ import annotations
@@ -144,14 +144,26 @@ def is_transient(detail: str) -> bool:
     return bool(TRANSIENT.search(detail))
 
 
-def decide(correct: bool, timings: dict) -> tuple[bool, str]:
-    """(enabled, why) from correctness and {"T=1": {"metal_s", "builtin_s"}, ...}."""
+def decide(correct: bool, timings: dict) -> tuple[list[int], str]:
+    """(the timed token counts at which auto uses the kernel, why) from correctness and
+    {"T=1": {"metal_s", "builtin_s"}, "T=4": ...}. A call with T tokens follows the verdict of the smallest
+    timed count >= T (covering_count): T = 1 its own, T = 2..4 that of T = 4 (one kernel variant)."""
     if not correct:
-        return False, "not correct"
+        return [], "not correct"
     if not timings:
-        return False, "not timed"
+        return [], "not timed"
     ratios = {t: v["builtin_s"] / v["metal_s"] if v["metal_s"] > 0 else 0.0 for t, v in timings.items()}
     text = ", ".join(f"{r:.2f}x at {t}" for t, r in ratios.items())
-    if all(r >= MIN_SPEEDUP for r in ratios.values()):
-        return True, f"faster than MLX's built-in ops ({text}): used by auto"
-    return False, f"not faster than MLX's built-in ops by {MIN_SPEEDUP:.2f}x ({text}): auto keeps MLX's ops"
+    faster = [int(t.removeprefix("T=")) for t, r in ratios.items() if r >= MIN_SPEEDUP]
+    if len(faster) == len(ratios):
+        return faster, f"faster than MLX's built-in ops ({text}): used by auto"
+    if faster:
+        where = ", ".join(f"T={n}" for n in faster)
+        return faster, (f"faster than MLX's built-in ops by {MIN_SPEEDUP:.2f}x only at {where} ({text}): used by "
+                        f"auto for calls those counts cover, MLX's ops for the others")
+    return [], f"not faster than MLX's built-in ops by {MIN_SPEEDUP:.2f}x ({text}): auto keeps MLX's ops"
+
+
+def covering_count(timed: list[int], tokens: int) -> int | None:
+    """The smallest timed token count >= tokens (the kernel variant and load a call with `tokens` has)."""
+    return min((n for n in timed if n >= tokens), default=None)

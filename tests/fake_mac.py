@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
 import sysconfig
 import tempfile
@@ -36,6 +37,8 @@ from pathlib import Path
 from unittest import mock
 
 import mlx.core as mx
+
+from mlx_gptoss import kernels, machine, metal_selftest
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -54,12 +57,11 @@ SMALL_CASE = {"hidden": 64, "intermediate": 32, "experts": 8, "experts_per_token
 
 
 LAUNCHES: Counter = Counter()  # stand-in launches by kernel name, in this process
+_REAL_MEASURE = metal_selftest.measure  # as shipped, before any simulation or test replaces it
 
 
 def standin_kernel(name, input_names, output_names, source, header="", **_):
     """mx.fast.metal_kernel for the two shipped kernels, computing the same outputs with MLX's ops."""
-    from mlx_gptoss import kernels
-
     def launch(inputs, output_shapes, output_dtypes, **_):
         LAUNCHES[name] += 1
         if name == kernels.GATE_UP.name:
@@ -141,14 +143,7 @@ def _sysctl_dir(answers: dict) -> Path:
     return d
 
 
-from mlx_gptoss import metal_selftest as _selftest  # noqa: E402
-
-_REAL_MEASURE = _selftest.measure  # as shipped, before any simulation or test replaces it
-
-
 def _patches(spec: dict) -> list:
-    from mlx_gptoss import kernels, machine, metal_selftest
-
     info = dict(spec["device_info"])
     sysconfig.get_config_vars()  # read once under the real sys.platform (it names a Linux module), then cached
     import numpy.testing  # noqa: F401  (imports sysconfig's answers at import time)
@@ -180,8 +175,6 @@ def _patches(spec: dict) -> list:
 
 
 def _reset_state() -> None:
-    from mlx_gptoss import kernels, machine, metal_selftest
-
     metal_selftest.clear()
     machine.sysctl.cache_clear()
     kernels._built.clear()
@@ -203,6 +196,7 @@ def simulated_mac(kernels: str = "standin", timings: tuple | None = (1.0, 1.5), 
            "PYTHONPATH": os.pathsep.join([str(_sitecustomize_dir()), str(TESTS), str(ROOT),
                                           os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, sysctl_bin, ignore_errors=True)
         stack.enter_context(mock.patch.dict(os.environ, env))
         for p in _patches(spec):
             stack.enter_context(p)

@@ -93,12 +93,28 @@ def test_correct_but_slower_keeps_builtin_without_a_warning(fake_mac, monkeypatc
 
 def test_decide_needs_correct_and_faster_at_every_size():
     fast, slow = {"metal_s": 1.0, "builtin_s": 2.0}, {"metal_s": 1.0, "builtin_s": 0.9}
-    assert selftest_record.decide(True, {"T=1": fast, "T=4": fast})[0] is True
-    assert selftest_record.decide(True, {"T=1": fast, "T=4": slow})[0] is False
-    assert selftest_record.decide(False, {"T=1": fast})[0] is False
-    assert selftest_record.decide(True, {})[0] is False
+    assert selftest_record.decide(True, {"T=1": fast, "T=4": fast})[0] == [1, 4]
+    assert selftest_record.decide(True, {"T=1": fast, "T=4": slow})[0] == [1]
+    assert selftest_record.decide(True, {"T=1": slow, "T=4": slow})[0] == []
+    assert selftest_record.decide(False, {"T=1": fast})[0] == []
+    assert selftest_record.decide(True, {})[0] == []
     edge = {"metal_s": 1.0, "builtin_s": selftest_record.MIN_SPEEDUP}
-    assert selftest_record.decide(True, {"T=1": edge})[0] is True
+    assert selftest_record.decide(True, {"T=1": edge})[0] == [1]
+    assert [selftest_record.covering_count([1, 4], t) for t in (1, 2, 3, 4, 5)] == [1, 4, 4, 4, None]
+
+
+def test_faster_only_at_one_token_means_the_kernel_only_for_single_tokens(fake_mac, monkeypatch):
+    """T = 1 and T = 2..4 run different kernel variants: each follows its own timing."""
+    def clock(calls):  # T = 1 first, then T = 4, per kernel
+        clock.n += 1
+        return {"metal": 1.0, "builtin": 1.5 if clock.n % 2 else 0.9}
+
+    clock.n = 0
+    monkeypatch.setattr(metal_selftest, "measure", clock)
+    metal_selftest.prepare(mx.float32)
+    assert [kernels.backend_for(t, mx.float32) for t in (1, 2, 3, 4)] == ["metal", "builtin", "builtin", "builtin"]
+    (gate_up, _) = metal_selftest.kernel_status([mx.float32])
+    assert gate_up["enabled"] and "only at T=1 (1.50x at T=1, 0.90x at T=4)" in gate_up["detail"]
 
 
 def test_failed_compile_warns_once_falls_back_and_is_stored(fake_mac, monkeypatch):
