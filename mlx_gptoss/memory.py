@@ -563,19 +563,19 @@ def _prefill_transient(cfg: GptOssConfig, chunk: int, context: int, act: int, c:
     """Peak bytes of temporaries while one prefill chunk of T tokens runs at the end of `context`, and which
     part sets it: the residual stream (x, its norm, the attention output), a full-attention cache growing
     (concatenated: one layer's old copy exists with the new one), and
-      attention: q/k/v/o of the chunk and, unless fused, the score matrices [heads, T, context] times the
-                 measured multiple (scores, masked, with the sink column, softmax, the slice to the matmul);
+      attention: the chunk's q/k/v/o and the score matrices [heads, T, context] times the measured multiple
+                 (scores, masked, with the sink column, softmax, the slice to the matmul; 0 where fused);
       MoE: the routed rows [T x k] times the measured multiples of hidden and intermediate size, plus the
            router's logits, plus (when experts stream) the step's stacked and read experts.
-    Attention and MoE are added: MLX allocates the outputs of the ops it has queued before the earlier ones
-    run and free theirs, so the MoE block's first buffers exist while attention's last are alive (measured
-    here: a block peaks at attention + MoE). Streaming evaluates up to the router first (the experts to
-    read are needed on the host), which frees attention's buffers: there it is the larger of the two.
+    MLX allocates the outputs of the ops it has queued before the earlier ones run and free theirs, so part of
+    the MoE block's transient exists while attention's is alive: the measured overlap share of it is added.
+    Streaming evaluates up to the router first (the experts to read are needed on the host), which frees
+    attention's buffers: there it is the larger of the two.
     The chunk's logits are never computed (chat.Runner evaluates only the cache during prefill)."""
     T, H, D, Hq, Hkv = chunk, cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     k, I, E = cfg.num_experts_per_tok, cfg.intermediate_size, cfg.num_local_experts
     resid = 3 * T * H * act
-    multiple = c.attention_kv8 if kv_bits == 8 else c.attention  # measured: 0 where attention is fused
+    multiple, overlap = (c.attention_kv8, c.moe_overlap_kv8) if kv_bits == 8 else (c.attention, c.moe_overlap)
     attention = T * (2 * Hq + 2 * Hkv) * D * act + math.ceil(multiple * Hq * T * context * act)
     rows = T * k
     per_row = c.moe_hidden * H + c.moe_intermediate * I if rows >= ROUTED_SORT else 3 * (H + 2 * I)
@@ -585,7 +585,7 @@ def _prefill_transient(cfg: GptOssConfig, chunk: int, context: int, act: int, c:
     if buffer:  # evaluated apart: the larger one
         name, peak = max(((what_attn, attention), (what_moe, moe)), key=lambda p: p[1])
     else:
-        name, peak = f"{what_attn} + {what_moe}", attention + moe
+        name, peak = f"{what_attn} + {overlap:.0%} of the {what_moe}", attention + math.ceil(overlap * moe)
     return resid + layer_kv + peak, f"peak of prefill: {name}; multiples {c.source}"
 
 

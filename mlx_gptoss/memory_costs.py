@@ -32,6 +32,8 @@ class Costs:
     attention_kv8: float  # the same over the 8-bit KV cache (offload.kv: its attention is not fused)
     moe_hidden: float  # per routed row (token x expert) per hidden unit
     moe_intermediate: float  # per routed row per intermediate unit
+    moe_overlap: float = 1.0  # share of the MoE block's transient alive with attention's (float KV cache)
+    moe_overlap_kv8: float = 1.0  # the same with the 8-bit KV cache
     source: str = "first principles"
 
 
@@ -40,7 +42,8 @@ class Costs:
 # cache's attention (never fused): scores, masked, with the sink column, softmax, its slice. MoE (kernels.moe,
 # sorted path): gathered inputs + gate_up output + gathered bias + sum + SwiGLU per row in intermediate units
 # (2 + 2 + 2 + 1 = 7 I, less what is freed before SwiGLU: 5 I), and 5 buffers of H per row in the down half
-# (input gather, output, bias, sum, unsort) plus the weighted copy.
+# (input gather, output, bias, sum, unsort) plus the weighted copy. Overlap: all of it (MLX queues ops ahead of
+# running them, and their outputs are allocated when queued).
 FIRST_PRINCIPLES = Costs(attention=0.0, attention_kv8=5.0, moe_hidden=5.5, moe_intermediate=5.0)
 FIRST_PRINCIPLES_CPU = Costs(attention=3.0, attention_kv8=5.0, moe_hidden=5.5, moe_intermediate=5.0)
 
@@ -114,31 +117,58 @@ def _peak(fn, *inputs) -> int:
 
 
 def measure(dtype: mx.Dtype) -> Costs:
-    """Run the probes (about a second) and return the multiples. mx.get_peak_memory() is reset after them,
-    so that a process's peak counts the model, not the probe."""
+    """Run the probes (a few seconds) on the model's own modules and return the multiples.
+    mx.get_peak_memory() is reset after them, so that a process's peak counts the model, not the probe."""
+    from mlx_lm.models.cache import KVCache
+
     from . import kernels
+    from .config import GptOssConfig
+    from .memory import GPT_OSS_20B
+    from .model import TransformerBlock
     from .offload.kv import QuantizedKV
 
     act = dtype.size
     mx.random.seed(0)
+    cfg = GptOssConfig.from_dict(dict(GPT_OSS_20B, hidden_size=256, intermediate_size=256, num_local_experts=EXPERTS,
+                                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+                                      num_hidden_layers=2, vocab_size=256), source="memory probe")
+    block = TransformerBlock(cfg, "full_attention")
+    block.set_dtype(dtype)
+    block.mlp.experts.gate_up_proj = mx.random.randint(0, 1 << 30, block.mlp.experts.gate_up_proj.shape).astype(
+        mx.uint32)
+    mx.eval(block.parameters())
+    x = mx.random.normal((1, QUERIES, 256)).astype(dtype)
+    past = mx.random.normal((1, KV_HEADS, KEYS, HEAD_DIM)).astype(dtype)
+
+    def cache(kind):  # filled up to the last chunk, with room for it: the cache's growth is counted apart
+        c = kind()
+        c.update_and_fetch(past, past)
+        mx.eval(c.keys, c.values)
+        c.offset = KEYS - QUERIES
+        return c
+
+    # attention's own transient, per score element: the op alone (q/k/v/o are counted apart, by their shapes)
     q = mx.random.normal((1, HEADS, QUERIES, HEAD_DIM)).astype(dtype)
-    k = mx.random.normal((1, KV_HEADS, KEYS, HEAD_DIM)).astype(dtype)
-    v = mx.random.normal((1, KV_HEADS, KEYS, HEAD_DIM)).astype(dtype)
-    sinks = mx.zeros((HEADS,), dtype=dtype)
+    k = mx.random.normal((1, KV_HEADS, QUERIES, HEAD_DIM)).astype(dtype)
+    sinks = block.self_attn.sinks
     scores = HEADS * QUERIES * KEYS * act
-    attn = _peak(lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal",
-                                                                      sinks=sinks), q, k, v)
-    # the 8-bit cache as the model meets it: filled up to the last chunk, then the chunk's update and attention
-    cache = QuantizedKV(bits=8, group_size=HEAD_DIM)
-    cache.update_and_fetch(k[:, :, :KEYS - QUERIES], v[:, :, :KEYS - QUERIES])
-    mx.eval(cache.keys, cache.values)
+    found = {}
+    for name, kind in (("float", KVCache), ("kv8", lambda: QuantizedKV(bits=8, group_size=HEAD_DIM))):
+        c = cache(kind)
 
-    def kv8(q, k, v):
-        keys, values = cache.update_and_fetch(k[:, :, :QUERIES], v[:, :, :QUERIES])
-        return cache.attention(q, keys, values, scale=0.125, mask="causal", sinks=sinks)
+        def attend(q, k, c=c):
+            keys, values = c.update_and_fetch(k, k)
+            op = getattr(c, "attention", None) or mx.fast.scaled_dot_product_attention
+            return op(q, keys, values, scale=0.125, mask="causal", sinks=sinks)
 
-    attn8 = _peak(kv8, q, k, v)
-    del cache
+        attention = _peak(attend, q, k)
+        # how much of the MoE block's transient is alive with attention's: a whole block against its parts
+        c = cache(kind)
+        alone = _peak(lambda x: block.self_attn(x, "causal", c), x)
+        moe = _peak(lambda x: block.mlp(x), x)
+        c = cache(kind)
+        both = _peak(lambda x: block(x, "causal", c), x)
+        found[name] = attention / scores, min(1.0, max(0.0, (both - alone) / moe))
 
     def moe(hidden: int, inter: int) -> int:
         w1 = mx.random.randint(0, 1 << 30, (EXPERTS, 2 * inter, hidden // 8)).astype(mx.uint32)
@@ -158,6 +188,7 @@ def measure(dtype: mx.Dtype) -> Costs:
     mx.reset_peak_memory()
     inter = (wide - small) / (rows * 256)
     hidden = (small - rows * 256 * inter) / (rows * 256)
-    return Costs(attention=round(attn / scores, 3), attention_kv8=round(attn8 / scores, 3),
+    return Costs(attention=round(found["float"][0], 3), attention_kv8=round(found["kv8"][0], 3),
                  moe_hidden=round(hidden, 3), moe_intermediate=round(inter, 3),
+                 moe_overlap=round(found["float"][1], 3), moe_overlap_kv8=round(found["kv8"][1], 3),
                  source=f"measured on this machine ({'Metal' if mx.metal.is_available() else 'CPU'} backend)")
