@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-COMMANDS = ["version", "chat", "download", "doctor", "plan", "bench", "serve"]
+COMMANDS = ["version", "chat", "download", "doctor", "plan", "bench", "serve", "launch"]
 HEAVY = ("mlx_lm", "transformers", "torch", "fastapi", "uvicorn", "mlx_gptoss.model", "mlx_gptoss.api",
          "mlx_gptoss.server", "mlx_gptoss.chat",
          "pydantic")  # typer coerces option values through it: 0.1 s that --help need not pay (app.py's --help)
