@@ -47,8 +47,8 @@ class ServerThread:
     """A server on 127.0.0.1 in a background thread: `with ServerThread(gpt_or_loader, ...) as s: s.url`."""
 
     def __init__(self, load, *, model_id: str = "gpt-oss", port: int | None = None, slots: int | None = None,
-                 max_queue: int = 16, max_batch: int | None = None, api_key: str | None = None, cors=(), max_body: int = 16 << 20,
-                 timeout: float = 120.0):
+                 max_queue: int = 16, max_batch: int | None = None, api_key: str | None = None, cors=(),
+                 max_body: int = 16 << 20, timeout: float = 120.0):
         self.worker = Worker(load, slots=slots, max_queue=max_queue, max_batch=max_batch)
         self.port = port or free_port()
         self.settings = Settings(model_id, api_key=api_key, cors=list(cors), max_body=max_body)
