@@ -307,6 +307,16 @@ def write_table(meta: dict, rows: list[dict], lat: dict | None, steps: list[dict
     lines += ["", "Aggregate decode tok/s = all tokens after each client's first / (last token anywhere - first token "
               "anywhere); wall tok/s = all tokens / the whole run (prefill included). Medians of the repetitions; "
               "each run's figure is in results_batching.json with the load average when it ran.", "",
+              "Reading: on this machine a step of B requests costs about B steps of one (the per-token step time "
+              "below is flat): MLX's CPU backend with its bundled single-threaded BLAS is compute-bound in every "
+              "matmul, and the MXFP4 experts run one matvec per (token, expert) pair below 64 pairs, so stacking "
+              "rows saves no work here, for mlx-lm as for us, and the aggregate falls with more clients as their "
+              "prefills take steps from the same two cores (loaded by other jobs as well). The issue's goal (at 4 "
+              "and 8 clients at least mlx-lm's aggregate and above 1 client) is NOT met on this machine. What the "
+              "batch shares - the dense weights (QKV/O projections, router, unembedding: about two thirds of the "
+              "weight bytes of a 20b decode step, by parameter sizes) read once per step instead of once per "
+              "request - pays only where decode is bandwidth-bound (Metal on a Mac), which nobody has measured "
+              "for this project.", "",
               "One decode step of B requests in one process (ours, `mlx_gptoss.batch.step_lazy`):", "",
               "| B | ms per step | ms per token |", "|---|---|---|"]
     lines += [f"| {s['batch']} | {s['step_ms']} | {s['ms_per_token']} |" for s in steps]

@@ -1,7 +1,7 @@
 """The server's scheduler (worker.py over mlx_gptoss.batch): concurrent clients each get exactly their solo
 answer while decoding together; a batch where one request calls a tool, one stops and one hits max tokens;
 SIGTERM semantics (a running reply says "shutdown", a queued request gets a 503), at the worker and over
-HTTP; no slot leaks after a thousand mixed requests (joins, cancels, refusals) driven at the worker level."""
+HTTP; a client leaving during a long prefill stops it between chunks; no slot leaks after a thousand mixed requests (joins, cancels, refusals) driven at the worker level."""
 
 from __future__ import annotations
 
@@ -229,3 +229,19 @@ def test_sigterm_over_http_cut_stream_says_so_and_a_queued_request_gets_503(loop
     assert got["queued"].status_code == 503 and got["queued"].json()["error"]["code"] == "server_shutting_down"
     assert [j.stats.stop_reason for j in server.worker.done if j.stats] == ["shutdown"]
     assert got["stream"][-1] == "data: [DONE]" and len(got["stream"]) > 4
+
+
+def test_a_client_leaving_during_a_long_prefill_stops_it(rnd):
+    with ServerThread(rnd, model_id="gpt-oss-20b") as server:
+        server.worker.engine.batch.chunk = 2  # a long prefill: 6,000 chunks, the cancel flag checked between them
+        prompt = [(5000 + 31 * k) % 190000 for k in range(12000)]
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up while the prompt is still prefilling
+            httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 4},
+                       timeout=httpx.Timeout(60, read=1.5))
+        deadline = time.monotonic() + 60
+        while not server.worker.done and time.monotonic() < deadline:
+            time.sleep(0.05)
+        job = server.worker.done[-1]
+        slot = server.worker.engine.pool.slots[-1]
+    assert job.stats.stop_reason == "cancelled" and job.stats.generated_tokens == 0
+    assert 0 < len(slot.ids) < len(prompt)  # stopped part way, between two chunks
