@@ -585,7 +585,7 @@ def _prefill_transient(cfg: GptOssConfig, chunk: int, context: int, act: int, c:
         name, peak = max(((what_attn, attention), (what_moe, moe)), key=lambda p: p[1])
     else:
         name, peak = f"{what_attn} + {overlap:.0%} of the {what_moe}", attention + math.ceil(overlap * moe)
-    return resid + layer_kv + peak, f"peak of prefill: {name}; multiples {c.source}"
+    return resid + layer_kv + peak, f"peak of prefill: {name}; multiples: {c.source}"
 
 
 def _decode_transient(cfg: GptOssConfig, context: int, act: int, c: Costs, *, kv_bits: int) -> int:
