@@ -81,7 +81,9 @@ def plan_dict(p: memory.Plan) -> dict:
 
 
 def plan_table(p: memory.Plan) -> Table:
-    backend = "Metal (fused attention)" if p.fused_attention else "CPU (unfused attention)"
+    kv8 = getattr(getattr(p, "levers", None), "kv_bits", 16) == 8  # the 8-bit cache's attention is not fused
+    backend = ("Metal" if p.fused_attention else "CPU") + (" (fused attention)" if p.fused_attention and not kv8
+                                                           else " (unfused attention)")
     t = Table(title=f"memory plan: {p.checkpoint}", caption=f"sized from {p.source}; {backend}, {p.dtype}",
               title_justify="left", caption_justify="left")
     t.add_column("part")

@@ -6,9 +6,10 @@ made for a checkpoint whose weights are not downloaded yet. The peak MLX allocat
     weights (as loaded: MXFP4 expert bytes as stored, every float tensor in the activation dtype)
   + KV cache: the full-attention layers' C tokens (their caches grow in 256-token steps, so up to one step
               more), the sliding-window layers' window + one prefill chunk, and the Runner's window snapshots
-  + activations: the larger transient of one prefill chunk at the end of that context: attention (score
-              matrices unless fused), the MoE block's routed rows (with the streamed experts of the step
-              when experts stream), or a full-attention cache's growth
+  + activations: the transient of one prefill chunk at the end of that context: the residual stream, a
+              full-attention cache's growth, attention (score matrices unless fused) and the share of the
+              MoE block's routed rows alive with it (with expert streaming: the larger of attention and the
+              MoE block with the step's streamed experts)
   + loading: what converting the weights needs beyond that, when it is more (float32 from bf16 files)
   + reserve: memory the process needs outside MLX's buffers, counted only when the budget is this machine's
               available RAM (a --memory or Metal budget bounds MLX's allocations: mx.set_memory_limit)
@@ -586,7 +587,7 @@ def _prefill_transient(cfg: GptOssConfig, chunk: int, context: int, act: int, c:
         name, peak = max(((what_attn, attention), (what_moe, moe)), key=lambda p: p[1])
     else:
         name, peak = f"{what_attn} + {overlap:.0%} of the {what_moe}", attention + math.ceil(overlap * moe)
-    return resid + layer_kv + peak, f"peak of prefill: {name}; multiples {c.source}"
+    return resid + layer_kv + peak, f"peak of prefill: {name}; multiples: {c.source}"
 
 
 def _decode_transient(cfg: GptOssConfig, context: int, act: int, c: Costs, *, kv_bits: int) -> int:
