@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 
 from . import machine
 from . import memory as mem
+from .chat import prefill_chunk
 from .errors import GptOssError
 
 KERNELS = ("auto", "metal", "builtin")
@@ -322,11 +323,6 @@ def run(model: str, *, n_prompt=None, n_gen=None, depth=None, repetitions: int =
         "settings": {"repetitions": repetitions, "warmup": warmup, "seed": seed, "memory": memory, "ctx": ctx,
                      "prompt": "random tokens", "offload": offload, "kv_bits": kv_bits},
     }
-
-
-def prefill_chunk(gpt) -> int:
-    plan = getattr(gpt, "plan", None)
-    return plan.prefill_chunk if plan is not None else mem.PREFILL_CHUNK
 
 
 def _measure(gpt, backend, p, g, d, repetitions, warmup, seed, say, streamed: dict) -> TestResult:

@@ -126,8 +126,8 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from . import harmony
 from .errors import GptOssError
+from .memory import PREFILL_CHUNK
 
-DEFAULT_PREFILL_CHUNK = 512
 DROP_TO = 0.5  # a full context drops the oldest turns until the conversation fills at most this fraction of it
 MAX_SNAPSHOTS = 8
 
@@ -193,7 +193,7 @@ def restore_cache(cache: list, sliding: dict, n: int) -> None:
 
 def prefill_chunk(gpt) -> int:
     """Tokens per prefill forward pass: the memory plan's (what its activation peak allows)."""
-    return max(1, getattr(getattr(gpt, "plan", None), "prefill_chunk", 0) or DEFAULT_PREFILL_CHUNK)
+    return max(1, getattr(getattr(gpt, "plan", None), "prefill_chunk", 0) or PREFILL_CHUNK)
 
 
 def runner_for(gpt) -> "Runner":
