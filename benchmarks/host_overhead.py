@@ -165,7 +165,9 @@ def gate_table(steps: int, blocks: int) -> list[str]:
             f"per token with auto ({calls} MoE kernel choices), "
             f"{(gate['auto'] - gate['builtin']) * calls / (ms['builtin'][0] / 1e3) * 100:.2f}% of the fastest "
             f"token. Before this change every one of those choices computed the setup key (sysctl subprocess, "
-            f"file reads, sha256): {before * 1e3:.2f} ms each here, {before * calls * 1e3:.0f} ms per token."]
+            f"file reads, sha256): {before * 1e3:.2f} ms each here, {before * calls * 1e3:.0f} ms per token.",
+            "", "On a loaded machine the whole-token ratio scatters between runs by several percent either way "
+            "(the other jobs); the backend choice's own cost, timed alone, is the precise figure."]
 
 
 def _per_call(fn, n: int = 20000, runs: int = 5, clock=time.process_time) -> float:
