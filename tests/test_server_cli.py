@@ -109,6 +109,12 @@ def test_the_printed_client_lines_work_as_pasted(tmp_path):
                 break
         text = "".join(lines)
         assert "export GPTOSS_API_KEY=" in text and key not in text, text
+
+        def listening():  # the lines are printed as uvicorn starts; a person pastes them a moment later
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(listening, 60, "the server to listen")
         shell_env = dict(env, GPTOSS_API_KEY=key, PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
         for line in lines:
             if line.startswith(("  curl", "  python3")):
