@@ -268,6 +268,12 @@ def test_errors_are_anthropic_error_objects(agent, reason):
     r = httpx.post(reason.url + "/v1/messages", content=b"{not json", timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    # what the app answers before any route: the method, an unknown path under /v1/messages, a foreign Host
+    for r, status in ((httpx.get(reason.url + "/v1/messages", timeout=30), 405),
+                      (httpx.post(reason.url + "/v1/messages/nope", json={}, timeout=30), 404),
+                      (httpx.post(reason.url + "/v1/messages", json={}, headers={"Host": "evil.example"},
+                                  timeout=30), 403)):
+        assert r.status_code == status and r.json()["type"] == "error" and r.json()["error"]["message"], r.text
 
 
 def test_tool_choice_any_and_none(tool):

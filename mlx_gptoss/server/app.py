@@ -64,6 +64,13 @@ class Settings:
         return {self.model_id, Path(self.model_id.rstrip("/")).name}
 
 
+def error_for(path: str, status: int, message: str, code: str | None = None) -> dict:
+    """The error object of the protocol a path speaks: Anthropic's on /v1/messages*, else OpenAI's."""
+    if path.startswith("/v1/messages"):
+        return anthropic.error_body(status, message)
+    return error_body(status, message, code=code)
+
+
 def create_app(worker: Worker, settings: Settings) -> FastAPI:
     app = FastAPI(title="gptoss-mac", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker, app.state.settings = worker, settings
@@ -78,9 +85,9 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def _http_error(request, e: HTTPException):
         msg = {404: f"no route {request.method} {request.url.path}; see GET /v1/models, POST /v1/responses, "
-                    "/v1/chat/completions, /v1/completions",
+                    "/v1/chat/completions, /v1/completions, /v1/messages",
                405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
-        return JSONResponse(error_body(e.status_code, msg), status_code=e.status_code)
+        return JSONResponse(error_for(request.url.path, e.status_code, msg), status_code=e.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e):
@@ -89,7 +96,8 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
     @app.exception_handler(Exception)
     async def _bug(request, e: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
+        return JSONResponse(error_for(request.url.path, 500, f"internal error: {type(e).__name__}: {e}"),
+                            status_code=500)
 
     # ------------------------------------------------------------------------------- helpers
     async def read(request: Request, model: type):
@@ -442,9 +450,9 @@ class RequireLocalHost:
         name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
         if allowed_host(name, self.names):
             return await self.app(scope, receive, send)
-        resp = JSONResponse(error_body(403, f"the Host header {host!r} is not this server: without an API key it "
-                                            "answers only requests to localhost or an IP address (gptoss-mac "
-                                            "serve --api-key KEY serves other names)", code="host_not_allowed"),
+        resp = JSONResponse(error_for(scope["path"], 403, f"the Host header {host!r} is not this server: without an "
+                                      "API key it answers only requests to localhost or an IP address (gptoss-mac "
+                                      "serve --api-key KEY serves other names)", code="host_not_allowed"),
                             status_code=403)
         await resp(scope, receive, send)
 
@@ -477,8 +485,6 @@ class RequireKey:
             return await self.app(scope, receive, send)
         msg = ("Incorrect API key provided" if given else
                "Missing API key: send it as `Authorization: Bearer KEY`") + " (gptoss-mac serve --api-key)"
-        body = (anthropic.error_body(401, msg) if scope["path"].startswith("/v1/messages") else
-                error_body(401, msg, code="invalid_api_key"))
-        resp = JSONResponse(body, status_code=401,
+        resp = JSONResponse(error_for(scope["path"], 401, msg, code="invalid_api_key"), status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})
         await resp(scope, receive, send)
