@@ -17,6 +17,8 @@ from rich.markup import escape
 
 from mlx_gptoss.errors import GptOssError
 
+from . import on_ctrl_c
+
 app = typer.Typer(
     name="gptoss-mac",
     help="Run OpenAI's gpt-oss-20b and gpt-oss-120b on Apple silicon with MLX.",
@@ -99,7 +101,7 @@ def join_sizes(args: list[str]) -> list[str]:
 def main() -> None:
     """The `gptoss-mac` command. What can go wrong before or around a command is one line on stderr:
     a bad option (exit 2), a GptOssError (exit 1), Ctrl-C at any moment (exit 130), never a traceback."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt
+    signal.signal(signal.SIGINT, on_ctrl_c)  # from here on Ctrl-C is a KeyboardInterrupt (but while importing)
     command = typer.main.get_command(app)
     try:
         try:

@@ -183,3 +183,18 @@ def test_a_reader_that_leaves_early_is_no_traceback(args):
     p.stdout.close()
     assert p.wait(timeout=60) in (0, 1, 2)
     assert p.stderr.read() == b""
+
+
+def test_ctrl_c_inside_the_import_machinery_is_not_lost():
+    """A KeyboardInterrupt raised in importlib's module-lock weakref callback is swallowed ("Exception ignored
+    in ... _get_module_lock ... cb") and the command goes on (seen in CI: a serve that kept running after
+    Ctrl-C). There the handler leaves at once: one line, status 130. Elsewhere it is a KeyboardInterrupt."""
+    from mlx_gptoss.cli import on_ctrl_c
+
+    with pytest.raises(KeyboardInterrupt):
+        on_ctrl_c(signal.SIGINT, sys._getframe())
+    code = ("import types\nfrom mlx_gptoss.cli import on_ctrl_c\n"
+            "code = types.SimpleNamespace(co_filename='<frozen importlib._bootstrap>')\n"
+            "on_ctrl_c(2, types.SimpleNamespace(f_code=code))\nprint('went on')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 130 and p.stderr.strip() == "interrupted" and "went on" not in p.stdout, p
