@@ -69,13 +69,13 @@ def costs(dtype: mx.Dtype, metal: bool) -> Costs:
     this machine when it is that backend (cached), else FIRST_PRINCIPLES(_CPU)."""
     if metal != mx.metal.is_available():
         return FIRST_PRINCIPLES if metal else FIRST_PRINCIPLES_CPU
-    if dtype in _known:  # a plan sizes many candidates: read the file once per process
-        return _known[dtype]
-    _known[dtype] = found = _stored_or_measured(dtype)
+    if (dtype, metal) in _known:  # a plan sizes many candidates: read the file once per process
+        return _known[dtype, metal]
+    _known[dtype, metal] = found = _stored_or_measured(dtype)
     return found
 
 
-_known: dict = {}
+_known: dict = {}  # (dtype, Metal backend): a process that ran as a Mac (tests' simulated Mac) keeps both apart
 
 
 def _stored_or_measured(dtype: mx.Dtype) -> Costs:
