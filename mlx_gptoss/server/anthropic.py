@@ -41,7 +41,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from . import conversation, responses
 from . import schemas as S
-from .conversation import Assistant, Turn
+from .conversation import Assistant, Turn, arguments_as_generated
 from .errors import APIError, bad, refuse, unsupported
 
 log = logging.getLogger("gptoss_mac.server")
@@ -202,7 +202,7 @@ def read_assistant(content, where: str, known: dict, turn: Turn) -> dict:
             cid, name, args = b.get("id"), b.get("name"), b.get("input", {})
             if not isinstance(cid, str) or not isinstance(name, str) or not isinstance(args, dict):
                 raise bad(f"{w}: a tool_use block needs \"id\", \"name\" and an \"input\" object", param=w)
-            reply.call(cid, conversation.recipient(name), responses._as_generated(known, cid, args), known,
+            reply.call(cid, conversation.recipient(name), arguments_as_generated(known, cid, args), known,
                        f"{w}.name")
         else:
             raise bad(f"{w}.type: {kind!r} is not an assistant block; use text, thinking or tool_use",

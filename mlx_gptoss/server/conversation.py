@@ -21,6 +21,7 @@ Out: a call's recipient as (namespace, name) (call_name), and the sealed blob of
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,3 +266,15 @@ def apply_tool_choice(turn: Turn, choice) -> Turn:
                   "{\"type\": \"function\", \"name\": ...}", param="tool_choice")
     turn.tool_choice = choice
     return turn
+
+
+def arguments_as_generated(known: dict, call_id: str, value: dict) -> str:
+    """The argument text of a call sent back as an object (Responses' custom and local_shell calls, Anthropic's
+    tool_use input): as the model wrote it when that is the same object, so the turn re-renders exactly."""
+    raw = (known.get(call_id) or {}).get("content")
+    try:
+        if raw is not None and json.loads(raw) == value:
+            return raw
+    except ValueError:
+        pass
+    return json.dumps(value, ensure_ascii=False)

@@ -33,7 +33,7 @@ from typing import Callable
 
 from . import conversation
 from . import schemas as S
-from .conversation import Assistant, Turn, text_of
+from .conversation import Assistant, Turn, arguments_as_generated, text_of
 from .errors import bad
 
 SKIPPED_ITEMS = ("web_search_call", "file_search_call", "computer_call", "computer_call_output",
@@ -146,7 +146,7 @@ def read_input(items: str | list, prior: list[dict], known: dict, turn: Turn) ->
         elif kind == "custom_tool_call":
             c = S.validate(S.CustomToolCallItem, raw, where)
             assistant().call(c.call_id, conversation.recipient(c.name, c.namespace),
-                             _as_generated(known, c.call_id, {"input": c.input}), known, f"{where}.name")
+                             arguments_as_generated(known, c.call_id, {"input": c.input}), known, f"{where}.name")
         elif kind == "local_shell_call":
             c = S.validate(S.LocalShellCallItem, raw, where)
             cid = c.call_id or c.id
@@ -155,7 +155,7 @@ def read_input(items: str | list, prior: list[dict], known: dict, turn: Turn) ->
             args = {"command": c.action.command, **({"workdir": c.action.working_directory}
                                                     if c.action.working_directory else {}),
                     **({"timeout_ms": c.action.timeout_ms} if c.action.timeout_ms is not None else {})}
-            assistant().call(cid, f"functions.{LOCAL_SHELL}", _as_generated(known, cid, args), known)
+            assistant().call(cid, f"functions.{LOCAL_SHELL}", arguments_as_generated(known, cid, args), known)
         elif kind == "reasoning":
             r = S.validate(S.ReasoningItem, raw, where)
             assistant().reasoning(text_of(r.content if r.content else r.summary, f"{where}.content"),
@@ -174,17 +174,6 @@ def read_input(items: str | list, prior: list[dict], known: dict, turn: Turn) ->
                       "or reasoning", param=f"{where}.type")
     close()
     return msgs
-
-
-def _as_generated(known: dict, call_id: str, value: dict) -> str:
-    """The argument text of a call sent back as an object: as the model wrote it when that is the same object."""
-    raw = (known.get(call_id) or {}).get("content")
-    try:
-        if raw is not None and json.loads(raw) == value:
-            return raw
-    except ValueError:
-        pass
-    return json.dumps(value, ensure_ascii=False)
 
 
 # -------------------------------------------------------------------------------------------- output
