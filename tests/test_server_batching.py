@@ -135,7 +135,7 @@ def test_shutdown_cuts_running_replies_and_refuses_queued_ones(loop_model):
     jobs, out = run_jobs(worker, specs, during=stop)
     assert [items[-1].stats.stop_reason for items in out[:2]] == ["shutdown", "shutdown"]
     assert isinstance(out[2][-1], APIError) and out[2][-1].status == 503
-    assert not worker.thread.is_alive()
+    assert not worker.alive
     with pytest.raises(APIError) as e:
         worker.submit(Job("late", "test", specs[0][0], Tokens(), {}, asyncio.new_event_loop()))
     assert e.value.status == 503

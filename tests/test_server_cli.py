@@ -1,5 +1,6 @@
 """`gptoss-mac serve` as a real process: loads, prints the URL and a client snippet, logs one line per
-request, refuses an exposed host without a key, ends open streams with a final event on SIGTERM."""
+request, refuses an exposed host without a key, ends open streams with a final event on SIGTERM, and a
+process exits cleanly right after its server stops."""
 
 from __future__ import annotations
 
@@ -132,3 +133,24 @@ def test_the_printed_client_lines_work_as_pasted(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
+
+
+EXIT_AFTER_SERVING = """
+import sys, httpx, mlx_gptoss
+from mlx_gptoss.server import ServerThread
+with ServerThread(lambda: mlx_gptoss.load(sys.argv[1], allow_download=False), model_id="m") as s:
+    r = httpx.post(s.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+"""
+
+
+@pytest.mark.slow
+def test_a_process_exits_cleanly_right_after_its_server_stops():
+    """The interpreter finalizes right after the model thread's loop ends: MLX's per-thread destructors must
+    not run then (they aborted 1 exit in 3 with SIGABRT, "terminate called without an active exception")."""
+    path = scripted_path("loop")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for _ in range(8):  # the old code failed within 3
+        done = subprocess.run([sys.executable, "-c", EXIT_AFTER_SERVING, str(path)], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]

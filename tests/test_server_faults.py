@@ -103,8 +103,7 @@ def test_health_reports_a_dead_model_thread(monkeypatch):
 
         monkeypatch.setattr(threading, "excepthook", lambda args: None)  # its traceback is expected
         s.worker._admit = die  # the scheduler's next pass raises out of the thread
-        s.worker.thread.join(10)
-        assert not s.worker.thread.is_alive()
+        assert s.worker.stopped.wait(10) and not s.worker.alive
         resp = httpx.get(s.url + "/health")
         assert resp.status_code == 503 and resp.json()["model_thread"] == "stopped"
         resp = httpx.post(s.url + "/v1/responses", json={**ASK, "max_output_tokens": 3}, timeout=30)

@@ -167,7 +167,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
                         job.stop("shutdown")
                     elif request is not None and await request.is_disconnected():
                         job.stop()
-                    if not worker.thread.is_alive():
+                    if not worker.alive:
                         raise APIError(503, "the model thread has stopped; restart the server",
                                        code="model_thread_stopped")
                 if item is None:
@@ -197,7 +197,7 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
     @app.get("/health")
     async def health():
         """ok while the model thread runs (503 once it has died: nothing can be answered any more)."""
-        alive = worker.thread.is_alive() and worker.error is None
+        alive = worker.alive and worker.error is None
         body = {"status": "ok" if alive else "error", "model": settings.model_id,
                 "model_thread": "running" if alive else "stopped", "queued": worker.queue.qsize(),
                 "busy": worker.current is not None, "batch": worker.batch_size, "max_batch": worker.max_batch}

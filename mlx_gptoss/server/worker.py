@@ -143,8 +143,9 @@ class Worker:
                  on_ready: Callable[[object], None] | None = None):
         self._load, self._slots, self._max_batch, self._on_ready = load, slots, max_batch, on_ready
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, max_queue))
-        self.thread = threading.Thread(target=self._main, name="gptoss-model", daemon=True)
+        self.thread = threading.Thread(target=_run_then_park, args=([self._main],), name="gptoss-model", daemon=True)
         self.ready = threading.Event()
+        self.stopped = threading.Event()  # the model loop has ended (its thread then parks: _run_then_park)
         self.error: BaseException | None = None
         self.engine: Engine | None = None
         self.running: list[Job] = []  # in arrival order: prefilling or decoding
@@ -158,6 +159,11 @@ class Worker:
         """The oldest running job."""
         running = self.running
         return running[0] if running else None
+
+    @property
+    def alive(self) -> bool:
+        """The model loop runs (False once it has ended: shut down, or died of a bug)."""
+        return self.thread.is_alive() and not self.stopped.is_set()
 
     @property
     def batch_size(self) -> int:
@@ -178,6 +184,15 @@ class Worker:
         return self
 
     def _main(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # a bug: /health and every waiting request report the stopped thread
+            log.error("the model thread stopped", exc_info=e)
+            self.error = e
+        finally:
+            self.stopped.set()
+
+    def _serve(self) -> None:
         try:
             gpt = self._load() if callable(self._load) else self._load
             self.engine = Engine(gpt, self._slots, self._max_batch)
@@ -205,7 +220,7 @@ class Worker:
         self.cancel_all()
         self._closing.set()
         self._wake.set()
-        self.thread.join(timeout) if self.thread.is_alive() else None
+        self.stopped.wait(timeout) if self.thread.is_alive() else None
 
     def cancel_all(self) -> None:
         """The server is stopping: every job ends (see shutdown)."""
@@ -295,6 +310,19 @@ class Worker:
         self.done.append(job)
         job.finished.set()
         log.info(request_line(job, seconds))
+
+
+def _run_then_park(box: list) -> None:
+    """The model thread: run the worker's loop, then wait for the process to end instead of ending itself.
+
+    Why: MLX keeps a compile cache per thread, and its destructor takes the GIL when the OS thread ends,
+    which is after Thread.join() has returned (Python < 3.13). Should the interpreter be finalizing then
+    (serve's main thread exits right after shutdown), CPython ends the thread inside that noexcept
+    destructor and the process aborts: "terminate called without an active exception", SIGABRT (1 serve
+    exit in 3 here, mlx 0.32.4, Python 3.11). A parked daemon thread runs no destructors: the exit takes it.
+    It keeps no reference to the worker or its model (the box held the only one)."""
+    box.pop()()
+    threading.Event().wait()
 
 
 def request_line(job: Job, seconds: float) -> str:
