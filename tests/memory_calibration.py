@@ -5,9 +5,9 @@ and reports the plan's figures with mx.get_peak_memory() over all of it.
     python tests/memory_calibration.py CASES_JSON     # one JSON line per case, in order
 
 CASES_JSON is a list of {"folder", "config", "ctx", "load": load() keywords, "memory", "chunk"}. This
-launcher imports the modules once, allocates nothing in MLX, and forks one child per case (two at a time),
-so every case starts with MLX untouched without paying the imports again; on a system where fork is not
-safe for MLX (macOS) each case is a new interpreter instead. tests/test_memory_calibration.py and
+launcher writes the checkpoints, imports the modules once, allocates nothing in MLX, and forks one child per
+case (two at a time), so every case starts with MLX untouched without paying the imports again; on a system
+where fork is not safe for MLX (macOS) each case is a new interpreter instead. tests/test_memory_calibration.py and
 benchmarks/memory_calibration.py use it; the checkpoints are written by tiny_checkpoint.py.
 
 A test checkpoint needs at least two full-attention layers: during prefill only the cache is evaluated, so
@@ -116,6 +116,10 @@ def _child(case: dict) -> str:
 
 
 def _launch(cases: list[dict]) -> None:
+    # the checkpoints first, once each: two children that both found one missing wrote it at the same time,
+    # and one read a shard the other was rewriting ("[read] Unable to read from file.", seen in CI)
+    for case in cases:
+        checkpoint(case["folder"], case["config"])
     fork = sys.platform == "linux"
     if fork:
         import mlx_gptoss.chat  # noqa: F401  imports only: MLX allocates nothing before the fork
