@@ -33,6 +33,13 @@ def _port(value: int) -> int:
     return value
 
 
+def _host_names(values: list[str]) -> list[str]:
+    for v in values:
+        if not options.HOSTNAME.fullmatch(v):
+            raise typer.BadParameter(f"not a host name (like my-mac.local); got {v!r}")
+    return [v.lower().rstrip(".") for v in values]
+
+
 def _check_port(host: str, port: int) -> None:
     """Fail before loading the model when the address cannot be bound."""
     try:
@@ -81,6 +88,14 @@ def serve(
                                          help="Requests that decode together (default: the KV slots)."),
     max_body: int = typer.Option(16, "--max-body", callback=options.positive("16", "MB"),
                                   help="Largest request body, in MB."),
+    max_tokens: int = typer.Option(16384, "--max-tokens", callback=options.positive("16384"),
+                                   help="Output cap of a request that sets none (a runaway reply ends there)."),
+    write_timeout: float = typer.Option(30.0, "--write-timeout", callback=options.positive("30", "seconds"),
+                                        help="Seconds a stream may wait for a client that stops reading; then "
+                                        "it is closed and its generation cancelled."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", callback=_host_names,
+                                           help="A Host name to serve without --api-key besides localhost, IP "
+                                           "addresses and --host (repeatable; e.g. my-mac.local behind a proxy)."),
 ) -> None:
     """Serve gpt-oss over OpenAI's API (Responses, Chat Completions, Completions) for agents and apps."""
     from mlx_gptoss.distributed import launched_rank
@@ -102,7 +117,8 @@ def serve(
                     max_queue=max_queue, max_batch=max_batch)
     worker.start()  # loads on the model thread; a GptOssError ends here as one red line
     model_id = Path(model).name if Path(model).expanduser().exists() else model
-    settings = Settings(model_id, api_key=api_key, cors=list(cors), max_body=max_body << 20)
+    settings = Settings(model_id, api_key=api_key, cors=list(cors), max_body=max_body << 20,
+                        default_max_tokens=max_tokens, write_timeout=write_timeout, allowed_hosts=list(allowed_host))
     server = make_server(worker, settings, host, port)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
     err.print(f"serving {escape(model_id)} at [bold]{url}[/] ({worker.engine.pool.size} KV slots, batches of up to "

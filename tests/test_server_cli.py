@@ -36,7 +36,7 @@ def quick(*args) -> subprocess.CompletedProcess:
 def test_serve_process_end_to_end():
     path = scripted_path("loop")
     port = free_port()
-    proc = serve("--model", str(path), "--port", str(port))
+    proc = serve("--model", str(path), "--port", str(port), "--max-tokens", "7", "--allowed-host", "My-Mac.lan")
     url = f"http://127.0.0.1:{port}"
     err_lines: list[str] = []
     reader = threading.Thread(target=lambda: err_lines.extend(proc.stderr), daemon=True)
@@ -54,6 +54,12 @@ def test_serve_process_end_to_end():
                        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
         wait_for(lambda: any("stop=max_tokens" in line for line in err_lines), 30, "the request's log line")
+        # --max-tokens caps a request that sets none; --allowed-host names a Host served without a key
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, headers={"Host": "my-mac.lan:8000"},
+                       json={"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 7, r.text
+        r = httpx.get(url + "/v1/models", headers={"Host": "other.lan"}, timeout=10)
+        assert r.status_code == 403 and "--allowed-host" in r.json()["error"]["message"]
         with httpx.stream("POST", url + "/v1/responses", timeout=60,
                           json={"input": "Loop", "stream": True, "temperature": 0}) as resp:
             lines = resp.iter_lines()
@@ -71,7 +77,7 @@ def test_serve_process_end_to_end():
     text = "".join(err_lines)
     assert f"http://127.0.0.1:{port}/v1" in text and "OpenAI(base_url=" in text and "curl" in text
     assert "memory plan:" in text
-    log = next(line for line in err_lines if "stop=max_tokens" in line)
+    log = next(line for line in err_lines if "stop=max_tokens" in line)  # the first request's
     assert "prompt=" in log and "cached=0" in log and "generated=6" in log and "tok/s" in log
     last = json.loads(rest[-1][1])
     assert last["type"] == "response.failed" and last["response"]["error"]["code"] == "server_shutting_down"

@@ -451,8 +451,8 @@ class RequireLocalHost:
         if allowed_host(name, self.names):
             return await self.app(scope, receive, send)
         resp = JSONResponse(error_for(scope["path"], 403, f"the Host header {host!r} is not this server: without an "
-                                      "API key it answers only requests to localhost or an IP address (gptoss-mac "
-                                      "serve --api-key KEY serves other names)", code="host_not_allowed"),
+                                      "API key it answers only requests to localhost, an IP address or the names given "
+                                      "(gptoss-mac serve --allowed-host NAME, or --api-key KEY for any name)", code="host_not_allowed"),
                             status_code=403)
         await resp(scope, receive, send)
 
