@@ -187,28 +187,40 @@ def latency(port: int, long_factor: int = 50, max_tokens: int = 64) -> dict:
     return res
 
 
-def step_times(reps: int = 3) -> list[dict]:
-    """In this process: one decode step of B requests (mlx_gptoss.batch.step_lazy), ms per step and per token:
-    how much a step of B costs against B steps of one on this machine."""
+def step_times(reps: int = 5) -> list[dict]:
+    """In this process: one decode step of B requests, ours (mlx_gptoss.batch.step_lazy over B KV slots) and
+    mlx-lm's (its gpt_oss model over B of its caches merged into batch caches, as its BatchGenerator decodes),
+    alternating, on the same checkpoint after the same 16-token prompts: ms per step and per token."""
     import mlx.core as mx
+    from mlx_lm.utils import load_model
 
     import mlx_gptoss
     from mlx_gptoss.batch import step_lazy
     from mlx_gptoss.chat import Runner
 
     gpt = mlx_gptoss.load(checkpoint(), allow_download=False)
-    runners = [Runner(gpt) for _ in range(8)]
+    lm, _ = load_model(checkpoint())
+    lm.set_dtype(mx.float32)  # as its server runs in this benchmark (serve_mlx_lm)
+    runners, lm_caches = [Runner(gpt) for _ in range(8)], []
     for i, r in enumerate(runners):
         r.prefill(prompt_ids(i, PROMPT))
+        cache = lm.make_cache()
+        mx.eval(lm(mx.array([prompt_ids(i, PROMPT)]), cache=cache))
+        lm_caches.append(cache)
     out = []
     for B in (1, 2, 4, 8):
-        secs = []
-        for _ in range(reps + 1):
+        merged = [type(layer).merge([c[n] for c in lm_caches[:B]]) for n, layer in enumerate(lm_caches[0])]
+        ours, theirs = [], []
+        for _ in range(reps + 1):  # the first of each is a warm-up
             t0 = time.perf_counter()
             mx.eval(step_lazy(runners[:B], [mx.array([5])] * B))
-            secs.append(time.perf_counter() - t0)
-        ms = 1000 * statistics.median(secs[1:])
-        out.append({"batch": B, "step_ms": round(ms, 1), "ms_per_token": round(ms / B, 1)})
+            ours.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            mx.eval(lm(mx.array([[5]] * B), cache=merged))
+            theirs.append(time.perf_counter() - t0)
+        ms, lm_ms = 1000 * statistics.median(ours[1:]), 1000 * statistics.median(theirs[1:])
+        out.append({"batch": B, "step_ms": round(ms, 1), "ms_per_token": round(ms / B, 1),
+                    "mlx_lm_step_ms": round(lm_ms, 1), "ours_over_mlx_lm": round(ms / lm_ms, 2)})
     return out
 
 
@@ -234,12 +246,22 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1, help="repetitions of every client count (median reported)")
     ap.add_argument("--only-latency", action="store_true", help="rerun the latency test alone, keeping the other "
                     "results in results_batching.json")
+    ap.add_argument("--only-steps", action="store_true", help="rerun the in-process step times alone, keeping the "
+                    "other results in results_batching.json")
     args = ap.parse_args()
     if args.serve_ours:
         return serve_ours(args.serve_ours)
     if args.serve_mlx_lm:
         return serve_mlx_lm(args.serve_mlx_lm)
     checkpoint()
+    if args.only_steps:
+        steps = step_times()
+        print(json.dumps(steps), flush=True)
+        path = ROOT / "benchmarks" / "results_batching.json"
+        res = json.loads(path.read_text())
+        res["steps"] = steps
+        path.write_text(json.dumps(res, indent=1))
+        return write_table(res["meta"], median_rows(res["throughput"]), res["latency"], steps)
     if args.only_latency:
         port = free_port()
         proc = start("ours", port)
@@ -278,12 +300,40 @@ def main() -> None:
     steps = step_times()
     print(json.dumps(steps), flush=True)
     load = os.getloadavg()
-    meta = {"machine": f"{platform.machine()} shared 2-core VM, CPU backend, loaded (load average {load[0]:.1f})",
+    meta = {"machine": f"{platform.machine()} shared 2-core VM, CPU backend, load average {load[0]:.1f} when it ended",
             "max_tokens": MAX_TOKENS, "prompt_tokens": PROMPT}
     if not args.no_write:
         (ROOT / "benchmarks" / "results_batching.json").write_text(json.dumps(
             {"meta": meta, "throughput": rows, "latency": lat, "steps": steps}, indent=1))
         write_table(meta, median_rows(rows), lat, steps)
+
+
+def reading(by: dict, steps: list[dict]) -> str:
+    """What the tables say about the issue's goal (at 4 and 8 clients: at least mlx-lm's aggregate, and above
+    ours at 1 client), from the figures themselves."""
+    agg = lambda w, n: by.get((w, n), {}).get("aggregate_decode_tps") or 0  # noqa: E731
+    vs_lm = {n: agg("ours", n) / agg("mlx-lm", n) for n in (4, 8) if agg("mlx-lm", n)}
+    vs_one = {n: agg("ours", n) / agg("ours", 1) for n in (4, 8) if agg("ours", 1)}
+    flat = steps and max(s["ms_per_token"] for s in steps) / min(s["ms_per_token"] for s in steps)
+    parts = ["Reading, against the issue's goal (at 4 and 8 clients at least mlx-lm's aggregate, and above ours at "
+             "1 client): vs mlx-lm " + ", ".join(f"{r:.2f} at {n}" for n, r in vs_lm.items()) + " ("
+             + ("met" if vs_lm and min(vs_lm.values()) >= 1 else "NOT met") + "); vs ours at 1 client "
+             + ", ".join(f"{r:.2f}x at {n}" for n, r in vs_one.items()) + " ("
+             + ("met" if vs_one and min(vs_one.values()) > 1 else "NOT met") + ")."]
+    if steps:
+        parts.append(f" On this machine a decode step of B requests costs B steps of one (ms per token within "
+                     f"{flat:.2f}x from B=1 to 8, below), for mlx-lm as for us (ours / mlx-lm per step "
+                     + ", ".join(f"{s['ours_over_mlx_lm']}" for s in steps if "ours_over_mlx_lm" in s) +
+                     "): MLX's CPU backend runs its float32 matmuls through the single-threaded reference BLAS "
+                     "its wheel bundles (a [B, 1024] x [1024, 8192] product takes B times as long), and the MXFP4 "
+                     "experts' gather_qmm costs the same per (token, expert) pair sorted or not, so stacking "
+                     "requests saves no work here and no server's aggregate can rise with its clients.")
+    parts.append(" What the batch shares - the dense weights (QKV/O projections, router, unembedding: about two "
+                 "thirds of the weight bytes of a 20b decode step, by parameter sizes) read once per step instead "
+                 "of once per request, and an expert routed to by several of the step's tokens read once by "
+                 "gather_qmm's sorted path from 64 pairs on - pays where decode is bandwidth-bound (Metal on a "
+                 "Mac), which nobody has measured for this project.")
+    return "".join(parts)
 
 
 def write_table(meta: dict, rows: list[dict], lat: dict | None, steps: list[dict]) -> None:
@@ -307,19 +357,13 @@ def write_table(meta: dict, rows: list[dict], lat: dict | None, steps: list[dict
     lines += ["", "Aggregate decode tok/s = all tokens after each client's first / (last token anywhere - first token "
               "anywhere); wall tok/s = all tokens / the whole run (prefill included). Medians of the repetitions; "
               "each run's figure is in results_batching.json with the load average when it ran.", "",
-              "Reading: on this machine a step of B requests costs about B steps of one (the per-token step time "
-              "below is flat): MLX's CPU backend with its bundled single-threaded BLAS is compute-bound in every "
-              "matmul, and the MXFP4 experts run one matvec per (token, expert) pair below 64 pairs, so stacking "
-              "rows saves no work here, for mlx-lm as for us, and the aggregate falls with more clients as their "
-              "prefills take steps from the same two cores (loaded by other jobs as well). The issue's goal (at 4 "
-              "and 8 clients at least mlx-lm's aggregate and above 1 client) is NOT met on this machine. What the "
-              "batch shares - the dense weights (QKV/O projections, router, unembedding: about two thirds of the "
-              "weight bytes of a 20b decode step, by parameter sizes) read once per step instead of once per "
-              "request - pays only where decode is bandwidth-bound (Metal on a Mac), which nobody has measured "
-              "for this project.", "",
-              "One decode step of B requests in one process (ours, `mlx_gptoss.batch.step_lazy`):", "",
-              "| B | ms per step | ms per token |", "|---|---|---|"]
-    lines += [f"| {s['batch']} | {s['step_ms']} | {s['ms_per_token']} |" for s in steps]
+              reading(by, steps), "",
+              "One decode step of B requests in one process, ours (`mlx_gptoss.batch.step_lazy`) and mlx-lm's "
+              "(its model over its merged batch caches), alternating (`python benchmarks/batching.py "
+              "--only-steps`):", "",
+              "| B | ours ms per step | ours ms per token | mlx-lm ms per step | ours / mlx-lm |", "|---|---|---|---|---|"]
+    lines += [f"| {s['batch']} | {s['step_ms']} | {s['ms_per_token']} | {s.get('mlx_lm_step_ms', '-')} | "
+              f"{s.get('ours_over_mlx_lm', '-')} |" for s in steps]
     if lat:
         lines += ["", f"Inter-token latency of 2 running streams (ours), alone and while a third request prefills a "
                   f"{lat['long_prompt_tokens']}-token prompt (50x theirs):", "",
