@@ -89,7 +89,9 @@ def client_command(client: str, exe: str, url: str, model: str, api_key: str | N
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(opencode_config(url, model, api_key), indent=2))
     os.replace(tmp, path)
-    return [exe, *args], {"OPENCODE_CONFIG": str(path), "OPENCODE_DISABLE_AUTOUPDATE": "1"}
+    # no traffic to anyone else for what only cloud providers need: the models.dev catalog, default auth plugins
+    return [exe, *args], {"OPENCODE_CONFIG": str(path), "OPENCODE_DISABLE_AUTOUPDATE": "1",
+                          "OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_DEFAULT_PLUGINS": "1"}
 
 
 # ------------------------------------------------------------------------------------------ the server

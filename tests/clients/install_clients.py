@@ -22,6 +22,7 @@ from pathlib import Path
 NPM = {
     "codex": ("@openai/codex", "0.169.1", "codex"),
     "claude": ("@anthropic-ai/claude-code", "2.1.332", "claude"),
+    "opencode": ("opencode-ai", "1.18.33", "opencode"),
 }
 INSTALL_TIMEOUT = 900  # seconds for one npm install (Claude Code's native binary is ~400 MB)
 HOW = ("install Node.js 20+ and npm, then run `python tests/clients/install_clients.py` (or .ci/run, which sets "
