@@ -36,6 +36,7 @@ CLIENTS = {  # name: (executable, how to install it)
     "opencode": ("opencode", "npm install -g opencode-ai"),
 }
 PROVIDER = "gptoss-mac"
+OUTPUT_LIMIT = 16384  # the reply cap opencode is told (serve's default --max-tokens); at most half the context
 KEY_ENV = "GPTOSS_API_KEY"
 LOAD_TIMEOUT = 1800.0  # s: the first start may download and load a 13-65 GB model
 
@@ -68,18 +69,22 @@ def claude_env(url: str, model: str, api_key: str | None) -> dict[str, str]:
     return env
 
 
-def opencode_config(url: str, model: str, api_key: str | None) -> dict:
-    """opencode's configuration: the server as an OpenAI-compatible provider, its model the default."""
+def opencode_config(url: str, model: str, api_key: str | None, context: int | None = None) -> dict:
+    """opencode's configuration: the server as an OpenAI-compatible provider, its model the default, with the
+    server's context as the model's limit (opencode compacts a conversation before it outgrows it)."""
+    card = {"name": model, "tool_call": True, "reasoning": True}
+    if context:
+        card["limit"] = {"context": context, "output": min(OUTPUT_LIMIT, context // 2)}
     return {"$schema": "https://opencode.ai/config.json", "autoupdate": False, "share": "disabled",
             "provider": {PROVIDER: {"npm": "@ai-sdk/openai-compatible", "name": PROVIDER,
                                     "options": {"baseURL": f"{url}/v1", "apiKey": api_key or PROVIDER},
-                                    "models": {model: {"name": model, "tool_call": True, "reasoning": True}}}},
+                                    "models": {model: card}}},
             "model": f"{PROVIDER}/{model}"}
 
 
 def client_command(client: str, exe: str, url: str, model: str, api_key: str | None, args: list[str],
-                   config_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """The client's argv and the environment variables to add."""
+                   config_dir: Path, context: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """The client's argv and the environment variables to add (context: the server's, in tokens)."""
     if client == "codex":
         return [exe, *codex_args(url, model, api_key), *args], codex_env(api_key)
     if client == "claude":
@@ -87,7 +92,7 @@ def client_command(client: str, exe: str, url: str, model: str, api_key: str | N
     config_dir.mkdir(parents=True, exist_ok=True)
     path = config_dir / "opencode.json"
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(opencode_config(url, model, api_key), indent=2))
+    tmp.write_text(json.dumps(opencode_config(url, model, api_key, context), indent=2))
     os.replace(tmp, path)
     # no traffic to anyone else for what only cloud providers need: the models.dev catalog, default auth plugins
     return [exe, *args], {"OPENCODE_CONFIG": str(path), "OPENCODE_DISABLE_AUTOUPDATE": "1",
@@ -96,15 +101,15 @@ def client_command(client: str, exe: str, url: str, model: str, api_key: str | N
 
 # ------------------------------------------------------------------------------------------ the server
 
-def served_model(url: str) -> str | None:
-    """The model id of a gptoss-mac server answering at url, or None when nothing (or something else) answers."""
+def server_health(url: str) -> dict | None:
+    """GET /health of a gptoss-mac server answering at url ({"model", "context", ...}), or None when nothing
+    (or something else) answers."""
     import httpx
 
     try:
         health = httpx.get(f"{url}/health", timeout=2)
-        if not health.is_success or "model" not in health.json():
-            return None
-        return health.json()["model"]
+        body = health.json() if health.is_success else None
+        return body if isinstance(body, dict) and "model" in body else None
     except (httpx.HTTPError, ValueError):
         return None
 
@@ -136,16 +141,16 @@ def start_server(model: str, port: int, ctx: int | None, memory: str | None, api
                                 start_new_session=True)
 
 
-def wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = LOAD_TIMEOUT) -> str:
+def wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = LOAD_TIMEOUT) -> dict:
     deadline = time.monotonic() + timeout
     with _err().status(f"starting gptoss-mac serve (log: {log_path})"):
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
                 raise typer.Exit(_fail("gptoss-mac serve stopped before answering:\n  " + "\n  ".join(tail)))
-            model = served_model(url)
-            if model:
-                return model
+            health = server_health(url)
+            if health:
+                return health
             time.sleep(0.5)
     stop_server(proc)
     raise typer.Exit(_fail(f"gptoss-mac serve did not answer within {timeout:.0f} s (log: {log_path})"))
@@ -205,16 +210,17 @@ def launch(
     url = f"http://127.0.0.1:{port}"
     folder = state_dir() / "launch"
     proc = None
-    served = served_model(url)
+    served = server_health(url)
     if served is not None and not key_accepted(url, api_key):
         raise typer.Exit(_fail(f"the server on port {port} needs its API key: give it with --api-key KEY or "
                                f"${KEY_ENV}" if not api_key else f"the server on port {port} refuses this API key"))
     if served is None:
         proc = start_server(model, port, ctx, memory, api_key, folder / f"serve-{port}.log")
         served = wait_until_up(proc, url, folder / f"serve-{port}.log")
-    _err().print(f"{client} on {served} at {url}" + (" (the server stops with it)" if proc else " (a running server)"),
-                 soft_wrap=True)
-    argv, extra = client_command(client, exe, url, served, api_key, list(args or []), folder)
+    _err().print(f"{client} on {served['model']} at {url}" + (" (the server stops with it)" if proc else
+                                                              " (a running server)"), soft_wrap=True)
+    argv, extra = client_command(client, exe, url, served["model"], api_key, list(args or []), folder,
+                                 served.get("context"))
     env = {**os.environ, **extra}
     if proc is None:  # the server is someone else's: become the client
         os.execvpe(argv[0], argv, env)

@@ -74,6 +74,8 @@ def test_the_client_configurations():
     cfg = opencode_config("http://127.0.0.1:8000", "gpt-oss-20b", None)
     assert cfg["model"] == "gptoss-mac/gpt-oss-20b"
     assert cfg["provider"]["gptoss-mac"]["options"]["baseURL"] == "http://127.0.0.1:8000/v1"
+    limit = opencode_config("http://127.0.0.1:8000", "m", None, context=8192)["provider"]["gptoss-mac"]["models"]["m"]
+    assert limit["limit"] == {"context": 8192, "output": 4096}  # opencode compacts before the server's context
 
 
 @pytest.mark.parametrize("client", ["codex", "claude", "opencode"])
@@ -95,6 +97,7 @@ def test_a_running_server_is_used_and_the_client_execd(fake, client, tmp_path):
         cfg = json.loads(open(env["OPENCODE_CONFIG"]).read())
         assert env["OPENCODE_CONFIG"].startswith(str(tmp_path / "state"))
         assert cfg["provider"]["gptoss-mac"]["options"]["baseURL"] == f"http://127.0.0.1:{s.port}/v1"
+        assert cfg["provider"]["gptoss-mac"]["models"]["gpt-oss-20b"]["limit"]["context"] == s.worker.engine.cap
     assert not any((tmp_path / "home").iterdir())  # the user's own files: untouched
 
 

@@ -212,3 +212,5 @@ def test_models_and_health(reason):
     assert c.models.retrieve("gpt-oss-20b").id == "gpt-oss-20b"
     h = httpx.get(reason.url + "/health", timeout=10).json()
     assert h["status"] == "ok" and h["model"] == "gpt-oss-20b"
+    cap = reason.worker.engine.cap  # the context a request may fill, as clients (and `launch opencode`) read it
+    assert h["context"] == cap and c.models.retrieve("gpt-oss-20b").model_extra["context_length"] == cap

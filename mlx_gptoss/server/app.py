@@ -198,15 +198,20 @@ def create_app(worker: Worker, settings: Settings) -> FastAPI:
     async def health():
         """ok while the model thread runs (503 once it has died: nothing can be answered any more)."""
         alive = worker.alive and worker.error is None
-        body = {"status": "ok" if alive else "error", "model": settings.model_id,
+        body = {"status": "ok" if alive else "error", "model": settings.model_id, "context": context(),
                 "model_thread": "running" if alive else "stopped", "queued": worker.queue.qsize(),
                 "busy": worker.current is not None, "batch": worker.batch_size, "max_batch": worker.max_batch}
         if not alive:
             body["error"] = f"the model thread has stopped{f': {worker.error}' if worker.error else ''}; restart"
         return JSONResponse(body, status_code=200 if alive else 503)
 
+    def context() -> int | None:
+        """Tokens one request may hold, prompt and reply (the plan's context; None before the model loads)."""
+        return worker.engine.cap if worker.engine else None
+
     def model_card():
-        return {"id": settings.model_id, "object": "model", "created": int(time.time()), "owned_by": "openai"}
+        return {"id": settings.model_id, "object": "model", "created": int(time.time()), "owned_by": "openai",
+                "context_length": context()}
 
     @app.get("/v1/models")
     async def models():

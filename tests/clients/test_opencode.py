@@ -1,6 +1,7 @@
 """opencode (`opencode run`, the pinned npm release) end to end against a real `gptoss-mac serve` process on
 127.0.0.1, configured exactly as `gptoss-mac launch opencode` configures it (client_command: OPENCODE_CONFIG
-naming our provider file, @ai-sdk/openai-compatible over Chat Completions): a final answer with the reasoning
+naming our provider file, @ai-sdk/openai-compatible over Chat Completions, the server's context as the model's
+limit): a final answer with the reasoning
 kept out of the text, and a tool loop through its bash tool that stays in the prefix cache.
 
 opencode itself tries one thing beyond the server: a background `npm install` of its plugin SDK
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
 from harness import (answer, assert_all_2xx_and_local, assert_loop_cached, base_env, client_or_skip, launch_env,
@@ -41,6 +43,7 @@ def opencode():
 @pytest.fixture(scope="module")
 def served(opencode, tmp_path_factory):
     with serve(scripted_client_model("opencode", episodes()), tmp_path_factory.mktemp("opencode")) as s:
+        s.context = httpx.get(s.url + "/health", timeout=10).json()["context"]  # as launch reads it
         yield s
 
 
@@ -51,7 +54,8 @@ def only_the_server(served, since) -> None:
 
 def run_opencode(opencode, served, tmp, prompt: str, *args):
     argv, extra = client_command("opencode", opencode, served.url, served.model_id, served.api_key,
-                                 ["run", "--format", "json", "--title", "test", *args, *prompt.split()], tmp / "state")
+                                 ["run", "--format", "json", "--title", "test", *args, *prompt.split()], tmp / "state",
+                                 served.context)
     work = tmp / "work"
     work.mkdir(exist_ok=True)
     r = run_client(argv, base_env(tmp / "home", served) | extra, work)
