@@ -94,6 +94,21 @@ def tool_turns(prompt: str, tool: str, rounds: list[tuple[dict, str]], final: st
     return out
 
 
+# The conversation every CLI's tests script: a greeting, and a tool loop counting to three (the same call every
+# round, its output counting up: the scripted model, which sees only the last 8 tokens, calls it again after 1 and
+# 2 and answers after 3).
+HI = "Say hi to the user."
+GREETING = "Hi from gpt-oss!"
+DONE = "Counted to three."
+COUNT = "echo x >> n.txt && wc -l < n.txt"
+
+
+def greeting_and_count(loop: str, tool: str, args: dict) -> list[tuple[list[dict], str]]:
+    """Episodes: HI -> GREETING; `loop` -> `tool`(args) -> "1" -> again -> "2" -> again -> "3" -> DONE."""
+    rounds = [(args, str(n)) for n in (1, 2, 3)]
+    return [([{"role": "user", "content": HI}], answer(GREETING, "Greet"))] + tool_turns(loop, tool, rounds, DONE)
+
+
 # ------------------------------------------------------------------------------------------ network
 
 @dataclass

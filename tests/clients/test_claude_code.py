@@ -6,24 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from harness import (answer, assert_all_2xx_and_local, assert_loop_cached, base_env, client_or_skip, launch_env,
-                     mark, run_client, run_launch, scripted_client_model, serve, tool_turns)
+from harness import (COUNT, DONE, GREETING, HI, assert_all_2xx_and_local, assert_loop_cached, base_env,
+                     client_or_skip, greeting_and_count, launch_env, mark, run_client, run_launch,
+                     scripted_client_model, serve)
 from mlx_gptoss.cli.launch import claude_env
 
 pytestmark = pytest.mark.slow
 
-HI = "Say hi to the user."
 LOOP = "Count to three with bash."
-# the same command every round, its output counting up: the scripted model (which sees only the last 8 tokens)
-# calls it again after 1 and 2 and answers after 3
-COUNT = {"command": "echo x >> n.txt && wc -l < n.txt", "description": "Count one more"}
-GREETING = "Hi from gpt-oss!"
-DONE = "Counted to three."
-
-
-def episodes():
-    rounds = [(COUNT, str(n)) for n in (1, 2, 3)]
-    return [([{"role": "user", "content": HI}], answer(GREETING, "Greet"))] + tool_turns(LOOP, "Bash", rounds, DONE)
+EPISODES = greeting_and_count(LOOP, "Bash", {"command": COUNT, "description": "Count one more"})
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +25,7 @@ def claude():
 @pytest.fixture(scope="module")
 def served(claude, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("claude")
-    with serve(scripted_client_model("claude", episodes()), tmp) as s:
+    with serve(scripted_client_model("claude", EPISODES), tmp) as s:
         yield s
 
 

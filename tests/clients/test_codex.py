@@ -9,23 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from harness import (answer, assert_all_2xx_and_local, assert_loop_cached, base_env, client_or_skip, launch_env,
-                     mark, run_client, run_launch, scripted_client_model, serve, tool_turns)
+from harness import (COUNT, DONE, GREETING, HI, assert_all_2xx_and_local, assert_loop_cached, base_env,
+                     client_or_skip, greeting_and_count, launch_env, mark, run_client, run_launch,
+                     scripted_client_model, serve)
 from mlx_gptoss.cli.launch import codex_args
 
 pytestmark = pytest.mark.slow
 
-HI = "Say hi to the user."
 LOOP = "Count to three with the shell."
-COUNT = {"cmd": "echo x >> n.txt && wc -l < n.txt"}  # the same call every round, its output counting up
-GREETING = "Hi from gpt-oss!"
-DONE = "Counted to three."
-
-
-def episodes():
-    rounds = [(COUNT, str(n)) for n in (1, 2, 3)]
-    return [([{"role": "user", "content": HI}], answer(GREETING, "Greet"))] + tool_turns(LOOP, "exec_command",
-                                                                                        rounds, DONE)
+EPISODES = greeting_and_count(LOOP, "exec_command", {"cmd": COUNT})
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +27,7 @@ def codex():
 
 @pytest.fixture(scope="module")
 def served(codex, tmp_path_factory):
-    with serve(scripted_client_model("codex", episodes()), tmp_path_factory.mktemp("codex")) as s:
+    with serve(scripted_client_model("codex", EPISODES), tmp_path_factory.mktemp("codex")) as s:
         yield s
 
 

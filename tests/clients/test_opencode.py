@@ -15,24 +15,17 @@ import json
 import httpx
 import pytest
 
-from harness import (answer, assert_all_2xx_and_local, assert_loop_cached, base_env, client_or_skip, launch_env,
-                     mark, run_client, run_launch, scripted_client_model, serve, tool_turns)
+from harness import (COUNT, DONE, GREETING, HI, assert_all_2xx_and_local, assert_loop_cached, base_env,
+                     client_or_skip, greeting_and_count, launch_env, mark, run_client, run_launch,
+                     scripted_client_model, serve)
 from mlx_gptoss.cli.launch import client_command
 
 pytestmark = pytest.mark.slow
 
-# opencode joins its message arguments, quoting those with spaces: the prompt goes word by word
-HI = "Say hi to the user."
-LOOP = "Count to three with bash."
-COUNT = {"command": "echo x >> n.txt && wc -l < n.txt"}  # the same call every round, its output counting up
-GREETING = "Hi from gpt-oss!"
-DONE = "Counted to three."
+LOOP = "Count to three with bash."  # opencode joins its message arguments, quoting those with spaces: the
+# prompts go word by word (run_opencode)
 OPENCODE_OWN = "CONNECT registry.npmjs.org:443"  # its plugin SDK install (see the docstring)
-
-
-def episodes():
-    rounds = [(COUNT, str(n)) for n in (1, 2, 3)]
-    return [([{"role": "user", "content": HI}], answer(GREETING, "Greet"))] + tool_turns(LOOP, "bash", rounds, DONE)
+EPISODES = greeting_and_count(LOOP, "bash", {"command": COUNT})
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +35,7 @@ def opencode():
 
 @pytest.fixture(scope="module")
 def served(opencode, tmp_path_factory):
-    with serve(scripted_client_model("opencode", episodes()), tmp_path_factory.mktemp("opencode")) as s:
+    with serve(scripted_client_model("opencode", EPISODES), tmp_path_factory.mktemp("opencode")) as s:
         s.context = httpx.get(s.url + "/health", timeout=10).json()["context"]  # as launch reads it
         yield s
 
