@@ -23,6 +23,7 @@ import pytest
 
 import mlx_gptoss
 from mlx_gptoss import kernel_gate, kernels, metal_selftest, selftest_record
+from mlx_gptoss.cli.launch import stop_server
 import fake_mac as fm
 from fake_mac import fake_mac, simulated_mac  # noqa: F401  (fake_mac is a fixture)
 from msl_emu import emulator as emu
@@ -289,12 +290,7 @@ def test_cli_serve_answers_a_real_request_on_the_simulated_mac(fake_mac):
             "messages": [{"role": "user", "content": "Say hi"}], "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello there!"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
+        stop_server(proc)  # SIGTERM, then a kill after 30 s
     assert all(stored()[n]["enabled"] for n in NAMES)  # tested at load, in serve's process tree
 
 
