@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 
+import httpx
 import openai
 
 from mlx_gptoss.server import ServerThread
@@ -89,3 +91,18 @@ def sse_events(lines) -> list[tuple[str | None, str]]:
     if data:
         out.append((name, "\n".join(data)))
     return out
+
+
+def stream_cut_by_shutdown(server, path: str, body: dict) -> list[tuple[str | None, str]]:
+    """POST a streamed request to `path`, stop the server once its generation is a few tokens in, and return
+    the (event, data) pairs the client received to the end of the stream."""
+    got: list = []
+    with httpx.stream("POST", server.url + path, json=body, timeout=60) as resp:
+        reader = threading.Thread(target=lambda: got.extend(sse_events(resp.iter_lines())), daemon=True)
+        reader.start()
+        try:
+            wait_for(lambda: server.worker.current and server.worker.current.tokens > 3, what="generation")
+        finally:
+            server.stop()
+        reader.join(30)
+    return got

@@ -5,7 +5,6 @@ incremental in the prefix cache, count_tokens, Claude Code's extra fields, auth,
 from __future__ import annotations
 
 import json
-import threading
 
 import anthropic
 import httpx
@@ -291,23 +290,16 @@ def test_tool_choice_any_and_none(tool):
 
 def test_max_tokens_and_a_stream_cut_by_the_shutdown():
     from mlx_gptoss.server import ServerThread
-    from server_fixtures import model, wait_for
+    from server_fixtures import model, stream_cut_by_shutdown
 
     s = ServerThread(model("loop"), model_id=MODEL).start()
     try:
         m = client(s).messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "Loop"}])
         assert m.stop_reason == "max_tokens" and m.usage.output_tokens == 5
-        got = []
         body = {"model": MODEL, "max_tokens": 4000, "stream": True, "messages": [{"role": "user", "content": "Loop"}]}
-        cm = httpx.stream("POST", s.url + "/v1/messages", json=body, timeout=60)
-        resp = cm.__enter__()
-        reader = threading.Thread(target=lambda: got.extend(sse_events(resp.iter_lines())), daemon=True)
-        reader.start()
-        wait_for(lambda: s.worker.current and s.worker.current.tokens > 3, what="generation")
+        got = stream_cut_by_shutdown(s, "/v1/messages", body)
     finally:
-        s.stop()
-    reader.join(30)
-    cm.__exit__(None, None, None)
+        s.stop()  # stopped already unless the first request failed
     names = [n for n, _ in got]
     assert names[-1] == "error" and "message_stop" not in names  # a cut reply says it was cut
     assert json.loads(got[-1][1])["error"]["type"] == "overloaded_error"

@@ -14,7 +14,7 @@ import pytest
 
 from mlx_gptoss.server import ServerThread, responses
 from scripted_checkpoint import forget_models
-from server_fixtures import client, model, sse_events, wait_for
+from server_fixtures import client, model, stream_cut_by_shutdown, wait_for
 
 ASK = {"model": "gpt-oss-20b", "input": "Loop forever, please", "temperature": 0}
 
@@ -129,21 +129,11 @@ def test_a_fault_inside_generation_is_a_server_error(looping, monkeypatch):
 
 def test_a_chat_stream_cut_by_the_shutdown_ends_with_an_error_not_stop():
     s = ServerThread(model("loop"), model_id="gpt-oss-20b").start()
-    got = []
     body = {"model": "gpt-oss-20b", "stream": True, "messages": [{"role": "user", "content": "Loop forever, please"}]}
-    cm = httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60)
-    resp = cm.__enter__()
-    try:
-        reader = threading.Thread(target=lambda: got.extend(sse_events(resp.iter_lines())), daemon=True)
-        reader.start()
-        wait_for(lambda: s.worker.current and s.worker.current.tokens > 3, what="generation")
-    finally:
-        s.stop()
-    reader.join(30)
+    got = stream_cut_by_shutdown(s, "/v1/chat/completions", body)
     chunks = [json.loads(d) for _, d in got if d != "[DONE]"]
     assert chunks[-1]["error"]["code"] == "server_shutting_down"
     assert not any(c.get("choices") and c["choices"][0]["finish_reason"] for c in chunks)
-    cm.__exit__(None, None, None)
 
 
 def test_the_response_store_is_bounded_by_bytes():
